@@ -1,0 +1,229 @@
+"""One typed config tree for every entry point, loaded from YAML with `--set a.b=value` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the field, raised before any
+process group exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """A small MoE-VLM: patch projector -> megatron-core GPTModel with MoE MLPs in every layer."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_experts: int = Field(32, gt=0)
+    moe_topk: int = Field(4, gt=0)
+    moe_ffn_hidden_size: int = Field(64, gt=0)
+    moe_aux_loss_coeff: float = Field(1e-2, ge=0)
+    image_size: int = Field(64, gt=0)
+    patch_size: int = Field(8, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> "ModelConfig":
+        if self.moe_topk > self.num_experts:
+            raise ValueError(
+                f"model.moe_topk={self.moe_topk} exceeds model.num_experts={self.num_experts}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.image_size={self.image_size} is not divisible by "
+                f"model.patch_size={self.patch_size}"
+            )
+        return self
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class ParallelConfig(Section):
+    ep_size: int = Field(1, gt=0, description="expert-parallel ranks; data parallel is the rest")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(300.0, gt=0, description="collective timeout in seconds")
+    threads_per_rank: int = Field(1, gt=0, description="torch intra-op threads per CPU rank")
+
+
+class DataConfig(Section):
+    dataset: Literal["easy-vqa", "synthetic"] = "easy-vqa"
+    global_batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    max_train_items: int | None = Field(None, gt=0, description="first N training questions")
+    max_eval_items: int | None = Field(None, gt=0, description="first N test questions")
+    synthetic_items: int = Field(4096, gt=0)
+    synthetic_question_len: int = Field(8, gt=1)
+
+
+class TrainConfig(Section):
+    output_dir: Path = Path("runs/train")
+    max_steps: int = Field(300, gt=0)
+    seed: int = 1234
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_interval: int = Field(100, gt=0)
+    log_interval: int = Field(10, gt=0)
+    resume: bool = True
+    eval_at_end: bool = True
+    progress: bool = True
+
+
+class InferConfig(Section):
+    output_dir: Path = Path("runs/infer")
+
+
+class SmoesConfig(Section):
+    """Soft modality-guided expert specialization (issue: SMoES)."""
+
+    enabled: bool = False
+
+
+class FastMMoEConfig(Section):
+    """Reduced visual expert activation and routing-aware token pruning (issue: FastMMoE)."""
+
+    enabled: bool = False
+
+
+class DispatchConfig(Section):
+    kind: Literal["alltoall"] = "alltoall"
+
+
+class MetricsConfig(Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9400, gt=0, lt=65536)
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
+    smoes: SmoesConfig = SmoesConfig()
+    fastmmoe: FastMMoEConfig = FastMMoEConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _experts_split_over_ep(self) -> "Config":
+        if self.model.num_experts % self.parallel.ep_size:
+            raise ValueError(
+                f"parallel.ep_size={self.parallel.ep_size} does not divide "
+                f"model.num_experts={self.model.num_experts}"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: ranks compare it to prove they loaded the same config."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """Data-parallel size for this world; a named error when EP does not fit it.
+
+    As in megatron-core, expert parallelism is carved out of data parallelism: with TP = PP = 1
+    every rank is a data-parallel rank of the dense layers, and EP groups of `ep_size` ranks
+    shard the experts.
+    """
+    ep = cfg.parallel.ep_size
+    if world_size % ep:
+        raise ConfigError(
+            f"parallel.ep_size={ep} does not divide the world size {world_size} "
+            f"(number of ranks torchrun started)"
+        )
+    if cfg.data.global_batch_size % world_size:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
+            f"data-parallel size {world_size}"
+        )
+    return world_size
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 4 -> int, 1e-3 -> float, true -> bool, null -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a raw (not yet validated) config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown key")
+        else:
+            got = e.get("input")
+            got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{field}: {e['msg']}{got_text}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the defaults when path is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,20 @@
+"""The train and eval datasets a config asks for."""
+
+from __future__ import annotations
+
+from epruntime.config import Config
+from epruntime.data import SyntheticVQA, load_easy_vqa
+
+
+def build_datasets(cfg: Config):
+    """(train, eval) datasets with the same vocabulary, answers and question length."""
+    d = cfg.data
+    if d.dataset == "easy-vqa":
+        return load_easy_vqa("train", d.max_train_items), load_easy_vqa("test", d.max_eval_items)
+
+    def synthetic(n: int, seed: int) -> SyntheticVQA:
+        return SyntheticVQA(n, image_size=cfg.model.image_size, question_len=d.synthetic_question_len,
+                            seed=seed)
+
+    return (synthetic(d.synthetic_items, cfg.train.seed),
+            synthetic(d.max_eval_items or max(256, d.synthetic_items // 8), cfg.train.seed + 1))

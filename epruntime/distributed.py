@@ -1,0 +1,143 @@
+"""Process groups: gloo on CPU, NCCL on GPU, megatron-core parallel_state with EP x DP.
+
+Start-up order matters: the config is validated before this module runs (no process group exists
+for a bad config), then the default group comes up with the configured timeout, then every rank
+proves it loaded the same config and code before megatron-core builds its groups.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from epruntime import __version__, compat
+from epruntime.config import Config, check_world
+
+
+class ConfigMismatchError(RuntimeError):
+    """Ranks started with different configs or code versions."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    ep_size: int
+    ep_rank: int
+    dp_size: int
+    dp_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_launcher_env() -> None:
+    """A plain `python -m epruntime.train` is a world of one; torchrun sets these itself."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def pick_backend(cfg: Config) -> str:
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def check_agreement(cfg: Config) -> None:
+    """All-gather (config fingerprint, epruntime version); any difference is an error on every
+    rank that names the ranks that differ, instead of a hang in a mismatched collective."""
+    mine = (cfg.fingerprint(), __version__)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    odd = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if odd:
+        details = ", ".join(
+            f"rank {r}: config {everyone[r][0][:12]} version {everyone[r][1]}" for r in [0, *odd]
+        )
+        raise ConfigMismatchError(
+            f"ranks disagree on the config or epruntime version ({details}); start every rank "
+            "with the same --config and --set arguments and the same code"
+        )
+
+
+def init_distributed(cfg: Config) -> DistEnv:
+    """Create the default process group and megatron-core's EP/DP groups for `cfg`."""
+    _ensure_launcher_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    dp_size = check_world(cfg, world_size)
+    backend = pick_backend(cfg)
+    if backend == "nccl":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        compat.enable()
+        torch.set_num_threads(cfg.parallel.threads_per_rank)
+        device = torch.device("cpu")
+
+    timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout)
+    check_agreement(cfg)
+
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(
+        expert_model_parallel_size=cfg.parallel.ep_size,
+        # megatron-core takes minutes and builds timedelta(minutes=...): a float keeps seconds.
+        distributed_timeout_minutes=cfg.parallel.timeout_s / 60,
+        # Its extra gloo groups serve CPU-side collectives of NCCL jobs; on gloo they'd be twins.
+        create_gloo_process_groups=backend != "gloo",
+    )
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        ep_size=cfg.parallel.ep_size,
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        dp_size=dp_size,
+        dp_rank=ps.get_data_parallel_rank(),
+        backend=backend,
+        device=device,
+    )
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch and megatron-core's named RNG states (data-, model-, expert-parallel)."""
+    if compat.is_enabled():
+        compat.cpu_model_parallel_manual_seed(seed)
+    else:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""One rank's share of the MoE-VLM: build it, take a training step, evaluate.
+
+train.py, infer.py, the tests and the benchmarks all go through this, so the path that is
+measured is the path that trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from epruntime import optim
+from epruntime.config import Config
+from epruntime.distributed import DistEnv
+from epruntime.model.vlm import MoEVLM, init_weights_
+
+
+@dataclass
+class StepResult:
+    loss: float  # global-batch mean cross-entropy
+    grad_norm: float
+    lr: float
+    tokens: int  # tokens this rank pushed through the model
+
+
+class Engine:
+    def __init__(self, cfg: Config, env: DistEnv, text_vocab_size: int, num_answers: int,
+                 max_question_len: int, router_cls: type | None = None):
+        self.cfg, self.env = cfg, env
+        self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls)
+        self.model.to(env.device)
+        self.num_local_experts = cfg.model.num_experts // env.ep_size
+        init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
+                      env.ep_rank, self.num_local_experts)
+        self.dense, self.expert = optim.split_params(self.model)
+        self.optimizer = optim.build_optimizer(self.model, cfg.train)
+        # Each rank's aux loss is over its own micro-batch; grads are summed over DP, so scale
+        # the aux-loss gradient to the mean over ranks.
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / env.dp_size))
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters under their global names."""
+        return {n: p.detach() for n, p in
+                self.model.global_named_parameters(self.env.ep_rank, self.num_local_experts)}
+
+    def local_loss(self, batch, global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of CE over this rank's samples / global_batch_size, logits [B, A])."""
+        logits = self.model(batch.images, batch.question_ids, batch.question_lens)
+        ce_sum = F.cross_entropy(logits, batch.answers, reduction="sum")
+        return ce_sum / global_batch_size, logits
+
+    def forward_backward(self, batch, global_batch_size: int) -> float:
+        """Loss and reduced gradients of the global batch (this rank holds `batch` of it).
+        Returns the global mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = self.local_loss(batch, global_batch_size)
+        loss.backward()
+        optim.reduce_gradients(self.dense, self.expert)
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return total.item()
+
+    def train_step(self, batch, step: int) -> StepResult:
+        loss = self.forward_backward(batch, self.cfg.data.global_batch_size)
+        grad_norm = optim.clip_gradients(self.dense, self.expert, self.cfg.train.grad_clip)
+        lr = optim.lr_at(step, self.cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len)
+
+    @torch.no_grad()
+    def evaluate(self, dataset, batch_size: int) -> dict[str, float]:
+        """Accuracy over the whole `dataset`, sharded over DP ranks.
+
+        Every rank runs the same number of forward passes (the EP all-to-alls need all ranks of
+        the group): the last global batch is padded with repeats of item 0 that are not counted.
+        """
+        self.model.eval()
+        n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
+        per_step = dp * batch_size
+        counts = torch.zeros(3, dtype=torch.float64)  # correct, counted, ce_sum
+        for start in range(0, n, per_step):
+            idx = torch.arange(start + rank * batch_size, start + (rank + 1) * batch_size)
+            valid = idx < n
+            batch = dataset.batch(torch.where(valid, idx, 0)).to(self.env.device)
+            logits = self.model(batch.images, batch.question_ids, batch.question_lens)
+            hit = (logits.argmax(-1) == batch.answers) & valid
+            ce = F.cross_entropy(logits, batch.answers, reduction="none")
+            counts += torch.tensor([hit.sum().item(), valid.sum().item(), ce[valid].sum().item()],
+                                   dtype=torch.float64)
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        self.model.train()
+        return {"eval_accuracy": counts[0].item() / counts[1].item(),
+                "eval_loss": counts[2].item() / counts[1].item(),
+                "eval_items": int(counts[1].item())}

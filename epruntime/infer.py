@@ -1,0 +1,62 @@
+"""Evaluate a checkpoint with expert parallelism:
+
+    torchrun --standalone --nproc-per-node=2 -m epruntime.infer --checkpoint runs/tiny-vqa
+
+Without --config the checkpoint's own config is used (with any --set overrides), so the model
+always matches; the EP size may differ from the one it was trained with.
+"""
+
+from __future__ import annotations
+
+import time
+
+from epruntime import checkpoint, distributed
+from epruntime.cli import config_parser, run
+from epruntime.config import apply_overrides, config_from_dict, load_config
+from epruntime.datasets import build_datasets
+from epruntime.engine import Engine
+from epruntime.summary import write_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser("epruntime.infer", __doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint step directory, or a training output_dir (-> latest)")
+    args = parser.parse_args(argv)
+    path = checkpoint.resolve_checkpoint(args.checkpoint)
+    meta = checkpoint.read_meta(path)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = config_from_dict(apply_overrides(meta["config"], args.overrides))
+    checkpoint.check_compatible(meta, cfg, path)
+    env = distributed.init_distributed(cfg)
+    try:
+        return _infer(cfg, env, path)
+    finally:
+        distributed.shutdown()
+
+
+def _infer(cfg, env, path) -> int:
+    t0 = time.perf_counter()
+    distributed.seed_all(cfg.train.seed)
+    train_ds, eval_ds = build_datasets(cfg)
+    engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
+    meta = checkpoint.load_checkpoint(engine, path, restore_training_state=False)
+    t = time.perf_counter()
+    metrics = engine.evaluate(eval_ds, cfg.data.eval_batch_size // env.dp_size or 1)
+    eval_seconds = time.perf_counter() - t
+    summary = {**metrics, "steps": meta["step"], "checkpoint": str(path),
+               "majority_baseline": eval_ds.majority_baseline(),
+               "tokens_per_s": metrics["eval_items"] * engine.model.seq_len / eval_seconds,
+               "world_size": env.world_size, "ep_size": env.ep_size,
+               "seconds": time.perf_counter() - t0}
+    if env.is_main:
+        out = write_summary(cfg.infer.output_dir, summary)
+        print(f"eval_accuracy={summary['eval_accuracy']:.4f} "
+              f"tokens_per_s={summary['tokens_per_s']:.0f} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, "epruntime.infer")

@@ -1,0 +1,36 @@
+"""Per-token side information that travels alongside the hidden states.
+
+megatron-core's router and dispatcher see only `hidden [S, B, H]`. What a modality-aware router
+needs besides (the modality of every token) is published here for the duration of one forward
+pass, in the same [S, B] layout, so routers read it without any change to megatron-core's call
+signatures. Later stages (token pruning) replace it when they shorten the sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+TEXT, VISION = 0, 1
+
+_modality_SB: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def token_context(modality_SB: torch.Tensor) -> Iterator[None]:
+    """Publish `modality_SB` [S, B] int64 (0 text, 1 vision) for the enclosed forward pass."""
+    global _modality_SB
+    if modality_SB.dim() != 2:
+        raise ValueError(f"modality_SB must be [S, B], got shape {tuple(modality_SB.shape)}")
+    previous, _modality_SB = _modality_SB, modality_SB
+    try:
+        yield
+    finally:
+        _modality_SB = previous
+
+
+def current_modality_T() -> torch.Tensor | None:
+    """Modality of each token [S*B] in the order megatron-core flattens hidden [S, B, H]."""
+    return None if _modality_SB is None else _modality_SB.reshape(-1)

@@ -1,0 +1,60 @@
+"""The transformer-layer ModuleSpec of the MoE-VLM backbone.
+
+megatron-core's local (no Transformer Engine) GPT layer spec with an MoE MLP. The router and the
+token dispatcher are named here so that later stages swap them by spec (SMoES router, dedup
+dispatcher) without touching megatron-core.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from epruntime.config import Config
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    """megatron-core TransformerConfig for the backbone; every layer's MLP is an MoE."""
+    m = cfg.model
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=4 * m.hidden_size,
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=cfg.parallel.ep_size,
+        init_method_std=m.init_std,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fusions are CUDA kernels; the unfused paths are the same math.
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        moe_permute_fusion=False,
+    )
+
+
+def moe_layer_spec(cfg: Config, router: type[TopKRouter] | None = None) -> ModuleSpec:
+    """Layer spec with megatron-core's MoELayer; `router` replaces its TopKRouter class.
+
+    Experts are megatron-core's SequentialMLP (one MLP per local expert): its grouped-GEMM
+    variants need Transformer Engine or the grouped_gemm CUDA extension.
+    """
+    spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts, moe_grouped_gemm=False)
+    if router is not None:
+        spec.submodules.mlp.submodules.router = router
+    return spec

@@ -1,0 +1,138 @@
+"""The MoE vision-language model: image patches and question tokens through a megatron-core
+GPTModel whose every MLP is an MoELayer.
+
+    images [B, 3, H, W] -> patches [B, P, 3*p*p] -> PatchProjector -> vision tokens [B, P, D]
+    question_ids [B, L]  -> GPTModel word + position embedding     -> text tokens   [B, L, D]
+    sequence [S = P + L, B, D]  (vision first, then the question; causal attention)
+      -> GPTModel decoder (attention + MoE per layer) -> output layer
+      -> logits at the question's last token, restricted to the answer tokens -> [B, A]
+
+The answer is a token of the language model's vocabulary (ids `answer_offset + a`), so the model
+is an ordinary causal LM trained on one target position, as VLMs fine-tuned on VQA are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from torch import nn
+
+from epruntime.config import Config
+from epruntime.model.context import TEXT, VISION, token_context
+from epruntime.model.sharding import to_global_name
+from epruntime.model.spec import moe_layer_spec, transformer_config
+
+IMAGE_ID = 2  # placeholder token id at vision positions (epruntime.data.Vocab.IMAGE_ID)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in row-major order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+class PatchProjector(nn.Module):
+    """Patches -> vision tokens: LayerNorm then a two-layer MLP, as LLaVA's projector."""
+
+    def __init__(self, patch: int, channels: int, hidden: int):
+        super().__init__()
+        self.patch = patch
+        dim = channels * patch * patch
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, P, D]."""
+        x = self.norm(patchify(images, self.patch))
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+class MoEVLM(nn.Module):
+    def __init__(
+        self,
+        cfg: Config,
+        text_vocab_size: int,
+        num_answers: int,
+        max_question_len: int,
+        router_cls: type | None = None,
+    ):
+        super().__init__()
+        m = cfg.model
+        self.num_vision_tokens = m.num_vision_tokens
+        self.max_question_len = max_question_len
+        self.answer_offset = text_vocab_size
+        self.num_answers = num_answers
+        self.image_size = m.image_size
+        self.text_vocab_size = text_vocab_size
+        self.vision = PatchProjector(m.patch_size, 3, m.hidden_size)
+        self.gpt = GPTModel(
+            config=transformer_config(cfg),
+            transformer_layer_spec=moe_layer_spec(cfg, router=router_cls),
+            vocab_size=text_vocab_size + num_answers,
+            max_sequence_length=self.num_vision_tokens + max_question_len,
+            position_embedding_type="learned_absolute",
+            share_embeddings_and_output_weights=False,
+        )
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_vision_tokens + self.max_question_len
+
+    def modality(self, batch_size: int) -> torch.Tensor:
+        """[S, B] int64: VISION for the image positions, TEXT for the question."""
+        p, q = self.num_vision_tokens, self.max_question_len
+        col = torch.cat([torch.full((p,), VISION), torch.full((q,), TEXT)])
+        return col[:, None].expand(p + q, batch_size)
+
+    def forward(
+        self, images: torch.Tensor, question_ids: torch.Tensor, question_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """images [B, 3, H, W] float, question_ids [B, L] int64, question_lens [B] -> [B, A]."""
+        b, p = images.shape[0], self.num_vision_tokens
+        image_ids = torch.full((b, p), IMAGE_ID, dtype=question_ids.dtype)
+        input_ids = torch.cat([image_ids, question_ids], dim=1)
+        position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        embedded_SBD = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
+        vision_PBD = self.vision(images).transpose(0, 1)
+        embedded_SBD = torch.cat([embedded_SBD[:p] + vision_PBD, embedded_SBD[p:]], dim=0)
+        with token_context(self.modality(b)):
+            logits_BSV = self.gpt(
+                input_ids=None, position_ids=None, attention_mask=None, decoder_input=embedded_SBD
+            )
+        last = p + question_lens - 1
+        logits_BV = logits_BSV[torch.arange(b), last]
+        return logits_BV[:, self.answer_offset :]
+
+    def global_named_parameters(self, ep_rank: int, num_local_experts: int):
+        """(global name, parameter) pairs: expert indices made global (see model.sharding)."""
+        for name, param in self.named_parameters():
+            yield to_global_name(name, ep_rank, num_local_experts), param
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+@torch.no_grad()
+def init_weights_(
+    model: MoEVLM, seed: int, std: float, num_layers: int, ep_rank: int, num_local_experts: int
+) -> None:
+    """Initialise every parameter from a generator seeded by (seed, global name).
+
+    A parameter's initial value depends only on the seed and what it is, never on which rank holds
+    it, so the same seed gives the same model at any EP size. Norm weights 1, biases 0, matrices
+    N(0, std), output projections of each block N(0, std / sqrt(2 * num_layers)) as in
+    megatron-core's scaled init.
+    """
+    for name, param in model.global_named_parameters(ep_rank, num_local_experts):
+        gen = torch.Generator().manual_seed(_seed_for(seed, name))
+        if param.dim() == 1:
+            param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            continue
+        scaled = name.endswith(("linear_proj.weight", "linear_fc2.weight"))
+        sigma = std / (2 * num_layers) ** 0.5 if scaled else std
+        param.copy_(torch.randn(param.shape, generator=gen) * sigma)

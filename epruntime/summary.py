@@ -1,0 +1,16 @@
+"""`<output_dir>/summary.json`: the figures a run is judged by, written by rank 0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_summary(output_dir: Path, summary: dict) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,83 @@
+"""Train the MoE-VLM with expert parallelism:
+
+    torchrun --standalone --nproc-per-node=2 -m epruntime.train --config launch/configs/tiny-vqa.yaml
+
+Resumes from `<train.output_dir>/checkpoints/latest` when it exists (train.resume=true).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from epruntime import checkpoint, distributed
+from epruntime.cli import config_parser, run
+from epruntime.config import load_config
+from epruntime.data import ShardedBatchIterator
+from epruntime.datasets import build_datasets
+from epruntime.engine import Engine
+from epruntime.summary import write_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = config_parser("epruntime.train", __doc__.split("\n\n")[0]).parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    env = distributed.init_distributed(cfg)
+    try:
+        return _train(cfg, env)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, env) -> int:
+    t0 = time.perf_counter()
+    distributed.seed_all(cfg.train.seed)
+    train_ds, eval_ds = build_datasets(cfg)
+    engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
+    batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, env.dp_rank, env.dp_size,
+                                   seed=cfg.train.seed)
+    step = 0
+    resume_from = checkpoint.latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
+    if resume_from is not None:
+        meta = checkpoint.load_checkpoint(engine, resume_from)
+        batches.load_state_dict(meta["data"])
+        step = meta["step"]
+
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (env.is_main and cfg.train.progress),
+               desc="train", unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    tokens, train_seconds = 0, 0.0
+    while step < cfg.train.max_steps:
+        batch = next(batches).to(env.device)
+        t = time.perf_counter()
+        result = engine.train_step(batch, step)
+        train_seconds += time.perf_counter() - t
+        tokens += result.tokens * env.world_size
+        losses.append(result.loss)
+        step += 1
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / max(train_seconds, 1e-9):,.0f}",
+                            lr=f"{result.lr:.2e}")
+        bar.update(1)
+        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.max_steps:
+            checkpoint.save_checkpoint(engine, step, batches.state_dict())
+    bar.close()
+
+    summary = {"steps": step, "final_loss": losses[-1] if losses else None,
+               "world_size": env.world_size, "ep_size": env.ep_size,
+               "tokens_per_s": tokens / train_seconds if train_seconds else None,
+               "resumed_from_step": meta["step"] if resume_from is not None else None,
+               "majority_baseline": eval_ds.majority_baseline()}
+    if cfg.train.eval_at_end:
+        summary.update(engine.evaluate(eval_ds, cfg.data.eval_batch_size // env.dp_size or 1))
+    summary["seconds"] = time.perf_counter() - t0
+    if env.is_main:
+        path = write_summary(cfg.train.output_dir, summary)
+        print(f"eval_accuracy={summary.get('eval_accuracy')} final_loss={summary['final_loss']} "
+              f"tokens_per_s={summary['tokens_per_s']:.0f} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, "epruntime.train")
