@@ -75,7 +75,7 @@ def _train(cfg, env) -> int:
     if env.is_main:
         path = write_summary(cfg.train.output_dir, summary)
         print(f"eval_accuracy={summary.get('eval_accuracy')} final_loss={summary['final_loss']} "
-              f"tokens_per_s={summary['tokens_per_s']:.0f} -> {path}")
+              f"tokens_per_s={summary['tokens_per_s']} -> {path}")
     return 0
 
 

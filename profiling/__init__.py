@@ -1,0 +1,1 @@
+"""Benchmarks of epruntime and megatron-core: `python profiling/bench.py --list`."""

@@ -1,0 +1,63 @@
+"""profiling/bench.py as a user runs it: --list, an unknown name, and moe_layer --quick on real
+gloo ranks writing the JSON schema that runs are compared by."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, python_bin
+
+BENCH = str(ROOT / "profiling" / "bench.py")
+
+
+def bench(*args: str, env: dict, timeout: float = 85) -> subprocess.CompletedProcess:
+    return subprocess.run([python_bin(), BENCH, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_list_names_moe_layer(python_env):
+    proc = bench("--list", env=python_env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "moe_layer" in proc.stdout
+
+
+def test_unknown_benchmark_exits_2_naming_the_known_ones(python_env):
+    proc = bench("no_such_bench", "--quick", env=python_env, timeout=60)
+    assert proc.returncode == 2
+    assert "no_such_bench" in proc.stderr and "moe_layer" in proc.stderr
+
+
+def test_moe_layer_quick_writes_the_schema(python_env, tmp_path):
+    out = tmp_path / "moe_layer.json"
+    proc = bench("moe_layer", "--quick", "--json", str(out), env=python_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ep2" in proc.stdout  # the human table
+
+    result = json.loads(out.read_text())
+    assert list(result)[:5] == ["name", "params", "rows", "ratios", "env"]
+    assert result["name"] == "moe_layer"
+    assert result["params"]["tokens_per_rank"] > 0 and result["params"]["quick"] is True
+    for key in ("torch", "megatron_core", "cpu_count", "hostname"):
+        assert result["env"][key], key
+
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert {"ep1", "ep2"} <= rows.keys()
+    for variant, row in rows.items():
+        assert row["ep_size"] == int(variant.removeprefix("ep"))
+        for metric in ("step_time_s", "tokens_per_s"):
+            assert math.isfinite(row[metric]) and row[metric] > 0, (variant, metric)
+        assert len(row["samples"]) == result["params"]["repeats"]
+        assert 0 <= row["alltoall_fraction"] < 1
+        if row["ep_size"] == 1:
+            assert row["alltoall_fraction"] == 0
+        else:
+            assert row["alltoall_fraction"] > 0
+            assert row["alltoall_fraction"] == pytest.approx(
+                row["alltoall_fwd_fraction"] + row["alltoall_bwd_fraction"])
+
+    ratio = result["ratios"]["ep2/ep1_tokens_per_s"]
+    assert ratio == pytest.approx(rows["ep2"]["tokens_per_s"] / rows["ep1"]["tokens_per_s"])
