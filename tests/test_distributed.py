@@ -1,0 +1,39 @@
+"""Start-up agreement between real ranks, and global expert names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from epruntime.model.sharding import is_expert_param, to_global_name, to_local_name
+from tests.dist import spawn
+
+
+def _mismatch_worker(rank: int, out: str) -> None:
+    from epruntime import distributed
+    from epruntime.config import load_config
+
+    lr = "1e-3" if rank == 1 else "3e-3"  # rank 1 was started with another --set
+    cfg = load_config(None, [f"train.lr={lr}", "parallel.ep_size=2", "parallel.timeout_s=30",
+                             "data.global_batch_size=8"])
+    try:
+        distributed.init_distributed(cfg)
+    except distributed.ConfigMismatchError as err:
+        Path(out, f"rank{rank}.txt").write_text(str(err))
+
+
+def test_config_mismatch_is_a_named_error_on_every_rank(tmp_path):
+    spawn(_mismatch_worker, 2, str(tmp_path))
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "ranks disagree on the config" in message and "rank 1:" in message
+
+
+def test_global_expert_names_round_trip():
+    local = "gpt.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert is_expert_param(local)
+    assert to_global_name(local, ep_rank=2, num_local_experts=8) == local.replace(".3.", ".19.")
+    glob = local.replace(".3.", ".19.")
+    assert to_local_name(glob, ep_rank=2, num_local_experts=8) == local
+    assert to_local_name(glob, ep_rank=1, num_local_experts=8) is None
+    dense = "gpt.decoder.layers.1.mlp.router.weight"
+    assert not is_expert_param(dense) and to_global_name(dense, 3, 8) == dense
