@@ -109,6 +109,7 @@ def init_distributed(cfg: Config) -> DistEnv:
         # Its extra gloo groups serve CPU-side collectives of NCCL jobs; on gloo they'd be twins.
         create_gloo_process_groups=backend != "gloo",
     )
+    seed_all(cfg.train.seed)
     return DistEnv(
         rank=dist.get_rank(),
         world_size=world_size,

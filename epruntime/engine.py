@@ -30,9 +30,11 @@ class StepResult:
 
 class Engine:
     def __init__(self, cfg: Config, env: DistEnv, text_vocab_size: int, num_answers: int,
-                 max_question_len: int, router_cls: type | None = None):
+                 max_question_len: int, router_cls: type | None = None,
+                 dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
-        self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls)
+        self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
+                            dispatcher_cls)
         self.model.to(env.device)
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,

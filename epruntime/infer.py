@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _infer(cfg, env, path) -> int:
     t0 = time.perf_counter()
-    distributed.seed_all(cfg.train.seed)
     train_ds, eval_ds = build_datasets(cfg)
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
     meta = checkpoint.load_checkpoint(engine, path, restore_training_state=False)

@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg, env) -> int:
     t0 = time.perf_counter()
-    distributed.seed_all(cfg.train.seed)
     train_ds, eval_ds = build_datasets(cfg)
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
     batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, env.dp_rank, env.dp_size,

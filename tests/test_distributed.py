@@ -37,3 +37,58 @@ def test_global_expert_names_round_trip():
     assert to_local_name(glob, ep_rank=1, num_local_experts=8) is None
     dense = "gpt.decoder.layers.1.mlp.router.weight"
     assert not is_expert_param(dense) and to_global_name(dense, 3, 8) == dense
+
+
+def _spec_classes():
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    class Router(TopKRouter):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            type(self).calls += 1
+            return super().forward(*args, **kwargs)
+
+    class Dispatcher(MoEAlltoAllTokenDispatcher):
+        calls = 0
+
+        def token_dispatch(self, *args, **kwargs):
+            type(self).calls += 1
+            return super().token_dispatch(*args, **kwargs)
+
+    return Router, Dispatcher
+
+
+def _spec_worker(rank: int, out: str) -> None:
+    import torch
+
+    from epruntime import distributed
+    from epruntime.data import SyntheticVQA
+    from epruntime.engine import Engine
+    from tests.test_ep_equivalence import small_config
+
+    cfg = small_config(ep_size=2, aux=0.0)
+    env = distributed.init_distributed(cfg)
+    ds = SyntheticVQA(16, image_size=16, question_len=6, seed=5)
+    batch = ds.batch(torch.arange(4) + 4 * rank)
+    router, dispatcher = _spec_classes()
+    outputs = []
+    for kwargs in ({}, {"router_cls": router, "dispatcher_cls": dispatcher}):
+        engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len, **kwargs)
+        outputs.append(engine.model(batch.images, batch.question_ids, batch.question_lens))
+    layer = engine.model.gpt.decoder.layers[0].mlp
+    torch.save({"same": torch.equal(*outputs), "router_calls": router.calls,
+                "dispatch_calls": dispatcher.calls, "router": type(layer.router).__name__,
+                "dispatcher": type(layer.token_dispatcher).__name__}, f"{out}/rank{rank}.pt")
+
+
+def test_router_and_dispatcher_swap_by_spec(tmp_path):
+    import torch
+
+    spawn(_spec_worker, 2, str(tmp_path))
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["router"] == "Router" and r["dispatcher"] == "Dispatcher"
+        assert r["router_calls"] == 2 and r["dispatch_calls"] == 2  # one per MoE layer
+        assert r["same"]  # subclasses that only count change nothing

@@ -30,7 +30,6 @@ def _grads_worker(rank: int, ep_size: int, aux: float, out: str) -> None:
 
     cfg = small_config(ep_size, aux)
     env = distributed.init_distributed(cfg)
-    distributed.seed_all(cfg.train.seed)
     ds = SyntheticVQA(64, image_size=16, question_len=6, seed=3)
     engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len)
     local = torch.arange(GLOBAL_BATCH)[shard_slice(GLOBAL_BATCH, env.dp_rank, env.dp_size)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def _user_error(proc, *needles):
     (["--set", "oops"], ["KEY=VALUE"]),
 ])
 def test_bad_config_exits_with_named_error(tmp_path, args, needles):
-    proc = run(["python", "-m", "epruntime.train", "--config", TINY, *args,
+    proc = run([sys.executable, "-m", "epruntime.train", "--config", TINY, *args,
                 "--set", f"train.output_dir={tmp_path}"], timeout=120)
     _user_error(proc, *needles)
     assert not any(tmp_path.iterdir())  # nothing written
@@ -108,18 +109,18 @@ def test_bad_config_exits_with_named_error(tmp_path, args, needles):
 
 def test_ep_size_that_does_not_fit_the_world(tmp_path):
     """Two ranks, EP=4: every rank stops before creating a process group."""
-    proc = run(["python", "-m", "epruntime.train", "--config", TINY,
+    proc = run([sys.executable, "-m", "epruntime.train", "--config", TINY,
                 "--set", "parallel.ep_size=4", "--set", f"train.output_dir={tmp_path}"],
                timeout=120, extra_env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
     _user_error(proc, "parallel.ep_size=4 does not divide the world size 2")
 
 
 def test_missing_checkpoint(tmp_path):
-    proc = run(["python", "-m", "epruntime.infer", "--checkpoint", str(tmp_path / "none")], timeout=120)
+    proc = run([sys.executable, "-m", "epruntime.infer", "--checkpoint", str(tmp_path / "none")], timeout=120)
     _user_error(proc, "no checkpoint there")
 
 
 def test_checkpoint_of_another_model(trained, tmp_path):
-    proc = run(["python", "-m", "epruntime.infer", "--checkpoint", str(trained),
+    proc = run([sys.executable, "-m", "epruntime.infer", "--checkpoint", str(trained),
                 "--set", "model.hidden_size=32", "--set", f"infer.output_dir={tmp_path}"], timeout=120)
     _user_error(proc, "model.hidden_size: checkpoint 64 vs config 32")

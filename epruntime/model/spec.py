@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from epruntime.config import Config
+from epruntime.model.moe_layer import SpecMoELayer
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -48,13 +50,22 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def moe_layer_spec(cfg: Config, router: type[TopKRouter] | None = None) -> ModuleSpec:
-    """Layer spec with megatron-core's MoELayer; `router` replaces its TopKRouter class.
+def moe_layer_spec(
+    cfg: Config,
+    router: type[TopKRouter] | None = None,
+    dispatcher: type[MoETokenDispatcher] | None = None,
+) -> ModuleSpec:
+    """Layer spec with megatron-core's MoE layer; `router` replaces its TopKRouter class and
+    `dispatcher` its MoEAlltoAllTokenDispatcher (None keeps megatron-core's own).
 
     Experts are megatron-core's SequentialMLP (one MLP per local expert): its grouped-GEMM
     variants need Transformer Engine or the grouped_gemm CUDA extension.
     """
     spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts, moe_grouped_gemm=False)
+    moe = spec.submodules.mlp
+    moe.module = SpecMoELayer
     if router is not None:
-        spec.submodules.mlp.submodules.router = router
+        moe.submodules.router = router
+    if dispatcher is not None:
+        moe.params = {**(moe.params or {}), "dispatcher_cls": dispatcher}
     return spec

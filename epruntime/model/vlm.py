@@ -59,6 +59,7 @@ class MoEVLM(nn.Module):
         num_answers: int,
         max_question_len: int,
         router_cls: type | None = None,
+        dispatcher_cls: type | None = None,
     ):
         super().__init__()
         m = cfg.model
@@ -71,7 +72,7 @@ class MoEVLM(nn.Module):
         self.vision = PatchProjector(m.patch_size, 3, m.hidden_size)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
-            transformer_layer_spec=moe_layer_spec(cfg, router=router_cls),
+            transformer_layer_spec=moe_layer_spec(cfg, router=router_cls, dispatcher=dispatcher_cls),
             vocab_size=text_vocab_size + num_answers,
             max_sequence_length=self.num_vision_tokens + max_question_len,
             position_embedding_type="learned_absolute",

@@ -1,0 +1,25 @@
+"""megatron-core's MoELayer with the token dispatcher chosen by ModuleSpec.
+
+megatron-core 0.16 picks the dispatcher class from `config.moe_token_dispatcher_type` inside
+`MoELayer.__init__`. This subclass takes a `dispatcher_cls` spec parameter instead, so a
+dispatcher (epruntime's dedup dispatcher, a ledger-wrapped megatron one) is swapped the same way
+as the router: by spec, with megatron-core unchanged.
+"""
+
+from __future__ import annotations
+
+from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+
+class SpecMoELayer(MoELayer):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 dispatcher_cls: type[MoETokenDispatcher] | None = None):
+        pg_collection = pg_collection or get_default_pg_collection()
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection)
+        if dispatcher_cls is not None:
+            self.token_dispatcher = dispatcher_cls(
+                self.num_local_experts, self.local_expert_indices, config=self.config,
+                pg_collection=pg_collection,
+            )
