@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Callable
 
 from epruntime.config import ConfigError
@@ -29,17 +28,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, CheckpointError, ConfigMismatchError, MegatronVersionError
 
 
-def quiet_known_warnings() -> None:
-    """megatron-core warns about optional CUDA libraries a CPU host never has and about its own
-    deprecated calls; none of it is actionable for a user of epruntime."""
-    for pattern in (".*(Transformer Engine|Apex).*", ".*cuda_graph_scope.*",
-                    ".*all_gather_into_tensor.*", ".*_all_gather_base.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def run(main: Callable[[], int | None], prog: str) -> None:
     """Run `main`; a user error (bad config, checkpoint, mismatch) exits 2 with one message."""
-    quiet_known_warnings()
     try:
         code = main()
     except user_errors() as err:

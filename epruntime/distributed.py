@@ -41,7 +41,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +54,7 @@ def _ensure_launcher_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def pick_backend(cfg: Config) -> str:
@@ -142,3 +142,23 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _local_rank_entry(rank: int, fn, world_size: int, port: int, threads: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    try:
+        fn(rank, *args)
+    finally:
+        shutdown()
+
+
+def spawn_local(fn, world_size: int, *args, threads: int = 1) -> None:
+    """Run `fn(rank, *args)` on `world_size` fresh local processes with torchrun's environment
+    variables set, as tests and benchmarks do without a launcher. `fn` must be a module-level
+    function (spawn pickles it by name); raises if any rank fails."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_local_rank_entry, args=(fn, world_size, free_port(), threads, args),
+             nprocs=world_size, join=True)

@@ -77,14 +77,16 @@ class Engine:
         return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len)
 
     @torch.no_grad()
-    def evaluate(self, dataset, batch_size: int) -> dict[str, float]:
-        """Accuracy over the whole `dataset`, sharded over DP ranks.
+    def evaluate(self, dataset, batch_size: int | None = None) -> dict[str, float]:
+        """Accuracy over the whole `dataset`, sharded over DP ranks, `batch_size` per rank
+        (default: data.eval_batch_size split over the ranks).
 
         Every rank runs the same number of forward passes (the EP all-to-alls need all ranks of
         the group): the last global batch is padded with repeats of item 0 that are not counted.
         """
         self.model.eval()
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
+        batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
         counts = torch.zeros(3, dtype=torch.float64)  # correct, counted, ce_sum
         for start in range(0, n, per_step):

@@ -15,7 +15,7 @@ from epruntime.cli import config_parser, run
 from epruntime.config import apply_overrides, config_from_dict, load_config
 from epruntime.datasets import build_datasets
 from epruntime.engine import Engine
-from epruntime.summary import write_summary
+from epruntime.summary import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,17 +43,14 @@ def _infer(cfg, env, path) -> int:
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
     meta = checkpoint.load_checkpoint(engine, path, restore_training_state=False)
     t = time.perf_counter()
-    metrics = engine.evaluate(eval_ds, cfg.data.eval_batch_size // env.dp_size or 1)
+    metrics = engine.evaluate(eval_ds)
     eval_seconds = time.perf_counter() - t
     summary = {**metrics, "steps": meta["step"], "checkpoint": str(path),
                "majority_baseline": eval_ds.majority_baseline(),
                "tokens_per_s": metrics["eval_items"] * engine.model.seq_len / eval_seconds,
                "world_size": env.world_size, "ep_size": env.ep_size,
                "seconds": time.perf_counter() - t0}
-    if env.is_main:
-        out = write_summary(cfg.infer.output_dir, summary)
-        print(f"eval_accuracy={summary['eval_accuracy']:.4f} "
-              f"tokens_per_s={summary['tokens_per_s']:.0f} -> {out}")
+    report(env.is_main, cfg.infer.output_dir, summary)
     return 0
 
 

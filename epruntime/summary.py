@@ -14,3 +14,14 @@ def write_summary(output_dir: Path, summary: dict) -> Path:
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+def report(is_main: bool, output_dir: Path, summary: dict) -> None:
+    """Rank 0 writes summary.json and prints its headline figures."""
+    if not is_main:
+        return
+    path = write_summary(output_dir, summary)
+    keys = ("eval_accuracy", "majority_baseline", "final_loss", "tokens_per_s", "steps")
+    shown = " ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
+                     for k in keys if k in summary)
+    print(f"{shown} -> {path}")

@@ -17,7 +17,7 @@ from epruntime.config import load_config
 from epruntime.data import ShardedBatchIterator
 from epruntime.datasets import build_datasets
 from epruntime.engine import Engine
-from epruntime.summary import write_summary
+from epruntime.summary import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +69,9 @@ def _train(cfg, env) -> int:
                "resumed_from_step": meta["step"] if resume_from is not None else None,
                "majority_baseline": eval_ds.majority_baseline()}
     if cfg.train.eval_at_end:
-        summary.update(engine.evaluate(eval_ds, cfg.data.eval_batch_size // env.dp_size or 1))
+        summary.update(engine.evaluate(eval_ds))
     summary["seconds"] = time.perf_counter() - t0
-    if env.is_main:
-        path = write_summary(cfg.train.output_dir, summary)
-        print(f"eval_accuracy={summary.get('eval_accuracy')} final_loss={summary['final_loss']} "
-              f"tokens_per_s={summary['tokens_per_s']} -> {path}")
+    report(env.is_main, cfg.train.output_dir, summary)
     return 0
 
 

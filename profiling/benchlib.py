@@ -190,26 +190,9 @@ def print_table(result: BenchResult) -> None:
 # ---- real ranks ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(rank: int, fn: Callable[..., None], world: int, port: int, threads: int,
-                args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
-    from epruntime.cli import quiet_known_warnings
-
-    quiet_known_warnings()  # before fn imports megatron-core, which warns on import
-    fn(rank, *args)
-
-
 def spawn_ranks(fn: Callable[..., None], world: int, *args: Any, threads: int = 1) -> None:
     """Run `fn(rank, *args)` on `world` fresh processes with the torchrun environment variables
     set (`fn` must be a module-level function so spawn can pickle it); raises if a rank fails."""
-    import torch.multiprocessing as mp
+    from epruntime.distributed import spawn_local
 
-    mp.spawn(_rank_entry, args=(fn, world, _free_port(), threads, args), nprocs=world, join=True)
+    spawn_local(fn, world, *args, threads=threads)
