@@ -25,4 +25,4 @@ if torch.version.cuda is not None:
 PY
 fi
 python -m pip install -q -e ".[test]"
-python -c "import torch, megatron.core, epruntime; print('epruntime', epruntime.__version__, 'torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
+python -c "import epruntime, torch, megatron.core; print('epruntime', epruntime.__version__, 'torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
