@@ -6,6 +6,7 @@ process group exists.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -177,7 +178,8 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides to a raw (not yet validated) config dict."""
+    """A copy of the raw (not yet validated) config dict with `a.b=value` overrides applied."""
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

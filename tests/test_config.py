@@ -69,3 +69,11 @@ def test_fingerprint_tracks_every_field():
     assert a.fingerprint() == b.fingerprint()
     b.train.lr = 0.5
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_overrides_leave_the_input_untouched():
+    from epruntime.config import apply_overrides
+
+    raw = {"model": {"hidden_size": 64}}
+    out = apply_overrides(raw, ["model.hidden_size=32"])
+    assert out["model"]["hidden_size"] == 32 and raw["model"]["hidden_size"] == 64
