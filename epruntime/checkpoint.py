@@ -97,6 +97,9 @@ def save_checkpoint(engine, step: int, data_state: dict) -> Path:
             model[name] = param.detach().clone()
             if param in engine.optimizer.state:
                 optimizer[name] = {k: v.clone() for k, v in engine.optimizer.state[param].items()}
+    for name, buf in engine.model.global_named_buffers(env.ep_rank, engine.num_local_experts):
+        if _owns(name):
+            model[name] = buf.detach().clone()
     payload = {"model": model, "optimizer": optimizer, "rng": _rng_state()}
     torch.save(payload, tmp / f"rank{env.rank:05d}.pt.part")
     os.replace(tmp / f"rank{env.rank:05d}.pt.part", tmp / f"rank{env.rank:05d}.pt")
@@ -148,12 +151,15 @@ def load_checkpoint(engine, path: Path, restore_training_state: bool = True) -> 
         if f.name == f"rank{env.rank:05d}.pt":
             rng = payload["rng"]
 
+    ep_rank, num_local = env.ep_rank, engine.num_local_experts
+    tensors = [*engine.model.global_named_parameters(ep_rank, num_local),
+               *engine.model.global_named_buffers(ep_rank, num_local)]
     with torch.no_grad():
-        for name, param in engine.model.global_named_parameters(env.ep_rank, engine.num_local_experts):
+        for name, param in tensors:
             if name not in model:
-                raise CheckpointError(f"{path}: parameter {name} is missing")
+                raise CheckpointError(f"{path}: {name} is missing")
             if model[name].shape != param.shape:
-                raise CheckpointError(f"{path}: parameter {name} has shape "
+                raise CheckpointError(f"{path}: {name} has shape "
                                       f"{tuple(model[name].shape)}, model expects {tuple(param.shape)}")
             param.copy_(model[name])
             if restore_training_state and name in optimizer:

@@ -99,9 +99,18 @@ class InferConfig(Section):
 
 
 class SmoesConfig(Section):
-    """Soft modality-guided expert specialization (issue: SMoES)."""
+    """Soft Modality-guided Expert Specialization (arXiv 2604.23996); defaults are the paper's."""
 
     enabled: bool = False
+    score: Literal["hard", "attention", "gaussian"] = "attention"
+    num_bins: int | None = Field(None, gt=0, description="default: parallel.ep_size")
+    rebin_interval: int = Field(50, gt=0, description="steps between re-binning")
+    count_beta: float = Field(0.99, ge=0, lt=1, description="EMA of expert x modality counts")
+    gaussian_beta: float = Field(0.99, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0, description="gaussian temperature; default hidden/2")
+    mi_coeff: float = Field(1e-4, ge=0)
+    bal_coeff: float = Field(1e-3, ge=0)
+    detach_scores: bool = True
 
 
 class FastMMoEConfig(Section):
@@ -138,7 +147,17 @@ class Config(Section):
                 f"parallel.ep_size={self.parallel.ep_size} does not divide "
                 f"model.num_experts={self.model.num_experts}"
             )
+        if self.model.num_experts % self.num_bins:
+            raise ValueError(
+                f"smoes.num_bins={self.num_bins} does not divide "
+                f"model.num_experts={self.model.num_experts}"
+            )
         return self
+
+    @property
+    def num_bins(self) -> int:
+        """SMoES bins: one per EP rank unless smoes.num_bins says otherwise."""
+        return self.smoes.num_bins or self.parallel.ep_size
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: ranks compare it to prove they loaded the same config."""

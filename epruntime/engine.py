@@ -12,12 +12,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 
 from epruntime import optim
 from epruntime.config import Config
 from epruntime.distributed import DistEnv
 from epruntime.model.vlm import MoEVLM, init_weights_
+from epruntime.routing_stats import RoutingRecorder
+from epruntime.smoes.router import smoes_routers
 
 
 @dataclass
@@ -26,6 +32,7 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int  # tokens this rank pushed through the model
+    aux_losses: dict[str, float]  # megatron-core's aux-loss tracker: name -> mean over layers
 
 
 class Engine:
@@ -68,13 +75,19 @@ class Engine:
         return total.item()
 
     def train_step(self, batch, step: int) -> StepResult:
+        clear_aux_losses_tracker()
         loss = self.forward_backward(batch, self.cfg.data.global_batch_size)
         grad_norm = optim.clip_gradients(self.dense, self.expert, self.cfg.train.grad_clip)
         lr = optim.lr_at(step, self.cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len)
+        if self.cfg.smoes.enabled and (step + 1) % self.cfg.smoes.rebin_interval == 0:
+            for router in smoes_routers(self.model):
+                router.rebin()
+        aux = {name: entry["values"].mean().item()
+               for name, entry in get_moe_layer_wise_logging_tracker().items()}
+        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux)
 
     @torch.no_grad()
     def evaluate(self, dataset, batch_size: int | None = None) -> dict[str, float]:
@@ -85,6 +98,7 @@ class Engine:
         the group): the last global batch is padded with repeats of item 0 that are not counted.
         """
         self.model.eval()
+        recorder = RoutingRecorder(self.model, self.cfg.num_bins)
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
         batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
@@ -99,7 +113,11 @@ class Engine:
             counts += torch.tensor([hit.sum().item(), valid.sum().item(), ce[valid].sum().item()],
                                    dtype=torch.float64)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        recorder.close()
         self.model.train()
+        # Padding repeats of item 0 are routed too; at most one batch per rank, so they are
+        # left in the routing statistics.
         return {"eval_accuracy": counts[0].item() / counts[1].item(),
                 "eval_loss": counts[2].item() / counts[1].item(),
-                "eval_items": int(counts[1].item())}
+                "eval_items": int(counts[1].item()),
+                **recorder.summary(ps.get_data_parallel_group())}

@@ -46,6 +46,7 @@ def _train(cfg, env) -> int:
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (env.is_main and cfg.train.progress),
                desc="train", unit="step", dynamic_ncols=True)
     losses: list[float] = []
+    result = None
     tokens, train_seconds = 0, 0.0
     while step < cfg.train.max_steps:
         batch = next(batches).to(env.device)
@@ -57,7 +58,8 @@ def _train(cfg, env) -> int:
         step += 1
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / max(train_seconds, 1e-9):,.0f}",
-                            lr=f"{result.lr:.2e}")
+                            lr=f"{result.lr:.2e}",
+                            **{k.removesuffix("_loss"): f"{v:.3g}" for k, v in result.aux_losses.items()})
         bar.update(1)
         if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.max_steps:
             checkpoint.save_checkpoint(engine, step, batches.state_dict())
@@ -67,6 +69,7 @@ def _train(cfg, env) -> int:
                "world_size": env.world_size, "ep_size": env.ep_size,
                "tokens_per_s": tokens / train_seconds if train_seconds else None,
                "resumed_from_step": meta["step"] if resume_from is not None else None,
+               "aux_losses": result.aux_losses if result is not None else {},
                "majority_baseline": eval_ds.majority_baseline()}
     if cfg.train.eval_at_end:
         summary.update(engine.evaluate(eval_ds))

@@ -61,3 +61,20 @@ def test_moe_layer_quick_writes_the_schema(python_env, tmp_path):
 
     ratio = result["ratios"]["ep2/ep1_tokens_per_s"]
     assert ratio == pytest.approx(rows["ep2"]["tokens_per_s"] / rows["ep1"]["tokens_per_s"])
+
+
+def test_smoes_quick_compares_routers(python_env, tmp_path):
+    out = tmp_path / "smoes.json"
+    proc = bench("smoes", "--quick", "--steps", "6", "--eval-items", "64",
+                 "--variants", "baseline,smoes-gaussian", "--json", str(out), env=python_env,
+                 timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert rows.keys() == {"baseline", "smoes-gaussian"}
+    for row in rows.values():
+        assert 0 <= row["msi"] <= 1 and 0 <= row["msi_expert"] <= 1
+        assert 0 < row["bin_balancedness"] <= 1 and row["tokens_per_s"] > 0
+        assert row["steps"] == 6 and len(row["msi_per_layer"]) == 2
+    assert result["ratios"]["smoes-gaussian/baseline_msi"] == pytest.approx(
+        rows["smoes-gaussian"]["msi"] / rows["baseline"]["msi"])

@@ -34,3 +34,8 @@ def token_context(modality_SB: torch.Tensor) -> Iterator[None]:
 def current_modality_T() -> torch.Tensor | None:
     """Modality of each token [S*B] in the order megatron-core flattens hidden [S, B, H]."""
     return None if _modality_SB is None else _modality_SB.reshape(-1)
+
+
+def current_modality_SB() -> torch.Tensor | None:
+    """Modality of each token [S, B] (0 text, 1 vision), or None outside a token context."""
+    return _modality_SB

@@ -63,9 +63,11 @@ def moe_layer_spec(
     """
     spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts, moe_grouped_gemm=False)
     moe = spec.submodules.mlp
-    moe.module = SpecMoELayer
     if router is not None:
         moe.submodules.router = router
     if dispatcher is not None:
+        # megatron-core's TransformerLayer hands its process groups only to the classes it
+        # knows; SpecMoELayer falls back to the default groups, which is what EP x DP uses.
+        moe.module = SpecMoELayer
         moe.params = {**(moe.params or {}), "dispatcher_cls": dispatcher}
     return spec

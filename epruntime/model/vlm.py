@@ -23,6 +23,7 @@ from epruntime.config import Config
 from epruntime.model.context import TEXT, VISION, token_context
 from epruntime.model.sharding import to_global_name
 from epruntime.model.spec import moe_layer_spec, transformer_config
+from epruntime.smoes.router import build_router
 
 IMAGE_ID = 2  # placeholder token id at vision positions (epruntime.data.Vocab.IMAGE_ID)
 
@@ -70,6 +71,9 @@ class MoEVLM(nn.Module):
         self.image_size = m.image_size
         self.text_vocab_size = text_vocab_size
         self.vision = PatchProjector(m.patch_size, 3, m.hidden_size)
+        attention_modality = None
+        if router_cls is None:
+            router_cls, attention_modality = build_router(cfg)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
             transformer_layer_spec=moe_layer_spec(cfg, router=router_cls, dispatcher=dispatcher_cls),
@@ -78,6 +82,8 @@ class MoEVLM(nn.Module):
             position_embedding_type="learned_absolute",
             share_embeddings_and_output_weights=False,
         )
+        if attention_modality is not None:
+            attention_modality.attach(self.gpt.decoder.layers)
 
     @property
     def seq_len(self) -> int:
@@ -112,6 +118,14 @@ class MoEVLM(nn.Module):
         """(global name, parameter) pairs: expert indices made global (see model.sharding)."""
         for name, param in self.named_parameters():
             yield to_global_name(name, ep_rank, num_local_experts), param
+
+    def global_named_buffers(self, ep_rank: int, num_local_experts: int):
+        """(global name, buffer) of the persistent buffers: router state such as SMoES's EMA
+        counts, bins and Gaussian statistics, which checkpoints must carry too."""
+        params = {name for name, _ in self.named_parameters()}
+        for name, value in self.state_dict(keep_vars=True).items():
+            if name not in params and isinstance(value, torch.Tensor):
+                yield to_global_name(name, ep_rank, num_local_experts), value
 
 
 def _seed_for(seed: int, name: str) -> int:

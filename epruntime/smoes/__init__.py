@@ -12,7 +12,7 @@ from epruntime.smoes.bins import (
     text_preference,
 )
 from epruntime.smoes.losses import bin_balance_loss, bin_scores, mi_loss, mutual_information
-from epruntime.smoes.metrics import balancedness, msi, msi_from_routing
+from epruntime.smoes.metrics import balancedness, msi, msi_from_joint, msi_from_routing
 from epruntime.smoes.scores import (
     TEXT,
     VISION,
@@ -36,6 +36,7 @@ __all__ = [
     "hard_scores",
     "mi_loss",
     "msi",
+    "msi_from_joint",
     "msi_from_routing",
     "mutual_information",
     "text_preference",

@@ -30,12 +30,17 @@ def msi(assignments_modality_T: Tensor, group_T: Tensor, num_groups: int) -> flo
     if group_T.numel() and (group_T.min() < 0 or group_T.max() >= num_groups):
         raise ValueError(f"group_T must lie in [0, {num_groups}), got values in "
                          f"[{int(group_T.min())}, {int(group_T.max())}]")
-    n = assignments_modality_T.numel()
+    flat = assignments_modality_T.long().flatten() * num_groups + group_T.long().flatten()
+    joint = torch.bincount(flat, minlength=NUM_MODALITIES * num_groups)
+    return msi_from_joint(joint.view(NUM_MODALITIES, num_groups))
+
+
+def msi_from_joint(counts_MG: Tensor) -> float:
+    """MSI from assignment counts [2, G] (modality x group); see `msi`."""
+    n = float(counts_MG.sum())
     if n == 0:
         return 0.0
-    flat = assignments_modality_T.long().flatten() * num_groups + group_T.long().flatten()
-    joint = torch.bincount(flat, minlength=NUM_MODALITIES * num_groups).double() / n
-    P_MG = joint.view(NUM_MODALITIES, num_groups)
+    P_MG = counts_MG.double() / n
     P_M1, P_1G = P_MG.sum(1, keepdim=True), P_MG.sum(0, keepdim=True)
     h_mod = -float(torch.special.xlogy(P_M1, P_M1).sum())
     if h_mod <= 0.0:

@@ -104,20 +104,32 @@ class GaussianModalityStats(torch.nn.Module):
         self.register_buffer("initialized", torch.zeros(NUM_MODALITIES, dtype=torch.bool))
 
     @torch.no_grad()
-    def update(self, x_TD: Tensor, modality_T: Tensor) -> None:
-        """Fold a batch of hidden states x_TD [T, D] with modality ids [T] into the stats."""
+    def update(self, x_TD: Tensor, modality_T: Tensor,
+               group: dist.ProcessGroup | None = None) -> None:
+        """Fold a batch of hidden states x_TD [T, D] with modality ids [T] into the stats.
+
+        With `group`, the batch moments are summed over its ranks first, so every rank folds in
+        the same global batch and the stats stay identical (and equal to one process's)."""
         if x_TD.dim() != 2 or x_TD.shape[1] != self.hidden_size:
             raise ValueError(f"x_TD must be [T, {self.hidden_size}], got {tuple(x_TD.shape)}")
         if modality_T.shape != x_TD.shape[:1]:
             raise ValueError(f"modality_T must be [{x_TD.shape[0]}], got {tuple(modality_T.shape)}")
         check_modality(modality_T)
-        x_TD = x_TD.detach().to(self.mu.dtype)
+        x_TD = x_TD.detach().to(torch.float64)
+        onehot_T2 = torch.nn.functional.one_hot(modality_T.long(), NUM_MODALITIES).to(x_TD.dtype)
+        # moments [2, 1 + 2D]: count, sum, sum of squares per modality
+        moments = torch.cat([onehot_T2.sum(0)[:, None], onehot_T2.T @ x_TD,
+                             onehot_T2.T @ x_TD.square()], dim=1)
+        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(moments, group=group)
+        D = self.hidden_size
         for m in range(NUM_MODALITIES):
-            x_m = x_TD[modality_T == m]
-            if x_m.shape[0] == 0:
+            n = moments[m, 0]
+            if n == 0:
                 continue
-            mean_b = x_m.mean(0)
-            var_b = x_m.var(0, unbiased=False)
+            mean_b = (moments[m, 1:1 + D] / n).to(self.mu.dtype)
+            var_b = (moments[m, 1 + D:] / n - (moments[m, 1:1 + D] / n).square()).clamp_min(0)
+            var_b = var_b.to(self.var.dtype)
             if not bool(self.initialized[m]):
                 self.mu[m], self.var[m] = mean_b, var_b
                 self.initialized[m] = True
