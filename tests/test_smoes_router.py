@@ -35,16 +35,17 @@ def _train(cfg, env, steps: int):
 def _baseline_worker(rank: int, out: str) -> None:
     from epruntime import distributed
 
+    # One process group for both runs (re-initialising gloo on the same port races).
+    env = distributed.init_distributed(config(2))
     results = {}
     for name, extra in [("baseline", []),
                         ("hard0", ["smoes.enabled=true", "smoes.score=hard",
                                    "smoes.mi_coeff=0", "smoes.bal_coeff=0"])]:
         cfg = config(2, *extra)
-        env = distributed.init_distributed(cfg)
+        distributed.seed_all(cfg.train.seed)
         engine, losses, _ = _train(cfg, env, steps=4)
         results[name] = {"losses": losses, "params": dict(engine.global_state()),
                          "router": type(engine.model.gpt.decoder.layers[0].mlp.router).__name__}
-        distributed.shutdown()
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -117,19 +118,22 @@ def _aux_only_worker(rank: int, out: str) -> None:
     from epruntime.engine import Engine
     from epruntime.smoes.router import smoes_routers
 
+    def cfg_for(coeff: str):
+        return config(1, "smoes.enabled=true", "smoes.score=attention", f"smoes.mi_coeff={coeff}",
+                      "smoes.num_bins=2",  # one bin (EP=1) carries no information: L_MI = 0
+                      "smoes.bal_coeff=0", "model.moe_aux_loss_coeff=0")
+
+    env = distributed.init_distributed(cfg_for("0"))
     grads = {}
     for coeff in ("0", "1.0"):
-        cfg = config(1, "smoes.enabled=true", "smoes.score=attention", f"smoes.mi_coeff={coeff}",
-                     "smoes.num_bins=2",  # one bin (EP=1) carries no information: L_MI = 0
-                     "smoes.bal_coeff=0", "model.moe_aux_loss_coeff=0")
-        env = distributed.init_distributed(cfg)
+        cfg = cfg_for(coeff)
+        distributed.seed_all(cfg.train.seed)
         ds = SyntheticVQA(8, image_size=16, question_len=6, seed=3)
         engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len)
         batch = ds.batch(torch.arange(8))
         logits = engine.model(batch.images, batch.question_ids, batch.question_lens)
         (0.0 * logits.sum()).backward()  # no task gradient: only aux losses reach the router
         grads[coeff] = [r.weight.grad.clone() for r in smoes_routers(engine.model)]
-        distributed.shutdown()
     torch.save(grads, f"{out}/rank{rank}.pt")
 
 
