@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-TEXT, VISION = 0, 1
+from epruntime.model.context import TEXT, VISION  # noqa: F401  (re-exported)
+
 NUM_MODALITIES = 2
 
 

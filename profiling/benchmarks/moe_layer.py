@@ -123,41 +123,38 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
 
     ep = int(os.environ["WORLD_SIZE"])
     cfg = _config(p, ep)
+    # Seeds megatron-core's RNG states with train.seed; spawn_local shuts the groups down.
     distributed.init_distributed(cfg)
-    try:
-        distributed.seed_all(p["seed"])
-        layer = build_module(moe_layer_spec(cfg).submodules.mlp, config=transformer_config(cfg))
-        layer.train()
-        # A group of one makes megatron's all_to_all return its input: nothing to time at EP=1.
-        timer = AllToAllTimer(layer.token_dispatcher) if ep > 1 else None
+    layer = build_module(moe_layer_spec(cfg).submodules.mlp, config=transformer_config(cfg))
+    layer.train()
+    # A group of one makes megatron's all_to_all return its input: nothing to time at EP=1.
+    timer = AllToAllTimer(layer.token_dispatcher) if ep > 1 else None
 
-        gen = torch.Generator().manual_seed(p["seed"] + 1 + rank)
-        x = torch.randn(p["tokens"], 1, p["hidden"], generator=gen).requires_grad_()
-        grad_out = torch.randn(p["tokens"], 1, p["hidden"], generator=gen)
-        a2a_fwd: list[float] = []
-        a2a_bwd: list[float] = []
+    gen = torch.Generator().manual_seed(p["seed"] + 1 + rank)
+    x = torch.randn(p["tokens"], 1, p["hidden"], generator=gen).requires_grad_()
+    grad_out = torch.randn(p["tokens"], 1, p["hidden"], generator=gen)
+    a2a_fwd: list[float] = []
+    a2a_bwd: list[float] = []
 
-        def setup() -> None:
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            dist.barrier()
+    def setup() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        dist.barrier()
 
-        def step() -> None:
-            if timer is not None:
-                timer.reset()
-            out, _ = layer(x)
-            out.backward(grad_out)
-            if timer is not None:
-                a2a_fwd.append(timer.fwd)
-                a2a_bwd.append(timer.bwd)
+    def step() -> None:
+        if timer is not None:
+            timer.reset()
+        out, _ = layer(x)
+        out.backward(grad_out)
+        if timer is not None:
+            a2a_fwd.append(timer.fwd)
+            a2a_bwd.append(timer.bwd)
 
-        _, samples = median_of(step, p["repeats"], p["warmup"], setup=setup)
-        record = {"samples": samples, "a2a_fwd": a2a_fwd[-p["repeats"]:],
-                  "a2a_bwd": a2a_bwd[-p["repeats"]:],
-                  "backward_a2a_nodes": timer.backward_nodes if timer else 0}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
-    finally:
-        distributed.shutdown()
+    _, samples = median_of(step, p["repeats"], p["warmup"], setup=setup)
+    record = {"samples": samples, "a2a_fwd": a2a_fwd[-p["repeats"]:],
+              "a2a_bwd": a2a_bwd[-p["repeats"]:],
+              "backward_a2a_nodes": timer.backward_nodes if timer else 0}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def _row(ep: int, p: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
