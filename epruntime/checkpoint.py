@@ -90,14 +90,14 @@ def save_checkpoint(engine, step: int, data_state: dict) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
 
-    names = {p: n for n, p in engine.model.global_named_parameters(env.ep_rank, engine.num_local_experts)}
+    names = {p: n for n, p in engine.model.global_named_parameters(env.ep_rank)}
     model, optimizer = {}, {}
     for param, name in names.items():
         if _owns(name):
             model[name] = param.detach().clone()
             if param in engine.optimizer.state:
                 optimizer[name] = {k: v.clone() for k, v in engine.optimizer.state[param].items()}
-    for name, buf in engine.model.global_named_buffers(env.ep_rank, engine.num_local_experts):
+    for name, buf in engine.model.global_named_buffers(env.ep_rank):
         if _owns(name):
             model[name] = buf.detach().clone()
     payload = {"model": model, "optimizer": optimizer, "rng": _rng_state()}
@@ -151,9 +151,9 @@ def load_checkpoint(engine, path: Path, restore_training_state: bool = True) -> 
         if f.name == f"rank{env.rank:05d}.pt":
             rng = payload["rng"]
 
-    ep_rank, num_local = env.ep_rank, engine.num_local_experts
-    tensors = [*engine.model.global_named_parameters(ep_rank, num_local),
-               *engine.model.global_named_buffers(ep_rank, num_local)]
+    ep_rank = env.ep_rank
+    tensors = [*engine.model.global_named_parameters(ep_rank),
+               *engine.model.global_named_buffers(ep_rank)]
     with torch.no_grad():
         for name, param in tensors:
             if name not in model:

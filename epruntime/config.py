@@ -120,7 +120,17 @@ class FastMMoEConfig(Section):
 
 
 class DispatchConfig(Section):
-    kind: Literal["alltoall"] = "alltoall"
+    # alltoall: megatron-core's MoEAlltoAllTokenDispatcher (one row per (token, expert) pair,
+    # contiguous placement only). dedup: one row per (token, destination rank). dedup-hier: one
+    # row per (token, destination node) across nodes, forwarded inside the node.
+    kind: Literal["alltoall", "dedup", "dedup-hier"] = "alltoall"
+    # contiguous: expert e on rank e // n_local. bins: SMoES bin k on EP rank k, re-placed (experts
+    # and their optimizer state migrated) whenever the bins change.
+    placement: Literal["contiguous", "bins"] = "contiguous"
+    # EP ranks per node; None takes it from torchrun (LOCAL_WORLD_SIZE).
+    ranks_per_node: int | None = Field(None, ge=1)
+    # Count exact bytes of every dispatch and combine (summary.json `comm`).
+    ledger: bool = True
 
 
 class MetricsConfig(Section):
@@ -152,6 +162,19 @@ class Config(Section):
                 f"smoes.num_bins={self.num_bins} does not divide "
                 f"model.num_experts={self.model.num_experts}"
             )
+        d = self.dispatch
+        if d.kind == "alltoall" and d.placement != "contiguous":
+            raise ValueError(f"dispatch.placement={d.placement} needs dispatch.kind=dedup or "
+                             "dedup-hier (megatron-core's alltoall dispatcher assumes contiguous "
+                             "placement)")
+        if d.placement == "bins":
+            if not self.smoes.enabled:
+                raise ValueError("dispatch.placement=bins needs smoes.enabled=true (bins come "
+                                 "from the SMoES router)")
+            if self.num_bins != self.parallel.ep_size:
+                raise ValueError(f"dispatch.placement=bins puts bin k on EP rank k: smoes.num_bins"
+                                 f"={self.num_bins} must equal parallel.ep_size="
+                                 f"{self.parallel.ep_size}")
         return self
 
     @property
@@ -165,6 +188,25 @@ class Config(Section):
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def ep_ranks_per_node(cfg: Config, local_world_size: int) -> int:
+    """How many ranks of one EP group share a node (placement's and the ledger's node size).
+
+    EP groups are runs of `ep_size` consecutive ranks (megatron-core with TP = PP = 1), and
+    torchrun numbers ranks node by node, so a group spans ep_size / ranks_per_node nodes.
+    """
+    ep = cfg.parallel.ep_size
+    per_node = cfg.dispatch.ranks_per_node or local_world_size
+    if per_node >= ep:
+        if per_node % ep:
+            raise ConfigError(f"parallel.ep_size={ep} does not divide the {per_node} ranks per "
+                              "node (an EP group would straddle nodes unevenly)")
+        return ep
+    if ep % per_node:
+        raise ConfigError(f"{per_node} ranks per node (dispatch.ranks_per_node or torchrun's "
+                          f"LOCAL_WORLD_SIZE) does not divide parallel.ep_size={ep}")
+    return per_node
 
 
 def check_world(cfg: Config, world_size: int) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from epruntime import __version__, compat
-from epruntime.config import Config, check_world
+from epruntime.config import Config, check_world, ep_ranks_per_node
 
 
 class ConfigMismatchError(RuntimeError):
@@ -31,6 +31,7 @@ class DistEnv:
     local_world_size: int
     ep_size: int
     ep_rank: int
+    ep_ranks_per_node: int  # ranks of one EP group that share a node
     dp_size: int
     dp_rank: int
     backend: str
@@ -85,6 +86,8 @@ def init_distributed(cfg: Config) -> DistEnv:
     _ensure_launcher_env()
     world_size = int(os.environ["WORLD_SIZE"])
     dp_size = check_world(cfg, world_size)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    per_node = ep_ranks_per_node(cfg, local_world_size)
     backend = pick_backend(cfg)
     if backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -114,9 +117,10 @@ def init_distributed(cfg: Config) -> DistEnv:
         rank=dist.get_rank(),
         world_size=world_size,
         local_rank=int(os.environ["LOCAL_RANK"]),
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        local_world_size=local_world_size,
         ep_size=cfg.parallel.ep_size,
         ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_ranks_per_node=per_node,
         dp_size=dp_size,
         dp_rank=ps.get_data_parallel_rank(),
         backend=backend,

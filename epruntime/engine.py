@@ -41,11 +41,11 @@ class Engine:
                  dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
-                            dispatcher_cls)
+                            dispatcher_cls, env.ep_ranks_per_node)
         self.model.to(env.device)
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
-                      env.ep_rank, self.num_local_experts)
+                      env.ep_rank)
         self.dense, self.expert = optim.split_params(self.model)
         self.optimizer = optim.build_optimizer(self.model, cfg.train)
         # Each rank's aux loss is over its own micro-batch; grads are summed over DP, so scale
@@ -55,7 +55,7 @@ class Engine:
     def global_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters under their global names."""
         return {n: p.detach() for n, p in
-                self.model.global_named_parameters(self.env.ep_rank, self.num_local_experts)}
+                self.model.global_named_parameters(self.env.ep_rank)}
 
     def local_loss(self, batch, global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of CE over this rank's samples / global_batch_size, logits [B, A])."""

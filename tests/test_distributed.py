@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from epruntime.placement import Placement
 from epruntime.model.sharding import is_expert_param, to_global_name, to_local_name
 from tests.dist import spawn
 
@@ -29,14 +30,26 @@ def test_config_mismatch_is_a_named_error_on_every_rank(tmp_path):
 
 
 def test_global_expert_names_round_trip():
+    contiguous = [Placement.contiguous(32, 4)] * 2
     local = "gpt.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
     assert is_expert_param(local)
-    assert to_global_name(local, ep_rank=2, num_local_experts=8) == local.replace(".3.", ".19.")
+    assert to_global_name(local, 2, contiguous) == local.replace(".3.", ".19.")
     glob = local.replace(".3.", ".19.")
-    assert to_local_name(glob, ep_rank=2, num_local_experts=8) == local
-    assert to_local_name(glob, ep_rank=1, num_local_experts=8) is None
+    assert to_local_name(glob, 2, contiguous) == local
+    assert to_local_name(glob, 1, contiguous) is None
     dense = "gpt.decoder.layers.1.mlp.router.weight"
-    assert not is_expert_param(dense) and to_global_name(dense, 3, 8) == dense
+    assert not is_expert_param(dense) and to_global_name(dense, 3, contiguous) == dense
+
+
+def test_global_expert_names_follow_each_layers_placement():
+    # Layer 1 reversed: rank 0 holds experts 7..4, rank 1 holds 3..0.
+    placements = [Placement.contiguous(8, 2), Placement.from_rank_lists([[7, 6, 5, 4], [3, 2, 1, 0]])]
+    l0 = "gpt.decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight"
+    l1 = "gpt.decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"
+    assert to_global_name(l0, 1, placements) == l0.replace(".1.linear", ".5.linear")
+    assert to_global_name(l1, 1, placements) == l1.replace(".1.linear", ".2.linear")
+    assert to_local_name(l1.replace(".1.linear", ".2.linear"), 1, placements) == l1
+    assert to_local_name(l1.replace(".1.linear", ".2.linear"), 0, placements) is None
 
 
 def _spec_classes():

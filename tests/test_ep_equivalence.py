@@ -35,8 +35,7 @@ def _grads_worker(rank: int, ep_size: int, aux: float, out: str) -> None:
     local = torch.arange(GLOBAL_BATCH)[shard_slice(GLOBAL_BATCH, env.dp_rank, env.dp_size)]
     loss = engine.forward_backward(ds.batch(local), GLOBAL_BATCH)
     _, expert = split_params(engine.model)
-    grads = {n: p.grad.clone() for n, p in engine.model.global_named_parameters(
-        env.ep_rank, engine.num_local_experts)}
+    grads = {n: p.grad.clone() for n, p in engine.model.global_named_parameters(env.ep_rank)}
     torch.save({"loss": loss, "grads": grads, "num_expert_params": len(expert)},
                f"{out}/rank{rank}.pt")
 

@@ -69,13 +69,12 @@ def _state_worker(rank: int, score: str, out: str) -> None:
     env = distributed.init_distributed(cfg)
     engine, losses, batches = _train(cfg, env, steps=5)
     routers = smoes_routers(engine.model)
-    state = {n: b.clone() for n, b in engine.model.global_named_buffers(env.ep_rank,
-                                                                        engine.num_local_experts)}
+    state = {n: b.clone() for n, b in engine.model.global_named_buffers(env.ep_rank)}
     checkpoint.save_checkpoint(engine, 5, batches.state_dict())
     fresh = Engine(cfg, env, len(batches.dataset.vocab), batches.dataset.num_answers,
                    batches.dataset.max_question_len)
     checkpoint.load_checkpoint(fresh, checkpoint.latest_checkpoint(cfg.train.output_dir))
-    restored = dict(fresh.model.global_named_buffers(env.ep_rank, fresh.num_local_experts))
+    restored = dict(fresh.model.global_named_buffers(env.ep_rank))
     grads = [r.weight.grad.clone() for r in routers]
     torch.save({"state": state, "restored": restored, "losses": losses, "router_grads": grads,
                 "bins": [r.bin_of_expert.clone() for r in routers]}, f"{out}/rank{rank}.pt")

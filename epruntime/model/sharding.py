@@ -1,34 +1,41 @@
 """Global vs rank-local parameter names under expert parallelism.
 
-megatron-core names an expert's parameters by its index among the rank's local experts
-(`...experts.local_experts.{i}...`). Checkpoints, initialisation and cross-EP comparisons use the
-global expert index `ep_rank * num_local_experts + i`, so that one checkpoint loads at any EP size.
+megatron-core names an expert's parameters by its slot among the rank's local experts
+(`...layers.{l}.mlp.experts.local_experts.{slot}...`). Checkpoints, initialisation and cross-EP
+comparisons use the logical expert id that the layer's `Placement` puts in that slot (with
+megatron-core's contiguous placement, `ep_rank * num_local + slot`), so that one checkpoint loads
+at any EP size and under any placement.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
-_LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
+from epruntime.placement import Placement
+
+_LOCAL_EXPERT = re.compile(r"(layers\.(\d+)\.mlp\.experts\.local_experts\.)(\d+)(\.)")
 
 
 def is_expert_param(name: str) -> bool:
     return _LOCAL_EXPERT.search(name) is not None
 
 
-def to_global_name(name: str, ep_rank: int, num_local_experts: int) -> str:
-    """`...local_experts.{i}...` -> `...local_experts.{ep_rank * num_local + i}...`."""
-    return _LOCAL_EXPERT.sub(
-        lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name
-    )
+def to_global_name(name: str, ep_rank: int, placements: Sequence[Placement]) -> str:
+    """`...layers.{l}...local_experts.{slot}...` -> `...local_experts.{logical expert}...`."""
+    def logical(m: re.Match) -> str:
+        expert = placements[int(m[2])].expert_at(ep_rank, int(m[3]))
+        return f"{m[1]}{expert}{m[4]}"
+    return _LOCAL_EXPERT.sub(logical, name)
 
 
-def to_local_name(global_name: str, ep_rank: int, num_local_experts: int) -> str | None:
+def to_local_name(global_name: str, ep_rank: int, placements: Sequence[Placement]) -> str | None:
     """Inverse of `to_global_name`; None when the expert lives on another EP rank."""
     m = _LOCAL_EXPERT.search(global_name)
     if m is None:
         return global_name
-    expert = int(m[2])
-    if expert // num_local_experts != ep_rank:
+    placement, expert = placements[int(m[2])], int(m[3])
+    if placement.rank_of_expert[expert] != ep_rank:
         return None
-    return _LOCAL_EXPERT.sub(lambda m: f"{m[1]}{expert % num_local_experts}{m[3]}", global_name)
+    return _LOCAL_EXPERT.sub(
+        lambda m: f"{m[1]}{placement.slot_of_expert[expert]}{m[4]}", global_name)

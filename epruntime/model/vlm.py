@@ -22,6 +22,7 @@ from torch import nn
 from epruntime.config import Config
 from epruntime.model.context import TEXT, VISION, token_context
 from epruntime.model.sharding import to_global_name
+from epruntime.placement import Placement, PlacementError
 from epruntime.model.spec import moe_layer_spec, transformer_config
 from epruntime.smoes.router import build_router
 
@@ -61,6 +62,7 @@ class MoEVLM(nn.Module):
         max_question_len: int,
         router_cls: type | None = None,
         dispatcher_cls: type | None = None,
+        ranks_per_node: int | None = None,
     ):
         super().__init__()
         m = cfg.model
@@ -82,6 +84,8 @@ class MoEVLM(nn.Module):
             position_embedding_type="learned_absolute",
             share_embeddings_and_output_weights=False,
         )
+        self.placements = [Placement.contiguous(m.num_experts, cfg.parallel.ep_size,
+                                                ranks_per_node)] * m.num_layers
         if attention_modality is not None:
             attention_modality.attach(self.gpt.decoder.layers)
 
@@ -114,18 +118,41 @@ class MoEVLM(nn.Module):
         logits_BV = logits_BSV[torch.arange(b), last]
         return logits_BV[:, self.answer_offset :]
 
-    def global_named_parameters(self, ep_rank: int, num_local_experts: int):
-        """(global name, parameter) pairs: expert indices made global (see model.sharding)."""
-        for name, param in self.named_parameters():
-            yield to_global_name(name, ep_rank, num_local_experts), param
+    @property
+    def moe_layers(self) -> list:
+        return [layer.mlp for layer in self.gpt.decoder.layers]
 
-    def global_named_buffers(self, ep_rank: int, num_local_experts: int):
+    def set_placements(self, placements: list[Placement]) -> None:
+        """Record where each layer's logical experts live (and tell dispatchers that route by
+        it). Does not move weights: see `epruntime.placement.migrate` for that."""
+        if len(placements) != len(self.placements):
+            raise PlacementError(f"{len(placements)} placements for {len(self.placements)} MoE layers")
+        for layer, (old, new) in enumerate(zip(self.placements, placements)):
+            if (new.num_experts, new.num_ranks) != (old.num_experts, old.num_ranks):
+                raise PlacementError(f"layer {layer}: placement for {new.num_experts} experts on "
+                                     f"{new.num_ranks} ranks, model has {old.num_experts} on "
+                                     f"{old.num_ranks}")
+        self.placements = list(placements)
+        for moe, placement in zip(self.moe_layers, placements):
+            set_placement = getattr(moe.token_dispatcher, "set_placement", None)
+            if set_placement is not None:
+                set_placement(placement)
+            elif not placement.is_contiguous:
+                raise PlacementError(f"{type(moe.token_dispatcher).__name__} only supports "
+                                     "megatron-core's contiguous placement; use dispatch.kind=dedup")
+
+    def global_named_parameters(self, ep_rank: int):
+        """(global name, parameter) pairs: expert slots named by logical expert (model.sharding)."""
+        for name, param in self.named_parameters():
+            yield to_global_name(name, ep_rank, self.placements), param
+
+    def global_named_buffers(self, ep_rank: int):
         """(global name, buffer) of the persistent buffers: router state such as SMoES's EMA
         counts, bins and Gaussian statistics, which checkpoints must carry too."""
         params = {name for name, _ in self.named_parameters()}
         for name, value in self.state_dict(keep_vars=True).items():
             if name not in params and isinstance(value, torch.Tensor):
-                yield to_global_name(name, ep_rank, num_local_experts), value
+                yield to_global_name(name, ep_rank, self.placements), value
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -134,7 +161,7 @@ def _seed_for(seed: int, name: str) -> int:
 
 @torch.no_grad()
 def init_weights_(
-    model: MoEVLM, seed: int, std: float, num_layers: int, ep_rank: int, num_local_experts: int
+    model: MoEVLM, seed: int, std: float, num_layers: int, ep_rank: int
 ) -> None:
     """Initialise every parameter from a generator seeded by (seed, global name).
 
@@ -143,7 +170,7 @@ def init_weights_(
     N(0, std), output projections of each block N(0, std / sqrt(2 * num_layers)) as in
     megatron-core's scaled init.
     """
-    for name, param in model.global_named_parameters(ep_rank, num_local_experts):
+    for name, param in model.global_named_parameters(ep_rank):
         gen = torch.Generator().manual_seed(_seed_for(seed, name))
         if param.dim() == 1:
             param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
