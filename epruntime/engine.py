@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from epruntime import optim
 from epruntime.config import Config
+from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.distributed import DistEnv
 from epruntime.model.vlm import MoEVLM, init_weights_
 from epruntime.routing_stats import RoutingRecorder
@@ -41,7 +42,15 @@ class Engine:
                  dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
-                            dispatcher_cls, env.ep_ranks_per_node)
+                            dispatcher_cls or dispatcher_class(cfg.dispatch.kind),
+                            env.ep_ranks_per_node)
+        # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`).
+        self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank,
+                                 env.ep_ranks_per_node)
+        self.ledger.enabled = cfg.dispatch.ledger
+        for index, moe in enumerate(self.model.moe_layers):
+            moe.token_dispatcher.layer_index = index
+        self._attach_ledger()
         self.model.to(env.device)
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
@@ -99,6 +108,9 @@ class Engine:
         """
         self.model.eval()
         recorder = RoutingRecorder(self.model, self.cfg.num_bins)
+        train_ledger, self.ledger = self.ledger, self.ledger.totals()
+        self.ledger.reset()
+        self._attach_ledger()
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
         batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
@@ -114,10 +126,24 @@ class Engine:
                                    dtype=torch.float64)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         recorder.close()
+        eval_comm = self.comm_summary()
+        self.ledger = train_ledger
+        self._attach_ledger()
         self.model.train()
         # Padding repeats of item 0 are routed too; at most one batch per rank, so they are
         # left in the routing statistics.
         return {"eval_accuracy": counts[0].item() / counts[1].item(),
                 "eval_loss": counts[2].item() / counts[1].item(),
                 "eval_items": int(counts[1].item()),
-                **recorder.summary(ps.get_data_parallel_group())}
+                **recorder.summary(ps.get_data_parallel_group()),
+                "comm": eval_comm}
+
+    def _attach_ledger(self) -> None:
+        for moe in self.model.moe_layers:
+            moe.token_dispatcher.ledger = self.ledger
+
+    def comm_summary(self) -> dict | None:
+        """The ledger summed over all ranks (collective), or None when the ledger is off."""
+        if not self.cfg.dispatch.ledger:
+            return None
+        return self.ledger.summary(dist.group.WORLD)

@@ -70,9 +70,12 @@ def _train(cfg, env) -> int:
                "tokens_per_s": tokens / train_seconds if train_seconds else None,
                "resumed_from_step": meta["step"] if resume_from is not None else None,
                "aux_losses": result.aux_losses if result is not None else {},
-               "majority_baseline": eval_ds.majority_baseline()}
+               "majority_baseline": eval_ds.majority_baseline(),
+               "comm": engine.comm_summary()}
     if cfg.train.eval_at_end:
-        summary.update(engine.evaluate(eval_ds))
+        metrics = engine.evaluate(eval_ds)
+        metrics["eval_comm"] = metrics.pop("comm")
+        summary.update(metrics)
     summary["seconds"] = time.perf_counter() - t0
     report(env.is_main, cfg.train.output_dir, summary)
     return 0

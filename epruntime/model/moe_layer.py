@@ -8,6 +8,8 @@ as the router: by spec, with megatron-core unchanged.
 
 from __future__ import annotations
 
+import logging
+
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
@@ -23,3 +25,14 @@ class SpecMoELayer(MoELayer):
                 self.num_local_experts, self.local_expert_indices, config=self.config,
                 pg_collection=pg_collection,
             )
+
+
+class _KnownMoELayer(logging.Filter):
+    """TransformerLayer warns "Unknown MLP type" for any MLP class it does not list and builds it
+    with default kwargs, which is what SpecMoELayer expects: drop that one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMoELayer())
