@@ -31,7 +31,6 @@ class DistEnv:
     local_world_size: int
     ep_size: int
     ep_rank: int
-    ep_ranks_per_node: int  # ranks of one EP group that share a node
     dp_size: int
     dp_rank: int
     backend: str
@@ -87,7 +86,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     world_size = int(os.environ["WORLD_SIZE"])
     dp_size = check_world(cfg, world_size)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    per_node = ep_ranks_per_node(cfg, local_world_size)
+    ep_ranks_per_node(cfg, local_world_size)  # fail before any collective when it cannot fit
     backend = pick_backend(cfg)
     if backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -120,7 +119,6 @@ def init_distributed(cfg: Config) -> DistEnv:
         local_world_size=local_world_size,
         ep_size=cfg.parallel.ep_size,
         ep_rank=ps.get_expert_model_parallel_rank(),
-        ep_ranks_per_node=per_node,
         dp_size=dp_size,
         dp_rank=ps.get_data_parallel_rank(),
         backend=backend,

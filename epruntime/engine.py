@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from epruntime import optim
-from epruntime.config import Config
+from epruntime.config import Config, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.distributed import DistEnv
 from epruntime.model.vlm import MoEVLM, init_weights_
@@ -41,12 +41,11 @@ class Engine:
                  max_question_len: int, router_cls: type | None = None,
                  dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
+        per_node = ep_ranks_per_node(cfg, env.local_world_size)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
-                            dispatcher_cls or dispatcher_class(cfg.dispatch.kind),
-                            env.ep_ranks_per_node)
+                            dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node)
         # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`).
-        self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank,
-                                 env.ep_ranks_per_node)
+        self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank, per_node)
         self.ledger.enabled = cfg.dispatch.ledger
         for index, moe in enumerate(self.model.moe_layers):
             moe.token_dispatcher.layer_index = index

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from epruntime.config import load_config
-from epruntime.dispatch.layout import dedup_send_layout, fan_out, to_physical
+from epruntime.dispatch.layout import dedup_send_layout, entries_to_dense, fan_out, to_physical
 from epruntime.placement import Placement
 from tests.dist import spawn
 
@@ -69,8 +69,8 @@ def test_layout_conserves_pairs_on_random_routing():
 
 
 # ---- real ranks ----------------------------------------------------------------------------
-def small_config(ep_size: int, kind: str):
-    return load_config(None, [
+def small_config(ep_size: int, kind: str, *extra: str):
+    return load_config(None, [*extra,
         "data.dataset=synthetic", f"data.global_batch_size={GLOBAL_BATCH}",
         "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
         "model.num_experts=8", "model.moe_topk=3", "model.moe_ffn_hidden_size=16",
@@ -109,9 +109,14 @@ def _engine_worker(rank: int, ep_size: int, out: str) -> None:
     # A placement that scatters every rank's contiguous experts over the others.
     shuffled = Placement.from_rank_lists(
         torch.randperm(8, generator=torch.Generator().manual_seed(1)).view(ep_size, -1).tolist())
-    for kind, placement in [("alltoall", None), ("dedup", None), ("dedup", shuffled)]:
+    two_nodes = f"dispatch.ranks_per_node={ep_size // 2}"
+    variants = {"alltoall": ("alltoall", None, ()), "dedup": ("dedup", None, ()),
+                "dedup+shuffled": ("dedup", shuffled, ()),
+                "dedup@2nodes": ("dedup", None, (two_nodes,)),
+                "dedup-hier@2nodes": ("dedup-hier", None, (two_nodes,))}
+    for variant, (kind, placement, extra) in variants.items():
         distributed.seed_all(0)
-        engine = Engine(small_config(ep_size, kind), env, len(ds.vocab), ds.num_answers,
+        engine = Engine(small_config(ep_size, kind, *extra), env, len(ds.vocab), ds.num_answers,
                         ds.max_question_len)
         if placement is not None:
             engine.model.set_placements([placement] * 2)
@@ -133,11 +138,11 @@ def _engine_worker(rank: int, ep_size: int, out: str) -> None:
         spy.close()
         mine = engine.ledger
         counted = int(mine.payload_bytes.sum() + mine.meta_bytes.sum())
-        if kind == "dedup":  # its split counts travel by all_to_all_single too
+        if kind != "alltoall":  # their split counts travel by all_to_all_single too
             counted += int(mine.control_bytes.sum())
         summary = engine.ledger.summary(torch.distributed.group.WORLD)
         totals = engine.ledger.totals(torch.distributed.group.WORLD)
-        results[f"{kind}{'' if placement is None else '+shuffled'}"] = {
+        results[variant] = {
             "loss": loss, "grads": grads, "logits": logits, "spy_bytes": spy.bytes,
             "ledger_bytes": counted, "summary": summary,
             "rows": totals.rows, "modality_rows": totals.modality_rows,
@@ -151,15 +156,14 @@ def test_dedup_equals_megatron_alltoall_and_ledger_conserves(tmp_path, ep_size):
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(ep_size)]
     grads = {v: {n: g for res in per_rank for n, g in res[v]["grads"].items()} for v in per_rank[0]}
     assert len(grads["alltoall"]) > len(per_rank[0]["alltoall"]["grads"])  # experts are sharded
-    for variant in ("dedup", "dedup+shuffled"):
+    for variant in grads:
         assert grads[variant].keys() == grads["alltoall"].keys()
         for name, g in grads["alltoall"].items():
             torch.testing.assert_close(grads[variant][name], g, rtol=1e-4, atol=1e-6,
                                        msg=f"{variant} {name}")
     for rank, res in enumerate(per_rank):
         ref = res["alltoall"]
-        for variant in ("dedup", "dedup+shuffled"):
-            got = res[variant]
+        for variant, got in res.items():
             assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
             torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-6)
         for variant, res_v in res.items():
@@ -178,14 +182,25 @@ def test_dedup_equals_megatron_alltoall_and_ledger_conserves(tmp_path, ep_size):
         assert torch.equal(modality_rows[:, 1], modality_rows[:, 0].transpose(2, 3)), variant
         assert torch.equal(modality_rows.sum(2), rows), variant
         assert summary["tokens"] == {"text": 6 * GLOBAL_BATCH * 2, "vision": 16 * GLOBAL_BATCH * 2}
-        assert summary["inter_node_bytes"] == 0 and summary["intra_node_bytes"] == summary["cross_rank_bytes"]
+        if "2nodes" not in variant:
+            assert summary["inter_node_bytes"] == 0
+            assert summary["intra_node_bytes"] == summary["cross_rank_bytes"]
+    # Same routing, two nodes: the hierarchical dispatcher crosses nodes once per (token, node).
+    flat, hier = s["dedup@2nodes"], s["dedup-hier@2nodes"]
+    assert flat["rows_sent"] == flat["floor_rows"] == s["dedup"]["floor_rows"]
+    if ep_size == 2:  # one rank per node: node dedup is rank dedup
+        assert hier["inter_node_rows"] == flat["inter_node_rows"] == flat["rows_sent"]
+    else:
+        assert 0 < hier["inter_node_rows"] < flat["inter_node_rows"]
+        assert hier["inter_node_bytes"] < flat["inter_node_bytes"]
+    assert flat["inter_node_bytes"] + flat["intra_node_bytes"] == flat["cross_rank_bytes"]
 
 
-def _edge_worker(rank: int, ep_size: int, out: str) -> None:
+def _edge_worker(rank: int, ep_size: int, out: str, kind: str = "dedup") -> None:
     from megatron.core.transformer.moe.moe_layer import get_default_pg_collection
 
     from epruntime import distributed
-    from epruntime.dispatch import CommLedger, DedupTokenDispatcher
+    from epruntime.dispatch import CommLedger, dispatcher_class
     from epruntime.model.spec import transformer_config
 
     cfg = load_config(None, ["model.num_experts=8", "model.moe_topk=2", "model.hidden_size=16",
@@ -193,11 +208,12 @@ def _edge_worker(rank: int, ep_size: int, out: str) -> None:
                              "model.num_attention_heads=2"])
     env = distributed.init_distributed(cfg)
     n_local = 8 // ep_size
-    d = DedupTokenDispatcher(n_local, list(range(rank * n_local, (rank + 1) * n_local)),
+    per_node = ep_size // 2 if kind == "dedup-hier" else ep_size
+    d = dispatcher_class(kind)(n_local, list(range(rank * n_local, (rank + 1) * n_local)),
                              config=transformer_config(cfg), pg_collection=get_default_pg_collection())
-    d.ledger = CommLedger(1, ep_size, env.ep_rank, ep_size)
+    d.ledger = CommLedger(1, ep_size, env.ep_rank, per_node)
     gen = torch.Generator().manual_seed(100 + rank)
-    contiguous = Placement.contiguous(8, ep_size)
+    contiguous = Placement.contiguous(8, ep_size, per_node)
     own = list(range(rank * n_local, (rank + 1) * n_local))
     cases = {
         "random": (13, None, contiguous),
@@ -205,7 +221,7 @@ def _edge_worker(rank: int, ep_size: int, out: str) -> None:
         "all_local": (7, own[:2], contiguous),  # nothing leaves any rank
         "rank1_empty": (0 if rank == 1 else 5, None, contiguous),
         "reversed": (11, None, Placement.from_rank_lists(
-            [list(range(8))[::-1][r * n_local:(r + 1) * n_local] for r in range(ep_size)])),
+            [list(range(8))[::-1][r * n_local:(r + 1) * n_local] for r in range(ep_size)], per_node)),
     }
     report = {}
     for name, (t, experts, placement) in cases.items():
@@ -235,7 +251,8 @@ def _edge_worker(rank: int, ep_size: int, out: str) -> None:
             "gx_err": (gx - x.grad).abs().max().item() if t else 0.0,
             "gp_err": ((gp - probs.grad) * routing).abs().max().item() if t else 0.0,
             "sent": d.ledger.rows[0, 0, env.ep_rank].tolist(),
-            "received": sum(d.recv_splits),
+            "inter_node_rows": int(d.ledger.summary()["inter_node_rows"]),
+            "received": d.num_recv,
         }
     torch.save(report, f"{out}/rank{rank}.pt")
 
@@ -256,3 +273,24 @@ def test_dedup_edge_cases_at_ep4(tmp_path):
         sum(rep["rank1_empty"]["sent"]) for rep in reports)
     assert all(sum(rep["random"]["sent"]) >= 13 for rep in reports)
     assert list(itertools.chain.from_iterable(rep["all_to_rank0"]["sent"][1:] for rep in reports)) == [0] * 12
+
+
+def test_dedup_hier_edge_cases_at_ep4_on_two_nodes(tmp_path):
+    spawn(_edge_worker, 4, 4, str(tmp_path), "dedup-hier")
+    reports = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for rank, rep in enumerate(reports):
+        for name, r in rep.items():
+            assert r["out_err"] < 1e-5 and r["gx_err"] < 1e-4 and r["gp_err"] < 1e-4, (rank, name, r)
+        assert rep["all_local"]["inter_node_rows"] == 0
+    # Experts 0 and 1 sit on rank 0: node 1's ranks reach them through one gateway each.
+    assert reports[2]["all_to_rank0"]["inter_node_rows"] == 9
+    assert reports[2]["all_to_rank0"]["sent"] == [9, 0, 0, 0]
+    assert reports[3]["all_to_rank0"]["sent"][1] == 9  # rank 3's gateway in node 0 is rank 1
+
+
+def test_entries_to_dense_keeps_used_slots_whatever_the_padding():
+    slots = torch.tensor([[0, -1, -1], [2, 0, -1], [-1, -1, -1]])
+    probs = torch.tensor([[0.5, 9.0, 9.0], [0.25, 0.75, 9.0], [9.0, 9.0, 9.0]])
+    used, dense = entries_to_dense(slots, probs, 3)
+    assert used.tolist() == [[True, False, False], [True, False, True], [False, False, False]]
+    assert dense.tolist() == [[0.5, 0, 0], [0.75, 0, 0.25], [0, 0, 0]]

@@ -42,8 +42,17 @@ def dedup_send_layout(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,
     M, the most experts a token can use on one rank (min(top-k, n_local)).
     """
     t, r, n_local = routing_map_TE.shape[0], placement.num_ranks, placement.num_local
-    used_TRL = to_physical(routing_map_TE, placement).view(t, r, n_local)
-    probs_TRL = to_physical(probs_TE, placement).view(t, r, n_local)
+    return grouped_send_layout(to_physical(routing_map_TE, placement).view(t, r, n_local),
+                               to_physical(probs_TE, placement).view(t, r, n_local), max_entries)
+
+
+def grouped_send_layout(used_TRL: torch.Tensor, probs_TRL: torch.Tensor,
+                        max_entries: int) -> SendLayout:
+    """One send row per (row, destination group) from a dense physical layout.
+
+    used_TRL [T, R, L] bool (row t uses slot l of destination r), probs_TRL [T, R, L]. The
+    destinations are ranks (dedup) or nodes with L = experts per node (node dedup).
+    """
     needs_TR = used_TRL.any(dim=2)
     # nonzero of the [R, T] transpose lists rows rank-major, tokens in order within a rank.
     rank_N, token_N = needs_TR.t().nonzero(as_tuple=True)
@@ -53,7 +62,7 @@ def dedup_send_layout(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,
     slot_NM = order_NL[:, :max_entries]
     valid_NM = used_NL.gather(1, slot_NM)
     if used_NL.sum(1).gt(max_entries).any():
-        raise ValueError(f"a token uses more than max_entries={max_entries} experts on one rank")
+        raise ValueError(f"a row uses more than max_entries={max_entries} slots of one destination")
     prob_NM = probs_TRL[token_N, rank_N].gather(1, slot_NM) * valid_NM
     return SendLayout(
         token_N=token_N,
@@ -87,3 +96,18 @@ def fan_out(slot_RM: torch.Tensor, num_local: int) -> FanOut:
         entry_K=entry_K,
         tokens_per_slot=torch.bincount(flat_slot, minlength=num_local),
     )
+
+
+def entries_to_dense(slot_XM: torch.Tensor, prob_XM: torch.Tensor, num_slots: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse row entries -> dense ([X, num_slots] bool used, [X, num_slots] weights).
+
+    slot_XM [X, M] int64 (-1 = unused), prob_XM [X, M] (differentiable).
+    """
+    valid = slot_XM >= 0
+    index = slot_XM.clamp(min=0)
+    # Unused entries point at slot 0 too: accumulate, so they can never clear a used slot.
+    used = torch.zeros(slot_XM.shape[0], num_slots, dtype=torch.int32, device=slot_XM.device)
+    used = used.scatter_add_(1, index, valid.to(torch.int32)) > 0
+    probs = prob_XM.new_zeros(slot_XM.shape[0], num_slots).scatter_add(1, index, prob_XM * valid)
+    return used, probs

@@ -140,6 +140,7 @@ class CommLedger:
                 "payload_bytes": int(t.payload_bytes[layers][..., cross].sum()),
                 "meta_bytes": int(t.meta_bytes[layers][..., cross].sum()),
                 "rows_sent": rows_sent,
+                "inter_node_rows": int(t.rows[layers, 0][:, inter].sum()),
                 "expert_rows": expert,
                 "floor_rows": floor,
                 "rows_over_floor": rows_sent / floor if floor else None,

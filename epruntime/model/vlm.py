@@ -86,6 +86,7 @@ class MoEVLM(nn.Module):
         )
         self.placements = [Placement.contiguous(m.num_experts, cfg.parallel.ep_size,
                                                 ranks_per_node)] * m.num_layers
+        self.set_placements(self.placements)
         if attention_modality is not None:
             attention_modality.attach(self.gpt.decoder.layers)
 
