@@ -1,7 +1,7 @@
 """Checkpoints that survive a crash mid-write and load at any EP size.
 
 Layout under `<output_dir>/checkpoints/`:
-    step_000100/meta.json      step, world, EP size, config, data position
+    step_000100/meta.json      step, world, EP size, config, data position, expert placement
     step_000100/rank00003.pt   what rank 3 owns: parameters and AdamW state under global names,
                                and its RNG states
     latest                     name of the newest complete checkpoint
@@ -9,6 +9,10 @@ Layout under `<output_dir>/checkpoints/`:
 Each parameter is written by exactly one owner: dense parameters by rank 0, an expert's by the
 first rank of its expert-data-parallel group. Files are written into `step_N.tmp/` and the
 directory is renamed only after every rank has finished, so a checkpoint that exists is complete.
+
+Expert tensors are keyed by logical expert, so they load correctly under any placement. meta.json
+also records the placement of every MoE layer; loading at the same EP size re-applies it, so
+migrated experts come back in the slots they were saved in.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ from megatron.core.tensor_parallel import random as mrandom
 from epruntime import __version__
 from epruntime.config import Config
 from epruntime.model.sharding import is_expert_param
+from epruntime.placement import Placement, PlacementError
 
 
 class CheckpointError(RuntimeError):
@@ -108,7 +114,8 @@ def save_checkpoint(engine, step: int, data_state: dict) -> Path:
     if env.is_main:
         meta = {"step": step, "world_size": env.world_size, "ep_size": env.ep_size,
                 "epruntime_version": __version__, "data": data_state,
-                "config": json.loads(cfg.canonical_json())}
+                "config": json.loads(cfg.canonical_json()),
+                "placements": [p.to_dict() for p in engine.model.placements]}
         _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -134,6 +141,50 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
         raise CheckpointError(f"{path} was written for another model:\n  " + "\n  ".join(diff))
 
 
+def saved_placements(meta: dict, model) -> list[Placement] | None:
+    """The checkpoint's placements if they fit `model` as built (same layers, experts, EP size),
+    with this run's ranks-per-node; None when they do not fit. Checkpoints written before
+    placements were recorded were contiguous."""
+    current = model.placements
+    rpn = current[0].ranks_per_node
+    if "placements" not in meta:
+        if meta["ep_size"] != current[0].num_ranks:
+            return None
+        return [Placement.contiguous(p.num_experts, p.num_ranks, rpn) for p in current]
+    saved = meta["placements"]
+    if len(saved) != len(current):
+        return None
+    out = []
+    for d, now in zip(saved, current):
+        try:
+            p = Placement.from_rank_lists(d["experts_per_rank"], rpn)
+        except PlacementError:
+            return None
+        if (p.num_experts, p.num_ranks) != (now.num_experts, now.num_ranks):
+            return None
+        out.append(p)
+    return out
+
+
+def _apply_placements(engine, meta: dict, path: Path) -> None:
+    """Put each expert where the checkpoint had it, before tensors are copied (they are looked up
+    by the logical expert in each slot). If that layout does not fit (another EP size) or this
+    run's dispatcher cannot route it, keep the model's current placement: still correct, since
+    expert tensors are keyed by logical id."""
+    model = engine.model
+    placements = saved_placements(meta, model)
+    if placements is None:
+        return
+    unsupported = [layer for layer, (p, moe) in enumerate(zip(placements, model.moe_layers))
+                   if not p.is_contiguous and not hasattr(moe.token_dispatcher, "set_placement")]
+    if unsupported:
+        warnings.warn(f"{path}: saved non-contiguous expert placement of layers {unsupported} "
+                      f"needs a dispatcher that supports placements; loading under the current "
+                      "placement instead", stacklevel=3)
+        return
+    model.set_placements(placements)
+
+
 def load_checkpoint(engine, path: Path, restore_training_state: bool = True) -> dict:
     """Load parameters (and optimizer + RNG when `restore_training_state`) into this rank.
     Returns the checkpoint's meta. Any EP size can load; RNG restores only at the same world."""
@@ -151,6 +202,7 @@ def load_checkpoint(engine, path: Path, restore_training_state: bool = True) -> 
         if f.name == f"rank{env.rank:05d}.pt":
             rng = payload["rng"]
 
+    _apply_placements(engine, meta, path)
     ep_rank = env.ep_rank
     tensors = [*engine.model.global_named_parameters(ep_rank),
                *engine.model.global_named_buffers(ep_rank)]
@@ -164,6 +216,8 @@ def load_checkpoint(engine, path: Path, restore_training_state: bool = True) -> 
             param.copy_(model[name])
             if restore_training_state and name in optimizer:
                 engine.optimizer.state[param] = {k: v.clone() for k, v in optimizer[name].items()}
+            elif restore_training_state:  # saved without state: none from what was here before
+                engine.optimizer.state.pop(param, None)
 
     same_layout = meta["world_size"] == env.world_size and meta["ep_size"] == env.ep_size
     if restore_training_state and same_layout:
