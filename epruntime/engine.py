@@ -23,6 +23,10 @@ from epruntime.config import Config, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.distributed import DistEnv
 from epruntime.model.vlm import MoEVLM, init_weights_
+from epruntime.placement import Placement
+from epruntime.placement.migrate import migrate_experts
+from epruntime.placement.strategies import placement_from_bins
+from epruntime.smoes.bins import text_preference
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.smoes.router import smoes_routers
 
@@ -34,6 +38,7 @@ class StepResult:
     lr: float
     tokens: int  # tokens this rank pushed through the model
     aux_losses: dict[str, float]  # megatron-core's aux-loss tracker: name -> mean over layers
+    migration: dict | None = None  # MigrationReport.to_dict() when experts moved this step
 
 
 class Engine:
@@ -41,7 +46,7 @@ class Engine:
                  max_question_len: int, router_cls: type | None = None,
                  dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
-        per_node = ep_ranks_per_node(cfg, env.local_world_size)
+        per_node = self.ranks_per_node = ep_ranks_per_node(cfg, env.local_world_size)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
                             dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node)
         # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`).
@@ -90,12 +95,29 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        migration = None
         if self.cfg.smoes.enabled and (step + 1) % self.cfg.smoes.rebin_interval == 0:
             for router in smoes_routers(self.model):
                 router.rebin()
+            if self.cfg.dispatch.placement == "bins":
+                migration = self.place(self.bin_placements())
         aux = {name: entry["values"].mean().item()
                for name, entry in get_moe_layer_wise_logging_tracker().items()}
-        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux)
+        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux, migration)
+
+    def bin_placements(self) -> list[Placement]:
+        """SMoES bin k on EP rank k, per layer (across nodes, bins of like modality share one)."""
+        return [placement_from_bins(router.bin_of_expert, self.env.ep_size, self.ranks_per_node,
+                                    text_preference(router.counts.C))
+                for router in smoes_routers(self.model)]
+
+    def place(self, placements: list[Placement]) -> dict | None:
+        """Move experts (weights and optimizer state) to `placements`; collective over EP.
+        Returns the migration report, or None when nothing changes."""
+        if list(placements) == list(self.model.placements):
+            return None
+        return migrate_experts(self.model, self.optimizer, placements,
+                               timeout=self.cfg.parallel.timeout_s).to_dict()
 
     @torch.no_grad()
     def evaluate(self, dataset, batch_size: int | None = None) -> dict[str, float]:

@@ -48,6 +48,7 @@ def _train(cfg, env) -> int:
     losses: list[float] = []
     result = None
     tokens, train_seconds = 0, 0.0
+    migrations = {"count": 0, "bytes_sent": 0, "seconds": 0.0}
     while step < cfg.train.max_steps:
         batch = next(batches).to(env.device)
         t = time.perf_counter()
@@ -55,6 +56,10 @@ def _train(cfg, env) -> int:
         train_seconds += time.perf_counter() - t
         tokens += result.tokens * env.world_size
         losses.append(result.loss)
+        if result.migration is not None:
+            migrations["count"] += 1
+            migrations["bytes_sent"] += result.migration["bytes_sent"]
+            migrations["seconds"] += result.migration["seconds"]
         step += 1
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / max(train_seconds, 1e-9):,.0f}",
@@ -71,7 +76,9 @@ def _train(cfg, env) -> int:
                "resumed_from_step": meta["step"] if resume_from is not None else None,
                "aux_losses": result.aux_losses if result is not None else {},
                "majority_baseline": eval_ds.majority_baseline(),
-               "comm": engine.comm_summary()}
+               "comm": engine.comm_summary(),
+               "migrations": migrations,  # this rank's; bins placement moves experts on rebin
+               "placements": [p.to_dict() for p in engine.model.placements]}
     if cfg.train.eval_at_end:
         metrics = engine.evaluate(eval_ds)
         metrics["eval_comm"] = metrics.pop("comm")
