@@ -11,19 +11,27 @@ A benchmark is a function `run(args) -> BenchResult` registered under a name:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "launch" / "configs" / "tiny-vqa.yaml"
 
 
 class BenchUsageError(ValueError):
@@ -161,7 +169,7 @@ def _cell(key: str, value: Any) -> str:
 
 
 def print_table(result: BenchResult) -> None:
-    """Rows as a rich table (list-valued cells such as samples are left to the JSON)."""
+    """Rows as a rich table (list- and dict-valued cells such as samples are left to the JSON)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -170,7 +178,8 @@ def print_table(result: BenchResult) -> None:
         console = Console(width=160)  # don't wrap the table when piped to a file or a test
     columns: list[str] = []
     for row in result.rows:
-        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, list)]
+        columns += [k for k, v in row.items()
+                    if k not in columns and not isinstance(v, (list, dict))]
     table = Table(title=result.name, title_justify="left")
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -196,3 +205,18 @@ def spawn_ranks(fn: Callable[..., None], world: int, *args: Any, threads: int = 
     from epruntime.distributed import spawn_local
 
     spawn_local(fn, world, *args, threads=threads)
+
+
+def torchrun_train(config: Path, overrides: list[str], nproc: int, label: str) -> dict[str, Any]:
+    """Run the real training entry point (`torchrun -m epruntime.train`) on `nproc` CPU ranks;
+    returns its summary.json. `overrides` must set train.output_dir."""
+    out = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir="))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "epruntime.train", "--config", str(config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
+    return json.loads((Path(out) / "summary.json").read_text())

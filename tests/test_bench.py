@@ -78,3 +78,29 @@ def test_smoes_quick_compares_routers(python_env, tmp_path):
         assert row["steps"] == 6 and len(row["msi_per_layer"]) == 2
     assert result["ratios"]["smoes-gaussian/baseline_msi"] == pytest.approx(
         rows["smoes-gaussian"]["msi"] / rows["baseline"]["msi"])
+
+
+def test_dispatch_quick_compares_dispatchers_and_placements(python_env, tmp_path):
+    out = tmp_path / "dispatch.json"
+    proc = bench("dispatch", "--quick", "--json", str(out), env=python_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert rows.keys() == {"megatron-alltoall", "dedup", "dedup+bins", "dedup+traffic",
+                           "baseline:megatron-alltoall", "baseline:dedup+traffic"}
+    for name, row in rows.items():
+        assert row["step_time_s"] > 0 and len(row["samples"]) == result["params"]["repeats"]
+        assert row["tokens_per_s"] == pytest.approx(
+            result["params"]["tokens_per_step"] / row["step_time_s"])
+        if row["detail"]["dispatcher"] == "alltoall":  # one row per remote (token, expert)
+            assert row["rows_sent"] == row["detail"]["expert_rows"] > row["floor_rows"]
+        else:  # one row per remote (token, rank): exactly the floor of its placement
+            assert row["rows_sent"] == row["floor_rows"] < row["detail"]["expert_rows"]
+        assert row["cross_rank_bytes"] == (row["detail"]["payload_bytes"]
+                                           + row["detail"]["meta_bytes"])
+    # Same model, inputs and placement: dedup sends exactly the rows megatron-core's floor says.
+    assert rows["dedup"]["rows_sent"] == rows["megatron-alltoall"]["floor_rows"]
+    assert rows["dedup+traffic"]["detail"]["migration_bytes_sent"] > 0
+    ref = rows["megatron-alltoall"]
+    assert result["ratios"]["dedup/megatron-alltoall_cross_rank_bytes"] == pytest.approx(
+        rows["dedup"]["cross_rank_bytes"] / ref["cross_rank_bytes"])

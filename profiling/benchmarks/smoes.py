@@ -10,18 +10,14 @@ and +0.9% multimodal accuracy; goal here: SMoES msi >= 2.5x the baseline's at no
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import BenchResult, BenchUsageError, collect_env, register, resolve
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "launch" / "configs" / "tiny-vqa.yaml"
+from profiling.benchlib import (ROOT, BenchResult, BenchUsageError, collect_env, register, resolve,
+                                torchrun_train)
+from profiling.benchlib import TINY_CONFIG as TINY
 VARIANTS = {
     "baseline": [],
     "smoes-attention": ["smoes.enabled=true", "smoes.score=attention"],
@@ -52,15 +48,7 @@ def _train(variant: str, p: dict[str, Any], out: Path) -> dict[str, Any]:
         overrides.append(f"data.max_eval_items={p['eval_items']}")
     if p["mi_coeff"] is not None and variant != "baseline":
         overrides.append(f"smoes.mi_coeff={p['mi_coeff']}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={p['nproc']}", "-m", "epruntime.train", "--config", str(TINY)]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
-    return json.loads((out / "summary.json").read_text())
+    return torchrun_train(TINY, overrides, p["nproc"], variant)
 
 
 @register("smoes", add_arguments=add_options)

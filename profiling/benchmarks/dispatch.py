@@ -1,0 +1,209 @@
+"""Token dispatch side by side: megatron-core's alltoall dispatcher against epruntime's rank-dedup
+dispatcher under contiguous, SMoES-bin and traffic-aware placement, on the same trained model,
+weights and inputs, EP over CPU ranks (gloo).
+
+Two models are trained first with the real entry point (`torchrun -m epruntime.train`), same seed
+and data: a baseline (megatron-core's TopKRouter) and an SMoES model (Gaussian modality scores).
+Then one set of ranks loads them and, round-robin over the variants, times a full forward+backward
+of the MoE-VLM on one fixed batch (median of repeats; a step lasts as long as its slowest rank).
+Bytes and rows come from the CommLedger of one forward pass over the same batch.
+
+Variants on the SMoES model: `megatron-alltoall`, `dedup`, `dedup+bins` (bin k moved onto rank k
+by live migration), `dedup+traffic` (traffic-aware placement from co-activation recorded on
+training batches). The paper's end-to-end comparison (arXiv 2604.23996: 56.1% fewer EP bytes,
++12.3% throughput) is `baseline:megatron-alltoall` against `dedup+bins`; `baseline:dedup+traffic`
+shows what placement alone does for a model trained without SMoES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, collect_env,
+                                register, resolve, spawn_ranks, torchrun_train)
+
+SHAPES = {
+    # Fine-grained like DeepSeekMoE (64 experts, top-6), small hidden size for 2 cores.
+    "fine": ["model.num_experts=64", "model.moe_topk=6", "model.moe_ffn_hidden_size=32"],
+    "tiny": [],  # the embedded default: 32 experts, top-4
+}
+MODELS = {"baseline": [], "smoes": ["smoes.enabled=true", "smoes.score=gaussian"]}
+VARIANTS = {  # name: (model, dispatch.kind, placement)
+    "megatron-alltoall": ("smoes", "alltoall", "contiguous"),
+    "dedup": ("smoes", "dedup", "contiguous"),
+    "dedup+bins": ("smoes", "dedup", "bins"),
+    "dedup+traffic": ("smoes", "dedup", "traffic"),
+    "baseline:megatron-alltoall": ("baseline", "alltoall", "contiguous"),
+    "baseline:dedup+traffic": ("baseline", "dedup", "traffic"),
+}
+FULL = dict(ep=4, shape="fine", steps=600, samples=32, repeats=7, warmup=2, calib_batches=8,
+            workdir=None)
+QUICK = dict(ep=2, shape="tiny", steps=4, samples=4, repeats=2, warmup=1, calib_batches=1,
+             workdir=None)
+ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows")
+DETAIL_KEYS = ("expert_rows", "payload_bytes", "meta_bytes", "control_bytes", "local_bytes",
+               "intra_node_bytes", "inter_node_bytes")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ep", type=int, help="EP size = ranks (default 4)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="fine (64 experts top-6, default) "
+                        "or tiny (the tiny-vqa model, 32 experts top-4)")
+    parser.add_argument("--steps", type=int, help="training steps of both models (default 600)")
+    parser.add_argument("--samples", type=int, help="samples per rank in the timed batch")
+    parser.add_argument("--calib-batches", dest="calib_batches", type=int,
+                        help="training batches recorded for traffic-aware placement")
+    parser.add_argument("--workdir", help="keep trained checkpoints here and reuse them")
+
+
+def _common(p: dict[str, Any]) -> list[str]:
+    return [*SHAPES[p["shape"]], f"parallel.ep_size={p['ep']}", "train.progress=false",
+            f"train.max_steps={p['steps']}", f"train.checkpoint_interval={p['steps']}",
+            "data.max_eval_items=1024"]
+
+
+def _trained(p: dict[str, Any], workdir: Path) -> dict[str, dict]:
+    """Train (or reuse) the baseline and SMoES checkpoints; their training summaries."""
+    out = {}
+    for model, extra in MODELS.items():
+        overrides = [*_common(p), *extra]
+        tag = f"{p['shape']}-ep{p['ep']}-s{p['steps']}-{model}"
+        run_dir = workdir / tag
+        summary = run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("steps") == p["steps"]:
+            out[model] = json.loads(summary.read_text())
+        else:
+            print(f"dispatch: training {tag}...", file=sys.stderr, flush=True)
+            out[model] = torchrun_train(TINY_CONFIG, [*overrides, f"train.output_dir={run_dir}"],
+                                        p["ep"], tag)
+        out[model]["dir"] = str(run_dir)
+    return out
+
+
+def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from epruntime import checkpoint, distributed
+    from epruntime.config import load_config
+    from epruntime.datasets import build_datasets
+    from epruntime.engine import Engine
+    from epruntime.placement.recording import CoactivationRecorder, traffic_placements
+
+    def config(model: str, kind: str):
+        return load_config(TINY_CONFIG, [*_common(p), *MODELS[model], f"dispatch.kind={kind}"])
+
+    env = distributed.init_distributed(config("smoes", "alltoall"))
+    train_ds, eval_ds = build_datasets(config("smoes", "alltoall"))
+    world, per_rank = env.world_size, p["samples"]
+    batch = eval_ds.batch(torch.arange(rank * per_rank, (rank + 1) * per_rank))
+    global_batch = per_rank * world
+
+    engines, rows = {}, {}
+    for name, (model, kind, placement) in VARIANTS.items():
+        distributed.seed_all(0)
+        cfg = config(model, kind)
+        engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
+                        train_ds.max_question_len)
+        checkpoint.load_checkpoint(engine, Path(dirs[model]) / "checkpoints" / f"step_{p['steps']:06d}",
+                                   restore_training_state=False)
+        row: dict[str, Any] = {"variant": name}
+        detail: dict[str, Any] = {"model": model, "dispatcher": kind, "placement": placement}
+        if placement != "contiguous":
+            if placement == "bins":
+                target = engine.bin_placements()
+            else:
+                recorder = CoactivationRecorder(engine.model)
+                with torch.no_grad():
+                    for i in range(p["calib_batches"]):
+                        idx = torch.arange((i * world + rank) * per_rank,
+                                           (i * world + rank + 1) * per_rank)
+                        engine.model(*_inputs(train_ds.batch(idx)))
+                recorder.close()
+                target = traffic_placements(recorder.counts(dist.group.WORLD), env.ep_size,
+                                            engine.ranks_per_node)
+            report = engine.place(target)
+            detail["migration_bytes_sent"] = report["bytes_sent"] if report else 0
+            detail["migration_s"] = report["seconds"] if report else 0.0
+        engine.ledger.reset()
+        with torch.no_grad():
+            engine.model(*_inputs(batch))
+        comm = engine.comm_summary()
+        row.update({k: comm[k] for k in ROW_KEYS})
+        row["detail"] = {**detail, **{k: comm[k] for k in DETAIL_KEYS}}
+        engines[name], rows[name] = engine, row
+
+    # Round-robin so that drift of a noisy host spreads over every variant alike.
+    samples = {name: [] for name in VARIANTS}
+    for i in range(p["warmup"] + p["repeats"]):
+        for name, engine in engines.items():
+            dist.barrier()
+            start = time.perf_counter()
+            engine.forward_backward(batch, global_batch)
+            elapsed = torch.tensor(time.perf_counter() - start)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if i >= p["warmup"]:
+                samples[name].append(elapsed.item())
+    tokens = global_batch * engines["dedup"].model.seq_len
+    for name, row in rows.items():
+        row["step_time_s"] = statistics.median(samples[name])
+        row["tokens_per_s"] = tokens / row["step_time_s"]
+        row["samples"] = samples[name]
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(list(rows.values())))
+
+
+def _inputs(batch):
+    return batch.images, batch.question_ids, batch.question_lens
+
+
+@register("dispatch", add_arguments=add_options)
+def run(args: argparse.Namespace) -> BenchResult:
+    """megatron-core alltoall vs dedup dispatch x placement: bytes, rows, step time."""
+    p = resolve(args, FULL, QUICK)
+    if args.repeats is not None:
+        p["repeats"] = args.repeats
+    if args.warmup is not None:
+        p["warmup"] = args.warmup
+    if p["ep"] < 2:
+        raise BenchUsageError(f"--ep must be at least 2 (dispatch needs remote ranks), got {p['ep']}")
+    with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as tmp:
+        workdir = Path(p["workdir"]) if p["workdir"] else Path(tmp)
+        trained = _trained(p, workdir)
+        result_file = Path(tmp) / "rows.json"
+        spawn_ranks(_measure, p["ep"], p, {m: t["dir"] for m, t in trained.items()},
+                    str(result_file))
+        rows = json.loads(result_file.read_text())
+    for row in rows:
+        s = trained[row["detail"]["model"]]
+        row.update(eval_accuracy=s.get("eval_accuracy"), msi=s.get("msi"))
+    by = {r["variant"]: r for r in rows}
+    ref = by["megatron-alltoall"]
+    ratios = {}
+    for r in rows:
+        if r is not ref and not r["variant"].startswith("baseline:"):
+            for key in ("cross_rank_bytes", "rows_sent", "tokens_per_s"):
+                ratios[f"{r['variant']}/megatron-alltoall_{key}"] = r[key] / ref[key]
+    base = by["baseline:megatron-alltoall"]
+    for key in ("cross_rank_bytes", "tokens_per_s"):
+        ratios[f"e2e:dedup+bins/baseline:megatron-alltoall_{key}"] = by["dedup+bins"][key] / base[key]
+    ratios["dedup+traffic/floor_rows_of_megatron-placement"] = (
+        by["dedup+traffic"]["rows_sent"] / ref["floor_rows"])
+    params = {"shape": p["shape"], "shape_overrides": SHAPES[p["shape"]], "ep_size": p["ep"],
+              "train_steps": p["steps"], "samples_per_rank": p["samples"],
+              "tokens_per_step": p["samples"] * p["ep"] * 74, "repeats": p["repeats"],
+              "warmup": p["warmup"], "calib_batches": p["calib_batches"],
+              "config": str(TINY_CONFIG.relative_to(ROOT)), "quick": bool(args.quick)}
+    notes = ["cross_rank_bytes: forward dispatch + combine payload and metadata between different "
+             "ranks (backward mirrors it); rows_sent/floor_rows/expert_rows: dispatch rows off-rank",
+             "step_time_s: forward+backward of the whole MoE-VLM incl. dense-gradient all-reduce, "
+             "median of repeats, slowest rank"]
+    return BenchResult(name="dispatch", params=params, rows=rows, ratios=ratios, env=collect_env(),
+                       notes=notes)
