@@ -73,9 +73,17 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         if self.ledger is not None:
             self.ledger.record_exchange(self.layer_index, "dispatch", self.send_splits, rows_NH,
                                         meta_N2M, self.modality_N)
-        rows = all_to_all(rows_NH, self.send_splits, self.recv_splits, self.ep_group)
-        meta = all_to_all(meta_N2M, self.send_splits, self.recv_splits, self.ep_group)
-        return rows, meta
+        return self.exchange_rows(rows_NH, meta_N2M, self.send_splits, self.recv_splits)
+
+    def exchange_rows(self, rows_NH, meta_NC, send_splits, recv_splits):
+        """Rows and their metadata to their destination ranks; one collective when the dtypes
+        allow packing them side by side (fewer latency-bound calls each way)."""
+        if rows_NH.dtype == meta_NC.dtype:
+            packed = all_to_all(torch.cat([rows_NH, meta_NC], dim=1), send_splits, recv_splits,
+                                self.ep_group)
+            return packed.split([rows_NH.shape[1], meta_NC.shape[1]], dim=1)
+        return (all_to_all(rows_NH, send_splits, recv_splits, self.ep_group),
+                all_to_all(meta_NC, send_splits, recv_splits, self.ep_group))
 
     def dispatch_postprocess(self, rows_RH, meta_R2M):
         """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights [K]."""

@@ -55,8 +55,7 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
         if self.ledger is not None:
             self.ledger.record_exchange(self.layer_index, "dispatch", self.send1, rows_NH, meta_N,
                                         self.modality_N)
-        rows_XH = all_to_all(rows_NH, self.send1, self.recv1, self.ep_group)
-        meta_X = all_to_all(meta_N, self.send1, self.recv1, self.ep_group)
+        rows_XH, meta_X = self.exchange_rows(rows_NH, meta_N, self.send1, self.recv1)
 
         # Stage 2: rank dedup inside this node.
         per_node, n_local = self.placement.ranks_per_node, self.num_local_experts
@@ -81,8 +80,7 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
             self.ledger.record_control(self.layer_index, [8] * self.ep_size)
             self.ledger.record_exchange(self.layer_index, "dispatch", self.send2, rows2, meta2,
                                         self.modality2_N if self.modality_N is not None else None)
-        return (all_to_all(rows2, self.send2, self.recv2, self.ep_group),
-                all_to_all(meta2, self.send2, self.recv2, self.ep_group))
+        return self.exchange_rows(rows2, meta2, self.send2, self.recv2)
 
     def token_combine(self, rows_RH):
         ledger = self.ledger
