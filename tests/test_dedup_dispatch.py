@@ -173,6 +173,13 @@ def test_dedup_equals_megatron_alltoall_and_ledger_conserves(tmp_path, ep_size):
     assert s["alltoall"]["rows_sent"] == s["alltoall"]["expert_rows"] > s["alltoall"]["floor_rows"]
     assert s["dedup"]["rows_sent"] == s["dedup"]["floor_rows"] == s["alltoall"]["floor_rows"]
     assert s["dedup"]["payload_bytes"] < s["alltoall"]["payload_bytes"]
+    # Load per rank: every (token, expert) pair of the batch is computed somewhere, once.
+    tokens = (6 + 16) * GLOBAL_BATCH
+    for summary in s.values():
+        assert sum(summary["load_per_rank"]) == 2 * tokens * 3  # 2 layers, top-3
+        assert 0 < summary["balancedness"] <= 1
+    assert s["dedup"]["load_per_rank"] == s["alltoall"]["load_per_rank"]
+    assert s["dedup+shuffled"]["load_per_rank"] != s["dedup"]["load_per_rank"]
     # The same routing under another placement has another floor, and dedup meets it.
     assert s["dedup+shuffled"]["rows_sent"] == s["dedup+shuffled"]["floor_rows"]
     for variant, summary in s.items():

@@ -145,6 +145,10 @@ class CommLedger:
                 "floor_rows": floor,
                 "rows_over_floor": rows_sent / floor if floor else None,
                 "rows_over_expert_rows": rows_sent / expert if expert else None,
+                # (token, expert) pairs each rank's experts computed, and mean/max over ranks
+                # (vLLM's balancedness), averaged over layers.
+                "load_per_rank": t.expert_rows[layers].sum(dim=(0, 1)).tolist(),
+                "balancedness": _balancedness(t.expert_rows[layers].sum(dim=1)),
             }
             for p, phase in enumerate(PHASES):
                 out[f"{phase}_cross_rank_bytes"] = int(b[:, p][..., cross].sum())
@@ -173,3 +177,11 @@ def _count_by_modality(modality_N: torch.Tensor, splits: list[int]) -> torch.Ten
     rank_N = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor(splits))
     flat = modality_N.cpu().to(torch.int64) * len(splits) + rank_N
     return torch.bincount(flat, minlength=2 * len(splits))[: 2 * len(splits)].view(2, len(splits))
+
+
+def _balancedness(load_LR: torch.Tensor) -> float:
+    """Mean over layers of mean/max load per rank; 1.0 for a layer with no load."""
+    load = load_LR.double()
+    peak = load.max(dim=1).values
+    per_layer = torch.where(peak > 0, load.mean(dim=1) / peak.clamp(min=1), torch.ones_like(peak))
+    return float(per_layer.mean()) if per_layer.numel() else 1.0

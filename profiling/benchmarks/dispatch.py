@@ -47,7 +47,7 @@ FULL = dict(ep=4, shape="fine", steps=600, samples=32, repeats=7, warmup=2, cali
             workdir=None)
 QUICK = dict(ep=2, shape="tiny", steps=4, samples=4, repeats=2, warmup=1, calib_batches=1,
              workdir=None)
-ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows")
+ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows", "balancedness")
 DETAIL_KEYS = ("expert_rows", "payload_bytes", "meta_bytes", "control_bytes", "local_bytes",
                "intra_node_bytes", "inter_node_bytes")
 
