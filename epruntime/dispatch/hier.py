@@ -40,7 +40,7 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
 
         modality_T = current_modality_T()
         known = modality_T is not None and modality_T.numel() == t
-        modality_T = modality_T.to(x_TH.device) if known else torch.zeros(t, dtype=torch.long)
+        modality_T = modality_T.to(x_TH.device) if known else x_TH.new_zeros(t, dtype=torch.long)
         self.modality_N = modality_T[layout.token_N] if known else None
         if self.ledger is not None:
             used_TRL = used_TP.view(t, self.ep_size, n_local)

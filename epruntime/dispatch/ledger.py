@@ -149,6 +149,8 @@ class CommLedger:
                 # (vLLM's balancedness), averaged over layers.
                 "load_per_rank": t.expert_rows[layers].sum(dim=(0, 1)).tolist(),
                 "balancedness": _balancedness(t.expert_rows[layers].sum(dim=1)),
+                # [src][dst] bytes (payload + metadata, dispatch + combine, diagonal = local)
+                "bytes_matrix": b.sum(dim=(0, 1)).tolist(),
             }
             for p, phase in enumerate(PHASES):
                 out[f"{phase}_cross_rank_bytes"] = int(b[:, p][..., cross].sum())
@@ -163,7 +165,6 @@ class CommLedger:
             "forward_calls": t.calls,
             "tokens": {mod: int(t.tokens[:, m].sum()) for m, mod in enumerate(MODALITIES)},
             **figures(slice(None)),
-            "bytes_matrix": bytes_LPRR.sum((0, 1)).tolist(),
             "per_layer": [figures(slice(layer, layer + 1)) for layer in range(self.num_layers)],
         }
 

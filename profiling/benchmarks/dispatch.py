@@ -44,9 +44,9 @@ VARIANTS = {  # name: (model, dispatch.kind, placement)
     "baseline:dedup+traffic": ("baseline", "dedup", "traffic"),
 }
 FULL = dict(ep=4, shape="fine", steps=600, samples=32, repeats=7, warmup=2, calib_batches=8,
-            workdir=None)
+            workdir=None, mi_coeff=None)
 QUICK = dict(ep=2, shape="tiny", steps=4, samples=4, repeats=2, warmup=1, calib_batches=1,
-             workdir=None)
+             workdir=None, mi_coeff=None)
 ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows", "balancedness")
 DETAIL_KEYS = ("expert_rows", "payload_bytes", "meta_bytes", "control_bytes", "local_bytes",
                "intra_node_bytes", "inter_node_bytes")
@@ -61,6 +61,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-batches", dest="calib_batches", type=int,
                         help="training batches recorded for traffic-aware placement")
     parser.add_argument("--workdir", help="keep trained checkpoints here and reuse them")
+    parser.add_argument("--mi-coeff", dest="mi_coeff", type=float,
+                        help="smoes.mi_coeff of the SMoES model (default: the paper's 1e-4)")
+
+
+def _model_overrides(p: dict[str, Any], model: str) -> list[str]:
+    extra = list(MODELS[model])
+    if model == "smoes" and p["mi_coeff"] is not None:
+        extra.append(f"smoes.mi_coeff={p['mi_coeff']}")
+    return extra
 
 
 def _common(p: dict[str, Any]) -> list[str]:
@@ -72,9 +81,11 @@ def _common(p: dict[str, Any]) -> list[str]:
 def _trained(p: dict[str, Any], workdir: Path) -> dict[str, dict]:
     """Train (or reuse) the baseline and SMoES checkpoints; their training summaries."""
     out = {}
-    for model, extra in MODELS.items():
-        overrides = [*_common(p), *extra]
+    for model in MODELS:
+        overrides = [*_common(p), *_model_overrides(p, model)]
         tag = f"{p['shape']}-ep{p['ep']}-s{p['steps']}-{model}"
+        if model == "smoes" and p["mi_coeff"] is not None:
+            tag += f"-mi{p['mi_coeff']:g}"
         run_dir = workdir / tag
         summary = run_dir / "summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("steps") == p["steps"]:
@@ -98,7 +109,8 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     from epruntime.placement.recording import CoactivationRecorder, traffic_placements
 
     def config(model: str, kind: str):
-        return load_config(TINY_CONFIG, [*_common(p), *MODELS[model], f"dispatch.kind={kind}"])
+        return load_config(TINY_CONFIG, [*_common(p), *_model_overrides(p, model),
+                                         f"dispatch.kind={kind}"])
 
     env = distributed.init_distributed(config("smoes", "alltoall"))
     train_ds, eval_ds = build_datasets(config("smoes", "alltoall"))
@@ -200,6 +212,7 @@ def run(args: argparse.Namespace) -> BenchResult:
               "train_steps": p["steps"], "samples_per_rank": p["samples"],
               "tokens_per_step": p["samples"] * p["ep"] * 74, "repeats": p["repeats"],
               "warmup": p["warmup"], "calib_batches": p["calib_batches"],
+              "smoes_mi_coeff": p["mi_coeff"] if p["mi_coeff"] is not None else "config",
               "config": str(TINY_CONFIG.relative_to(ROOT)), "quick": bool(args.quick)}
     notes = ["cross_rank_bytes: forward dispatch + combine payload and metadata between different "
              "ranks (backward mirrors it); rows_sent/floor_rows/expert_rows: dispatch rows off-rank",
