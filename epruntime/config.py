@@ -137,6 +137,16 @@ class MetricsConfig(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(9400, gt=0, lt=65536)
+    # Keep serving /metrics this long after the run so the final values get scraped.
+    linger_s: float = Field(0.0, ge=0, description="seconds to keep /metrics up after the run")
+
+
+class TraceConfig(Section):
+    """Routing traces for the scale simulator (epruntime.traces, epruntime.simulate)."""
+
+    enabled: bool = False
+    sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of tokens kept (seeded)")
+    path: Path | None = Field(None, description="default: <train/infer output_dir>/traces")
 
 
 class Config(Section):
@@ -149,6 +159,7 @@ class Config(Section):
     fastmmoe: FastMMoEConfig = FastMMoEConfig()
     dispatch: DispatchConfig = DispatchConfig()
     metrics: MetricsConfig = MetricsConfig()
+    trace: TraceConfig = TraceConfig()
 
     @model_validator(mode="after")
     def _experts_split_over_ep(self) -> "Config":

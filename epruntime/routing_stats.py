@@ -64,7 +64,10 @@ class RoutingRecorder:
             per_layer.append({"layer": layer + 1, "msi": msi_from_joint(bin_joint),
                               "msi_expert": msi_from_joint(joint[layer]),
                               "bin_load": load_K.tolist(),
-                              "bin_balancedness": balancedness(load_K)})
+                              "bin_balancedness": balancedness(load_K),
+                              # [modality][expert] routed (token, expert) pairs, for the
+                              # expert x modality heatmap of profiling/comm_report.py.
+                              "expert_modality_counts": joint[layer].long().tolist()})
         return {"msi": msi_from_joint(bin_joint_total),
                 "msi_expert": msi_from_joint(expert_joint_total),
                 "bin_balancedness": sum(p["bin_balancedness"] for p in per_layer) / len(per_layer),

@@ -11,12 +11,13 @@ import time
 
 from tqdm import tqdm
 
-from epruntime import checkpoint, distributed
+from epruntime import checkpoint, distributed, traces
 from epruntime.cli import config_parser, run
 from epruntime.config import load_config
 from epruntime.data import ShardedBatchIterator
 from epruntime.datasets import build_datasets
 from epruntime.engine import Engine
+from epruntime.metrics import metrics_for
 from epruntime.summary import report
 
 
@@ -34,6 +35,7 @@ def _train(cfg, env) -> int:
     t0 = time.perf_counter()
     train_ds, eval_ds = build_datasets(cfg)
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
+    mx = metrics_for(cfg, engine)  # Prometheus /metrics; no-op unless metrics.enabled
     batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, env.dp_rank, env.dp_size,
                                    seed=cfg.train.seed)
     step = 0
@@ -43,6 +45,7 @@ def _train(cfg, env) -> int:
         batches.load_state_dict(meta["data"])
         step = meta["step"]
 
+    recorder = traces.start_recording(cfg, engine, env)  # None unless trace.enabled
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (env.is_main and cfg.train.progress),
                desc="train", unit="step", dynamic_ncols=True)
     losses: list[float] = []
@@ -53,7 +56,9 @@ def _train(cfg, env) -> int:
         batch = next(batches).to(env.device)
         t = time.perf_counter()
         result = engine.train_step(batch, step)
-        train_seconds += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        train_seconds += dt
+        mx.on_step(step, result, dt)
         tokens += result.tokens * env.world_size
         losses.append(result.loss)
         if result.migration is not None:
@@ -68,7 +73,9 @@ def _train(cfg, env) -> int:
         bar.update(1)
         if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.max_steps:
             checkpoint.save_checkpoint(engine, step, batches.state_dict())
+            mx.on_checkpoint()
     bar.close()
+    traces.finish_recording(recorder, cfg, env, cfg.train.output_dir)  # training steps only
 
     summary = {"steps": step, "final_loss": losses[-1] if losses else None,
                "world_size": env.world_size, "ep_size": env.ep_size,
@@ -81,10 +88,12 @@ def _train(cfg, env) -> int:
                "placements": [p.to_dict() for p in engine.model.placements]}
     if cfg.train.eval_at_end:
         metrics = engine.evaluate(eval_ds)
+        mx.on_eval(metrics)
         metrics["eval_comm"] = metrics.pop("comm")
         summary.update(metrics)
     summary["seconds"] = time.perf_counter() - t0
     report(env.is_main, cfg.train.output_dir, summary)
+    mx.close()
     return 0
 
 
