@@ -7,9 +7,12 @@ proves it loaded the same config and code before megatron-core builds its groups
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from datetime import timedelta
 
 import torch
@@ -63,21 +66,44 @@ def pick_backend(cfg: Config) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+@cache
+def source_hash() -> str:
+    """sha256 over the epruntime package's Python sources (relative path + bytes, sorted): two
+    ranks with the same hash run the same code, whatever `__version__` says."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def check_agreement(cfg: Config) -> None:
-    """All-gather (config fingerprint, epruntime version); any difference is an error on every
-    rank that names the ranks that differ, instead of a hang in a mismatched collective."""
-    mine = (cfg.fingerprint(), __version__)
+    """All-gather (config fingerprint, epruntime version, source hash); any difference is an
+    error on every rank that names the ranks that differ, instead of a hang in a mismatched
+    collective."""
+    mine = (cfg.fingerprint(), __version__, source_hash())
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     odd = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
     if odd:
         details = ", ".join(
-            f"rank {r}: config {everyone[r][0][:12]} version {everyone[r][1]}" for r in [0, *odd]
+            f"rank {r}: config {everyone[r][0][:12]} version {everyone[r][1]} "
+            f"code {everyone[r][2][:12]}" for r in [0, *odd]
         )
         raise ConfigMismatchError(
-            f"ranks disagree on the config or epruntime version ({details}); start every rank "
-            "with the same --config and --set arguments and the same code"
+            f"ranks disagree on the config, epruntime version or code ({details}); start every "
+            "rank with the same --config and --set arguments and the same epruntime sources"
         )
+
+
+# (rank, parallel.timeout_s) of this process once its process group exists, so the entry point
+# can name them when a collective times out or loses a peer (epruntime.cli.run).
+_failure_context: tuple[int, float] | None = None
+
+
+def failure_context() -> tuple[int, float] | None:
+    return _failure_context
 
 
 def init_distributed(cfg: Config) -> DistEnv:
@@ -98,6 +124,8 @@ def init_distributed(cfg: Config) -> DistEnv:
         device = torch.device("cpu")
 
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    global _failure_context
+    _failure_context = (int(os.environ["RANK"]), cfg.parallel.timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout)
     check_agreement(cfg)

@@ -72,6 +72,9 @@ class Engine:
 
     def local_loss(self, batch, global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of CE over this rank's samples / global_batch_size, logits [B, A])."""
+        # Labels too (the forward checks the rest): an unknown answer is an InputError, not a
+        # silent wrong loss or an index error deep in cross_entropy.
+        self.model.check_batch(batch.images, batch.question_ids, batch.question_lens, batch.answers)
         logits = self.model(batch.images, batch.question_ids, batch.question_lens)
         ce_sum = F.cross_entropy(logits, batch.answers, reduction="sum")
         return ce_sum / global_batch_size, logits

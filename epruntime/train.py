@@ -11,27 +11,33 @@ import time
 
 from tqdm import tqdm
 
-from epruntime import checkpoint, distributed, traces
+from epruntime import faults
 from epruntime.cli import config_parser, run
 from epruntime.config import load_config
-from epruntime.data import ShardedBatchIterator
-from epruntime.datasets import build_datasets
-from epruntime.engine import Engine
-from epruntime.metrics import metrics_for
-from epruntime.summary import report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = config_parser("epruntime.train", __doc__.split("\n\n")[0]).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    fault = faults.from_env()  # EPRUNTIME_FAULT; checked before any process group exists
+    # torch and megatron-core load only for a config that can run: a bad one fails in a second.
+    from epruntime import distributed
+
     env = distributed.init_distributed(cfg)
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, fault)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg, env) -> int:
+def _train(cfg, env, fault: faults.Fault | None = None) -> int:
+    from epruntime import checkpoint, traces
+    from epruntime.data import ShardedBatchIterator
+    from epruntime.datasets import build_datasets
+    from epruntime.engine import Engine
+    from epruntime.metrics import metrics_for
+    from epruntime.summary import report
+
     t0 = time.perf_counter()
     train_ds, eval_ds = build_datasets(cfg)
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
@@ -54,6 +60,8 @@ def _train(cfg, env) -> int:
     migrations = {"count": 0, "bytes_sent": 0, "seconds": 0.0}
     while step < cfg.train.max_steps:
         batch = next(batches).to(env.device)
+        if fault is not None:
+            fault.maybe_fire(env.rank, step)
         t = time.perf_counter()
         result = engine.train_step(batch, step)
         dt = time.perf_counter() - t

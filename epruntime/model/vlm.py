@@ -29,6 +29,84 @@ from epruntime.smoes.router import build_router
 IMAGE_ID = 2  # placeholder token id at vision positions (epruntime.data.Vocab.IMAGE_ID)
 
 
+class InputError(ValueError):
+    """A batch the model cannot take; the message names the tensor, what it got and what the
+    model expects. Raised before any collective, so no rank is left waiting on a bad shape."""
+
+
+def _describe(name: str, t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"{name} is a {type(t).__name__}, not a tensor"
+    return f"{name} has shape {tuple(t.shape)} dtype {t.dtype}"
+
+
+def _check_ints(name: str, t, dims: int, expected: str) -> None:
+    if (not isinstance(t, torch.Tensor) or t.dim() != dims or t.is_floating_point()
+            or t.is_complex() or t.dtype == torch.bool):
+        raise InputError(f"{_describe(name, t)}; expected {expected}")
+
+
+def _check_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Every value of `t` in [low, high); one min/max pass, details only on failure."""
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi >= high:
+        bad = ((t < low) | (t >= high)).nonzero()[0].tolist()
+        raise InputError(f"{name} holds {what} outside [{low}, {high}): min {lo}, max {hi} "
+                         f"(first at index {tuple(bad)}, value {int(t[tuple(bad)])})")
+
+
+def check_batch(images, question_ids, question_lens, *, image_size: int, channels: int,
+                image_dtype: torch.dtype, text_vocab_size: int, max_question_len: int,
+                answers=None, num_answers: int | None = None) -> None:
+    """Validate one batch at the model boundary: shapes, dtypes, batch sizes, token and label
+    ranges, question lengths, finite pixels. Cheap (a min/max or isfinite pass per tensor), so
+    it is always on. Raises InputError."""
+    c, s = channels, image_size
+    if (not isinstance(images, torch.Tensor) or images.dim() != 4
+            or tuple(images.shape[1:]) != (c, s, s)):
+        raise InputError(f"{_describe('images', images)}; expected [B, {c}, {s}, {s}] "
+                         f"(model.image_size={s}, {c} channels)")
+    if images.dtype != image_dtype:
+        raise InputError(f"{_describe('images', images)}; expected dtype {image_dtype} "
+                         "(the model's)")
+    b, q = images.shape[0], max_question_len
+    _check_ints("question_ids", question_ids, 2, f"[B, {q}] integer token ids")
+    _check_ints("question_lens", question_lens, 1, "[B] integer lengths")
+    sizes = {"images": b, "question_ids": question_ids.shape[0],
+             "question_lens": question_lens.shape[0]}
+    if answers is not None:
+        _check_ints("answers", answers, 1, "[B] integer answer labels")
+        sizes["answers"] = answers.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise InputError("batch size differs between tensors: "
+                         + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    if question_ids.shape[1] != q:
+        raise InputError(f"{_describe('question_ids', question_ids)}; expected [B, {q}] "
+                         f"(questions padded to max_question_len={q})")
+    _check_range("question_ids", question_ids, 0, text_vocab_size,
+                 f"token ids (text vocabulary size {text_vocab_size})")
+    if question_lens.numel():
+        lo, hi = int(question_lens.min()), int(question_lens.max())
+        if lo < 1:
+            row = int((question_lens < 1).nonzero()[0])
+            raise InputError(f"question_lens[{row}] = {int(question_lens[row])}: empty question "
+                             "(every question needs at least 1 token)")
+        if hi > q:
+            row = int((question_lens > q).nonzero()[0])
+            raise InputError(f"question_lens[{row}] = {int(question_lens[row])} exceeds "
+                             f"max_question_len={q}")
+    if not bool(torch.isfinite(images).all()):
+        bad = (~torch.isfinite(images)).nonzero()[0].tolist()
+        raise InputError(f"images hold non-finite values (NaN or inf), first at index "
+                         f"{tuple(bad)}: {images[tuple(bad)].item()}")
+    if answers is not None:
+        if num_answers is None:
+            raise TypeError("check_batch: answers given without num_answers")
+        _check_range("answers", answers, 0, num_answers, f"labels ({num_answers} answers)")
+
+
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in row-major order."""
     b, c, h, w = images.shape
@@ -41,7 +119,7 @@ class PatchProjector(nn.Module):
 
     def __init__(self, patch: int, channels: int, hidden: int):
         super().__init__()
-        self.patch = patch
+        self.patch, self.channels = patch, channels
         dim = channels * patch * patch
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
@@ -100,10 +178,18 @@ class MoEVLM(nn.Module):
         col = torch.cat([torch.full((p,), VISION), torch.full((q,), TEXT)])
         return col[:, None].expand(p + q, batch_size)
 
+    def check_batch(self, images, question_ids, question_lens, answers=None) -> None:
+        """InputError unless the tensors fit this model (and `answers` its labels)."""
+        check_batch(images, question_ids, question_lens, image_size=self.image_size,
+                    channels=self.vision.channels, image_dtype=self.vision.fc1.weight.dtype,
+                    text_vocab_size=self.text_vocab_size, max_question_len=self.max_question_len,
+                    answers=answers, num_answers=self.num_answers)
+
     def forward(
         self, images: torch.Tensor, question_ids: torch.Tensor, question_lens: torch.Tensor
     ) -> torch.Tensor:
         """images [B, 3, H, W] float, question_ids [B, L] int64, question_lens [B] -> [B, A]."""
+        self.check_batch(images, question_ids, question_lens)
         b, p = images.shape[0], self.num_vision_tokens
         image_ids = torch.full((b, p), IMAGE_ID, dtype=question_ids.dtype)
         input_ids = torch.cat([image_ids, question_ids], dim=1)

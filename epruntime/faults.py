@@ -1,0 +1,81 @@
+"""Fault injection for tests and operators: make one rank misbehave at a chosen training step.
+
+    EPRUNTIME_FAULT="hang:rank=1:step=3"           rank 1 stops responding before step 3
+    EPRUNTIME_FAULT="exit:rank=1:step=3"           rank 1 dies (exit code 1 by default) there
+    EPRUNTIME_FAULT="exit:rank=1:step=3:code=9"    ... with another exit code
+    EPRUNTIME_FAULT="sleep:rank=1:step=3:seconds=20"  rank 1 is 20 s late there (a straggler)
+
+`step` counts training steps from 0 and is checked just before that step's forward pass, so the
+other ranks are blocked in that step's first collective. A `hang` or a `sleep` longer than
+`parallel.timeout_s` makes them fail with the named timeout error (epruntime.cli) instead of
+waiting forever; an `exit` makes them lose their peer. Unset or empty: no fault, no cost.
+A malformed value is a ConfigError naming EPRUNTIME_FAULT, raised before any process group exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from epruntime.config import ConfigError
+
+ENV_VAR = "EPRUNTIME_FAULT"
+KINDS = ("hang", "exit", "sleep")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int
+    seconds: float = 0.0
+    code: int = 1
+
+    def maybe_fire(self, rank: int, step: int) -> None:
+        """Inject the fault if this is its rank and step."""
+        if rank != self.rank or step != self.step:
+            return
+        print(f"{ENV_VAR}: injecting {self.kind} on rank {rank} at step {step}", file=sys.stderr,
+              flush=True)
+        if self.kind == "exit":
+            os._exit(self.code)  # no clean-up, no goodbye to the other ranks: as a crash
+        if self.kind == "sleep":
+            time.sleep(self.seconds)
+            return
+        while True:  # hang: alive but silent until killed
+            time.sleep(3600)
+
+
+def parse_fault(spec: str | None) -> Fault | None:
+    """`kind:key=value:...` -> Fault; None or '' -> None; anything else malformed -> ConfigError."""
+    if not spec or not spec.strip():
+        return None
+    kind, *fields = spec.strip().split(":")
+    if kind not in KINDS:
+        raise ConfigError(f"{ENV_VAR}={spec!r}: unknown fault {kind!r} (expected one of "
+                          f"{', '.join(KINDS)}, e.g. hang:rank=1:step=3)")
+    allowed = {"rank": int, "step": int, "seconds": float, "code": int}
+    values: dict = {}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep or key not in allowed:
+            raise ConfigError(f"{ENV_VAR}={spec!r}: bad field {field!r} (expected rank=N, step=N, "
+                              "seconds=S or code=N)")
+        try:
+            values[key] = allowed[key](value)
+        except ValueError:
+            raise ConfigError(f"{ENV_VAR}={spec!r}: {key}={value!r} is not a number") from None
+    missing = [k for k in ("rank", "step") if k not in values]
+    if kind == "sleep" and "seconds" not in values:
+        missing.append("seconds")
+    if missing:
+        raise ConfigError(f"{ENV_VAR}={spec!r}: missing {', '.join(missing)}")
+    if values["rank"] < 0 or values["step"] < 0 or values.get("seconds", 0) < 0:
+        raise ConfigError(f"{ENV_VAR}={spec!r}: rank, step and seconds must be >= 0")
+    return Fault(kind, **values)
+
+
+def from_env() -> Fault | None:
+    return parse_fault(os.environ.get(ENV_VAR))
