@@ -31,27 +31,7 @@
 # On SLURM see launch/slurm/train.sbatch.
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NNODES="${NNODES:-1}"
-NPROC_PER_NODE="${NPROC_PER_NODE:-2}"
-NODE_RANK="${NODE_RANK:-0}"
-RDZV_ENDPOINT="${RDZV_ENDPOINT:-}"
-RDZV_ID="${RDZV_ID:-epruntime}"
-MAX_RESTARTS="${MAX_RESTARTS:-0}"
+# shellcheck source=launch/torchrun.sh
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun.sh"
 CONFIG="${CONFIG:-$root/launch/configs/tiny-vqa.yaml}"
-read -r -a torchrun <<< "${TORCHRUN:-torchrun}"
-
-if [[ "$NNODES" -gt 1 && -z "$RDZV_ENDPOINT" ]]; then
-    echo "launch/train.sh: error: NNODES=$NNODES needs RDZV_ENDPOINT=host:port" >&2
-    exit 2
-fi
-if [[ "$NNODES" -eq 1 ]]; then
-    rdzv=(--standalone)
-else
-    rdzv=(--node-rank="$NODE_RANK" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT"
-          --rdzv-id="$RDZV_ID")
-fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
-exec "${torchrun[@]}" --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" "${rdzv[@]}" \
-    --max-restarts="$MAX_RESTARTS" -m epruntime.train --config "$CONFIG" "$@"
+exec "${launcher[@]}" -m epruntime.train --config "$CONFIG" "$@"

