@@ -18,6 +18,7 @@ import torch
 from megatron.core import utils
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from epruntime import kernels
 from epruntime.dispatch.collective import all_to_all, exchange_counts
 from epruntime.dispatch.layout import dedup_send_layout, fan_out
 from epruntime.model.context import current_modality_T
@@ -37,6 +38,9 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         self.max_entries = min(config.moe_router_topk, num_local_experts)
         self.layer_index = 0  # set by the model: the ledger's layer
         self.ledger = None  # CommLedger or None
+        # kernels.Layout of the last dispatch: the send-row gather and the final combine run
+        # through epruntime.kernels with it (subclasses that build other layouts leave it None).
+        self.rows_layout = None
 
     def set_placement(self, placement: Placement) -> None:
         if placement.num_ranks != self.ep_size or placement.num_local != self.num_local_experts:
@@ -52,6 +56,9 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         self.hidden_shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, self.hidden_shape[-1])
         layout = dedup_send_layout(routing_map, probs, self.placement, self.max_entries)
+        # Same rows in the same order (rank-major, tokens ascending) as `layout`.
+        self.rows_layout = kernels.dispatch_layout(
+            routing_map, self.placement.rank_E.to(routing_map.device), self.ep_size)
         self.token_N = layout.token_N
         self.send_splits = layout.splits_R.tolist()
         self.recv_splits = exchange_counts(layout.splits_R, self.ep_group).tolist()
@@ -65,7 +72,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             self.ledger.record_routing(self.layer_index, layout.expert_rows_R, layout.splits_R,
                                        modality_T if self.modality_N is not None else None,
                                        x_TH.shape[0])
-        rows_NH = x_TH.index_select(0, layout.token_N)
+        rows_NH = kernels.permute_differentiable(x_TH, self.rows_layout)
         meta_N2M = torch.cat([layout.prob_NM.float(), layout.slot_NM.float()], dim=1)
         return rows_NH, meta_N2M
 
@@ -110,6 +117,10 @@ class DedupTokenDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, back_NH):
         """One row per (token, rank) [N, H] -> per token sum, in the input's shape."""
+        if self.rows_layout is not None:
+            # Per token, the rows from each rank summed in ascending rank order.
+            out = kernels.unpermute_combine_differentiable(back_NH, self.rows_layout)
+            return out.view(self.hidden_shape)
         num_tokens = int(torch.tensor(self.hidden_shape[:-1]).prod())
         out = back_NH.new_zeros(num_tokens, back_NH.shape[-1]).index_add(0, self.token_N, back_NH)
         return out.view(self.hidden_shape)
