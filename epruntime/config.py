@@ -114,9 +114,60 @@ class SmoesConfig(Section):
 
 
 class FastMMoEConfig(Section):
-    """Reduced visual expert activation and routing-aware token pruning (issue: FastMMoE)."""
+    """Training-free inference reduction for visual tokens (epruntime.fastmmoe).
+
+    FastMMoE (arXiv 2511.17885): visual tokens use only their top-`vision_topk` experts, and at
+    `layers` the visual tokens whose routing distributions are most redundant are pruned (or
+    merged) down to `retention`. The same section runs the attention-based baselines (FastV,
+    LearnPruner's text-to-vision stage) through the same pruning path, so they compare fairly.
+    Applies in eval mode only; training is never changed.
+    """
 
     enabled: bool = False
+    # k' for visual tokens: one value for every layer or one per layer; None keeps the model's k.
+    vision_topk: int | list[int] | None = Field(None, description="experts per visual token")
+    # Which tokens to prune: none (reduced activation only), fastmmoe (routing redundancy),
+    # fastv (least attention received), text2vision (least text-to-vision attention).
+    policy: Literal["none", "fastmmoe", "fastv", "text2vision"] = "none"
+    layers: list[int] = Field([0], description="prune after these decoder layers (0-based)")
+    # Fraction of the visual tokens entering each pruning layer that stay (one value or one per
+    # entry of `layers`); the count kept is round(retention * visual tokens), same per sample.
+    retention: float | list[float] = 0.5
+    similarity: Literal["cosine", "js"] = "cosine"  # fastmmoe: routing-distribution similarity
+    mode: Literal["drop", "merge"] = "drop"  # merge: a pruned token is averaged into its closest kept
+
+    @model_validator(mode="after")
+    def _per_layer_lists(self) -> "FastMMoEConfig":
+        values = self.retention if isinstance(self.retention, list) else [self.retention]
+        if any(not 0 <= r <= 1 for r in values):
+            raise ValueError(f"fastmmoe.retention={self.retention}: each value must be in [0, 1]")
+        if isinstance(self.retention, list) and len(self.retention) != len(self.layers):
+            raise ValueError(f"fastmmoe.retention has {len(self.retention)} values for "
+                             f"{len(self.layers)} fastmmoe.layers")
+        if len(set(self.layers)) != len(self.layers) or any(x < 0 for x in self.layers):
+            raise ValueError(f"fastmmoe.layers={self.layers}: expected distinct layer indices >= 0")
+        ks = self.vision_topk if isinstance(self.vision_topk, list) else [self.vision_topk]
+        if any(k is not None and k < 1 for k in ks):
+            raise ValueError(f"fastmmoe.vision_topk={self.vision_topk}: each k' must be >= 1")
+        if self.mode == "merge" and self.policy not in ("fastmmoe", "none"):
+            # fastv/text2vision rank tokens by attention, which gives no "closest kept token".
+            raise ValueError(f"fastmmoe.mode=merge needs fastmmoe.policy=fastmmoe, got "
+                             f"{self.policy}")
+        return self
+
+    def vision_topk_at(self, layer: int, k: int) -> int:
+        """k' of `layer` (never more than the model's k)."""
+        v = self.vision_topk
+        if isinstance(v, list):
+            v = v[layer]
+        return k if v is None else min(v, k)
+
+    def retention_at(self, layer: int) -> float | None:
+        """Retention of a pruning layer, None when `layer` does not prune."""
+        if self.policy == "none" or layer not in self.layers:
+            return None
+        r = self.retention
+        return r[self.layers.index(layer)] if isinstance(r, list) else r
 
 
 class DispatchConfig(Section):
@@ -173,6 +224,12 @@ class Config(Section):
                 f"smoes.num_bins={self.num_bins} does not divide "
                 f"model.num_experts={self.model.num_experts}"
             )
+        f, layers = self.fastmmoe, self.model.num_layers
+        if isinstance(f.vision_topk, list) and len(f.vision_topk) != layers:
+            raise ValueError(f"fastmmoe.vision_topk has {len(f.vision_topk)} values for "
+                             f"model.num_layers={layers}")
+        if f.policy != "none" and max(f.layers) >= layers:
+            raise ValueError(f"fastmmoe.layers={f.layers}: the model has layers 0..{layers - 1}")
         d = self.dispatch
         if d.kind == "alltoall" and d.placement != "contiguous":
             raise ValueError(f"dispatch.placement={d.placement} needs dispatch.kind=dedup or "

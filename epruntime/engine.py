@@ -6,6 +6,7 @@ measured is the path that trains.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -139,16 +140,22 @@ class Engine:
         batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
         counts = torch.zeros(3, dtype=torch.float64)  # correct, counted, ce_sum
+        reducer = self.model.reducer
+        reducer.reset_stats()
+        forward_s = 0.0  # prefill: the model's forward passes only, not batch assembly
         for start in range(0, n, per_step):
             idx = torch.arange(start + rank * batch_size, start + (rank + 1) * batch_size)
             valid = idx < n
             batch = dataset.batch(torch.where(valid, idx, 0)).to(self.env.device)
+            t0 = time.perf_counter()
             logits = self.model(batch.images, batch.question_ids, batch.question_lens)
+            forward_s += time.perf_counter() - t0
             hit = (logits.argmax(-1) == batch.answers) & valid
             ce = F.cross_entropy(logits, batch.answers, reduction="none")
             counts += torch.tensor([hit.sum().item(), valid.sum().item(), ce[valid].sum().item()],
                                    dtype=torch.float64)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        prefill = self._prefill_summary(forward_s)
         recorder.close()
         eval_comm = self.comm_summary()
         self.ledger = train_ledger
@@ -160,7 +167,24 @@ class Engine:
                 "eval_loss": counts[2].item() / counts[1].item(),
                 "eval_items": int(counts[1].item()),
                 **recorder.summary(ps.get_data_parallel_group()),
+                **prefill,
                 "comm": eval_comm}
+
+    def _prefill_summary(self, forward_s: float) -> dict:
+        """FLOPs (as run and for the full model), prompt tokens per second of forward time
+        (slowest rank) and visual tokens kept, over the evaluate() just run (collective)."""
+        reducer, world = self.model.reducer, dist.group.WORLD
+        flops = reducer.flops.summary(world)
+        sums = torch.tensor([reducer.passes, reducer.kept_vision], dtype=torch.float64)
+        dist.all_reduce(sums, group=world)
+        slowest = torch.tensor([forward_s], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=world)
+        samples = sums[0].item()
+        return {"flops": flops, "flops_ratio": flops["ratio"],
+                "prefill_tokens_per_s": samples * self.model.seq_len / max(slowest.item(), 1e-9),
+                "prefill_seconds": slowest.item(),
+                "vision_tokens": self.model.num_vision_tokens,
+                "vision_tokens_kept": sums[1].item() / max(samples, 1)}
 
     def _attach_ledger(self) -> None:
         for moe in self.model.moe_layers:

@@ -21,7 +21,8 @@ def report(is_main: bool, output_dir: Path, summary: dict) -> None:
     if not is_main:
         return
     path = write_summary(output_dir, summary)
-    keys = ("eval_accuracy", "majority_baseline", "final_loss", "tokens_per_s", "steps")
+    keys = ("eval_accuracy", "majority_baseline", "final_loss", "tokens_per_s", "flops_ratio",
+            "prefill_tokens_per_s", "vision_tokens_kept", "steps")
     shown = " ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
                      for k in keys if k in summary)
     print(f"{shown} -> {path}")

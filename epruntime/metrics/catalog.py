@@ -6,8 +6,8 @@ Conventions (Prometheus): `epruntime_` prefix, base units in the name (`_seconds
 count this rank's work since the process started; gauges hold the last step's value.
 
 SMoES metrics (`epruntime_smoes_*`) are always exported so dashboards keep working; they stay 0
-when `smoes.enabled` is false. FastMMoE is not built yet: `vision_tokens_kept_ratio` and
-`flops_ratio` report the full model (1).
+when `smoes.enabled` is false. `vision_tokens_kept_ratio` and `flops_ratio` come from the last
+evaluation (FastMMoE-style reduction, `fastmmoe` config) and are 1 before one or without it.
 """
 
 from __future__ import annotations
@@ -76,11 +76,12 @@ METRICS: tuple[MetricSpec, ...] = (
        "SMoES modality specialization index over bins in the last step (0 when SMoES is off)."),
     _m("epruntime_smoes_bin_load_tokens", "gauge", ("layer", "bin"),
        "Tokens routed to each SMoES bin in the last step (0 when SMoES is off)."),
-    # -- FastMMoE (not built yet: the full model)
+    # -- visual-token reduction (epruntime.fastmmoe), from the last evaluation
     _m("epruntime_vision_tokens_kept_ratio", "gauge", (),
-       "Fraction of vision tokens kept by FastMMoE pruning (1: full model)."),
+       "Fraction of vision tokens that reached the output in the last evaluation (token "
+       "pruning; 1: full model)."),
     _m("epruntime_flops_ratio", "gauge", (),
-       "Model FLOPs relative to the full model (1: full model)."),
+       "Analytic FLOPs of the last evaluation relative to the full model (1: full model)."),
     # -- events
     _m("epruntime_checkpoint_events_total", "counter", (), "Checkpoints saved."),
     _m("epruntime_migration_events_total", "counter", (),

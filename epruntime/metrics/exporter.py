@@ -173,8 +173,11 @@ class MetricsExporter(NullMetrics):
         self.g_bin = [[c("epruntime_smoes_bin_load_tokens", layer=l, bin=k) for k in K] for l in L]
         for g in self.g_balance:
             g.set(1.0)  # no load yet is balanced
-        c("epruntime_vision_tokens_kept_ratio").set(1.0)  # FastMMoE not built: full model
-        c("epruntime_flops_ratio").set(1.0)
+        # The full model until an evaluation with fastmmoe reduction reports otherwise.
+        self.g_vision_kept = c("epruntime_vision_tokens_kept_ratio")
+        self.g_flops_ratio = c("epruntime_flops_ratio")
+        self.g_vision_kept.set(1.0)
+        self.g_flops_ratio.set(1.0)
         self.c_ckpt = c("epruntime_checkpoint_events_total")
         self.c_mig = c("epruntime_migration_events_total")
         self.c_mig_bytes = c("epruntime_migration_bytes_total")
@@ -224,6 +227,10 @@ class MetricsExporter(NullMetrics):
         self.g_eval_acc.set(figures.get("eval_accuracy", 0.0))
         self.g_eval_loss.set(figures.get("eval_loss", 0.0))
         self.g_eval_items.set(figures.get("eval_items", 0))
+        if figures.get("vision_tokens"):
+            self.g_vision_kept.set(figures["vision_tokens_kept"] / figures["vision_tokens"])
+        if "flops_ratio" in figures:
+            self.g_flops_ratio.set(figures["flops_ratio"])
         if tokens_per_s is not None:
             self.g_tok_s.set(tokens_per_s)
         self._publish_routing()

@@ -31,6 +31,18 @@ def token_context(modality_SB: torch.Tensor) -> Iterator[None]:
         _modality_SB = previous
 
 
+def replace_modality(modality_SB: torch.Tensor) -> None:
+    """Inside a token_context: the sequence was shortened (token pruning), publish its modality
+    [S', B] for the layers that follow. Restored with the context's exit like the original."""
+    global _modality_SB
+    if _modality_SB is None:
+        raise RuntimeError("replace_modality outside a token_context")
+    if modality_SB.dim() != 2 or modality_SB.shape[1] != _modality_SB.shape[1]:
+        raise ValueError(f"modality_SB must be [S', {_modality_SB.shape[1]}], got shape "
+                         f"{tuple(modality_SB.shape)}")
+    _modality_SB = modality_SB
+
+
 def current_modality_T() -> torch.Tensor | None:
     """Modality of each token [S*B] in the order megatron-core flattens hidden [S, B, H]."""
     return None if _modality_SB is None else _modality_SB.reshape(-1)

@@ -20,6 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import nn
 
 from epruntime.config import Config
+from epruntime.fastmmoe import FlopCounter, TokenReducer
 from epruntime.model.context import TEXT, VISION, token_context
 from epruntime.model.sharding import to_global_name
 from epruntime.placement import Placement, PlacementError
@@ -167,6 +168,14 @@ class MoEVLM(nn.Module):
         self.set_placements(self.placements)
         if attention_modality is not None:
             attention_modality.attach(self.gpt.decoder.layers)
+        # FastMMoE-style reduction at inference (off unless fastmmoe.enabled) and FLOPs counting.
+        flops = FlopCounter(hidden=m.hidden_size, num_layers=m.num_layers,
+                            num_experts=m.num_experts, topk=m.moe_topk,
+                            ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
+                            patch_dim=3 * m.patch_size ** 2)
+        self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, flops,
+                                    attention_modality)
+        self.reducer.attach(self.gpt.decoder.layers)
 
     @property
     def seq_len(self) -> int:
@@ -185,22 +194,33 @@ class MoEVLM(nn.Module):
                     text_vocab_size=self.text_vocab_size, max_question_len=self.max_question_len,
                     answers=answers, num_answers=self.num_answers)
 
-    def forward(
-        self, images: torch.Tensor, question_ids: torch.Tensor, question_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """images [B, 3, H, W] float, question_ids [B, L] int64, question_lens [B] -> [B, A]."""
-        self.check_batch(images, question_ids, question_lens)
+    def embed(self, images: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
+        """Decoder input [S, B, D]: projected patches plus position embeddings, then the
+        question's token and position embeddings."""
         b, p = images.shape[0], self.num_vision_tokens
         image_ids = torch.full((b, p), IMAGE_ID, dtype=question_ids.dtype)
         input_ids = torch.cat([image_ids, question_ids], dim=1)
         position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
         embedded_SBD = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
         vision_PBD = self.vision(images).transpose(0, 1)
-        embedded_SBD = torch.cat([embedded_SBD[:p] + vision_PBD, embedded_SBD[p:]], dim=0)
-        with token_context(self.modality(b)):
-            logits_BSV = self.gpt(
-                input_ids=None, position_ids=None, attention_mask=None, decoder_input=embedded_SBD
-            )
+        return torch.cat([embedded_SBD[:p] + vision_PBD, embedded_SBD[p:]], dim=0)
+
+    def forward(
+        self, images: torch.Tensor, question_ids: torch.Tensor, question_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """images [B, 3, H, W] float, question_ids [B, L] int64, question_lens [B] -> [B, A]."""
+        self.check_batch(images, question_ids, question_lens)
+        b, p = images.shape[0], self.num_vision_tokens
+        embedded_SBD = self.embed(images, question_ids)
+        self.reducer.begin(self.training, question_lens, p, self.seq_len)
+        try:
+            with token_context(self.modality(b)):
+                logits_BSV = self.gpt(input_ids=None, position_ids=None, attention_mask=None,
+                                      decoder_input=embedded_SBD)
+        except BaseException:
+            self.reducer.abort()
+            raise
+        p = self.reducer.end(b, logits_BSV.shape[1])  # visual tokens left after any pruning
         last = p + question_lens - 1
         logits_BV = logits_BSV[torch.arange(b), last]
         return logits_BV[:, self.answer_offset :]

@@ -1,0 +1,141 @@
+"""Token-reduction policies: which visual tokens stay after a pruning layer.
+
+Every policy sees the same per-layer observations and returns, per sample, the indices (into the
+sample's current visual tokens) of the tokens to keep, ascending, exactly `keep` of them. The
+TokenReducer (reducer.py) owns the mechanics (capturing observations, shrinking the sequence, the
+modality vector and answer positions), so policies differ only in how they rank tokens:
+
+- `fastmmoe` (FastMMoE, arXiv 2511.17885): routing-aware. Visual tokens whose routing
+  distributions are most similar to another remaining token's are redundant; remove the most
+  redundant one, re-score, repeat (greedy), so of two identical tokens one stays.
+- `fastv` (FastV, Chen et al. 2024): drop the visual tokens that receive the least attention
+  (mean over heads and over the non-padding query tokens) at the pruning layer.
+- `text2vision` (LearnPruner's second stage): keep the visual tokens with the most attention
+  from the question's (non-padding) text tokens at the pruning layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epruntime.fastmmoe.similarity import SIMILARITIES
+
+
+@dataclass
+class Observation:
+    """What a pruning layer saw, for the current sequence [S = P visual + L text tokens]."""
+
+    num_vision: int  # P: visual tokens are positions 0..P-1 of every sample
+    query_valid_BS: torch.Tensor  # [B, S] bool: not question padding
+    routing_BPE: torch.Tensor | None = None  # full router softmax of the visual tokens
+    attention_BSS: torch.Tensor | None = None  # attention probs, mean over heads [B, Sq, Sk]
+
+
+@dataclass
+class Selection:
+    keep_BK: torch.Tensor  # [B, K] int64 ascending: visual tokens that stay
+    merge_into_BP: torch.Tensor | None = None  # [B, P] int64: kept slot (0..K-1) each token joins
+
+
+class Policy:
+    name = "base"
+    needs_routing = False
+    needs_attention = False
+
+    def select(self, obs: Observation, keep: int, merge: bool = False) -> Selection:
+        raise NotImplementedError
+
+
+def top_scores(score_BP: torch.Tensor, keep: int) -> torch.Tensor:
+    """[B, P] -> [B, keep] ascending indices of the highest scores (ties: lower index)."""
+    order = torch.sort(score_BP, dim=1, descending=True, stable=True).indices[:, :keep]
+    return order.sort(dim=1).values
+
+
+class FastMMoEPolicy(Policy):
+    name = "fastmmoe"
+    needs_routing = True
+
+    def __init__(self, similarity: str = "cosine"):
+        self.similarity = SIMILARITIES[similarity]
+
+    def select(self, obs: Observation, keep: int, merge: bool = False) -> Selection:
+        sim_BPP = self.similarity(obs.routing_BPE.float())
+        b, p, _ = sim_BPP.shape
+        keep_BK = greedy_keep(sim_BPP, keep)
+        merge_into = None
+        if merge and keep:
+            # Each token joins its most similar kept token (a kept token joins itself).
+            rows = torch.arange(b, device=sim_BPP.device)
+            to_kept_BPK = sim_BPP.gather(2, keep_BK[:, None, :].expand(b, p, keep))
+            merge_into = to_kept_BPK.argmax(dim=2)
+            merge_into[rows[:, None], keep_BK] = torch.arange(keep, device=sim_BPP.device)
+        return Selection(keep_BK, merge_into)
+
+
+def greedy_keep(sim_BPP: torch.Tensor, keep: int) -> torch.Tensor:
+    """[B, P, P] pairwise similarity -> [B, keep] ascending indices that stay.
+
+    Repeatedly drop the token most similar to another remaining token (its redundancy), first
+    index on ties, until `keep` remain. Each token's closest remaining neighbour is cached and
+    recomputed only when that neighbour is dropped, so a step costs O(P) per sample, not O(P^2).
+    """
+    b, p, _ = sim_BPP.shape
+    device = sim_BPP.device
+    if keep >= p:
+        return torch.arange(p, device=device).expand(b, p).clone()
+    if keep <= 0:
+        return torch.empty(b, 0, dtype=torch.long, device=device)
+    eye = torch.eye(p, dtype=torch.bool, device=device)
+    work = sim_BPP.masked_fill(eye, float("-inf"))
+    redundancy_BP, nearest_BP = work.max(dim=2)
+    alive_BP = torch.ones(b, p, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)
+    for _ in range(p - keep):
+        drop_B = redundancy_BP.masked_fill(~alive_BP, float("-inf")).argmax(dim=1)
+        alive_BP[rows, drop_B] = False
+        work[rows, :, drop_B] = float("-inf")  # no longer anyone's neighbour
+        stale_b, stale_p = ((nearest_BP == drop_B[:, None]) & alive_BP).nonzero(as_tuple=True)
+        if stale_b.numel():
+            value, index = work[stale_b, stale_p].max(dim=1)
+            redundancy_BP[stale_b, stale_p] = value
+            nearest_BP[stale_b, stale_p] = index
+    return alive_BP.nonzero()[:, 1].view(b, keep)
+
+
+class FastVPolicy(Policy):
+    name = "fastv"
+    needs_attention = True
+
+    def select(self, obs: Observation, keep: int, merge: bool = False) -> Selection:
+        a_BSS, valid_BS = obs.attention_BSS.float(), obs.query_valid_BS
+        received_BS = (a_BSS * valid_BS[:, :, None]).sum(1) / valid_BS.sum(1, keepdim=True)
+        return Selection(top_scores(received_BS[:, :obs.num_vision], keep))
+
+
+class Text2VisionPolicy(Policy):
+    name = "text2vision"
+    needs_attention = True
+
+    def select(self, obs: Observation, keep: int, merge: bool = False) -> Selection:
+        p = obs.num_vision
+        text_BS = obs.query_valid_BS.clone()
+        text_BS[:, :p] = False
+        a_BSP = obs.attention_BSS.float()[:, :, :p]
+        score_BP = (a_BSP * text_BS[:, :, None]).sum(1)
+        return Selection(top_scores(score_BP, keep))
+
+
+def build_policy(name: str, similarity: str = "cosine") -> Policy | None:
+    """`fastmmoe.policy` -> Policy (None for "none")."""
+    if name == "none":
+        return None
+    if name == "fastmmoe":
+        return FastMMoEPolicy(similarity)
+    policies = {"fastv": FastVPolicy, "text2vision": Text2VisionPolicy}
+    if name not in policies:
+        raise ValueError(f"fastmmoe.policy={name!r}: expected none, fastmmoe, fastv or "
+                         "text2vision")
+    return policies[name]()

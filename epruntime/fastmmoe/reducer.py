@@ -1,0 +1,213 @@
+"""TokenReducer: reduced visual expert activation and token pruning inside megatron-core's decoder.
+
+Everything happens through forward hooks on megatron-core's own modules, so the decoder loop,
+the layers and the dispatchers are unchanged and the shortened sequence simply flows on:
+
+    layer l input      (pre-hook)  count attention/router FLOPs for the tokens present
+    attention softmax  (hook)      at an attention-policy pruning layer, keep the head-mean probs
+    router output      (hook)      visual tokens keep their top-k' experts; at a pruning layer the
+                                   policy picks the visual tokens that stay (from this layer's
+                                   routing softmax or attention), and in drop mode the others skip
+                                   this layer's experts; count the expert pairs that run
+    layer l output     (hook)      at a pruning layer: hidden [S, B, H] -> [S', B, H] (drop, or
+                                   merge into the closest kept token); the modality vector, the
+                                   SMoES attention scores and the answer positions shrink with it
+
+Visual tokens stay first and text tokens are never touched, so the causal mask (built by the
+attention for the current length) and the relative order stay right, and the answer position
+is `num_vision + question_len - 1`. Positions are learned absolute embeddings added at the
+input, so kept tokens carry theirs. Reduction and pruning apply in eval mode only (FastMMoE is
+training-free); FLOPs are counted in eval mode whether or not anything is reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epruntime.config import FastMMoEConfig
+from epruntime.fastmmoe.activation import reduce_topk
+from epruntime.fastmmoe.flops import FlopCounter
+from epruntime.fastmmoe.policies import Observation, build_policy
+from epruntime.model.context import TEXT, VISION, current_modality_SB, replace_modality
+
+
+class TokenReducer:
+    def __init__(self, cfg: FastMMoEConfig, topk: int, num_layers: int,
+                 flops: FlopCounter | None = None, attention_modality=None):
+        self.topk, self.num_layers, self.flops = topk, num_layers, flops
+        self.attention_modality = attention_modality  # SMoES scores to shrink with the tokens
+        self.configure(cfg)
+        self.active = False
+        self.num_vision = 0
+        self.query_valid_BS: torch.Tensor | None = None
+        self._selection: tuple | None = None  # (keep, keep_BP, merge_into_BP) until layer output
+        self._attention_BSS: torch.Tensor | None = None
+        self.last_kept: dict[int, torch.Tensor] = {}  # layer -> [B, K] kept, in the last pass
+        self.kept_vision = 0  # visual tokens per sample that reached the output, summed over passes
+        self.passes = 0  # samples that went through (the denominator of kept_vision)
+
+    def configure(self, cfg: FastMMoEConfig) -> None:
+        """Switch policy, layers, k' or retention between passes (the same model and hooks)."""
+        if isinstance(cfg.vision_topk, list) and len(cfg.vision_topk) != self.num_layers:
+            raise ValueError(f"fastmmoe.vision_topk has {len(cfg.vision_topk)} values for "
+                             f"{self.num_layers} layers")
+        if cfg.policy != "none" and max(cfg.layers) >= self.num_layers:
+            raise ValueError(f"fastmmoe.layers={cfg.layers}: the model has layers "
+                             f"0..{self.num_layers - 1}")
+        self.cfg = cfg
+        self.policy = build_policy(cfg.policy, cfg.similarity) if cfg.enabled else None
+
+    def _prunes(self, index: int) -> bool:
+        return self.policy is not None and self.cfg.retention_at(index) is not None
+
+    # ---- wiring ----------------------------------------------------------------------------
+    def attach(self, layers) -> None:
+        """Hook every megatron-core TransformerLayer (with an MoE MLP) of the decoder; the hooks
+        read the current configuration, so `configure` takes effect on the next pass."""
+        for index, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._layer_input(index))
+            softmax = layer.self_attention.core_attention.scale_mask_softmax
+            softmax.register_forward_hook(self._attention_probs(index))
+            layer.mlp.router.register_forward_hook(self._router_output(index))
+            layer.register_forward_hook(self._layer_output(index))
+
+    def begin(self, training: bool, question_lens: torch.Tensor, num_vision: int,
+              seq: int) -> None:
+        """A forward pass starts on B samples of `num_vision` visual + question tokens."""
+        self.active = not training
+        self.last_kept = {}
+        self.num_vision = num_vision
+        b, q = question_lens.shape[0], seq - num_vision
+        text_valid_BQ = torch.arange(q, device=question_lens.device)[None] < question_lens[:, None]
+        self.query_valid_BS = torch.cat([text_valid_BQ.new_ones(b, num_vision), text_valid_BQ], 1)
+        if self.active and self.flops is not None:
+            self.flops.on_batch(b, num_vision, seq)
+
+    def end(self, batch: int, seq: int) -> int:
+        """The pass is over; returns the visual tokens per sample that reached the output."""
+        if self.active:
+            self.kept_vision += self.num_vision * batch
+            self.passes += batch
+            if self.flops is not None:
+                self.flops.on_output(batch, seq)
+        self.abort()
+        return self.num_vision
+
+    def abort(self) -> None:
+        self.active = False
+        self._selection = self._attention_BSS = None
+
+    def reset_stats(self) -> None:
+        self.kept_vision = self.passes = 0
+        if self.flops is not None:
+            self.flops.reset()
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def _layer_input(self, index: int):
+        def hook(layer, args):
+            if self.active and self.flops is not None:
+                self.flops.on_layer(index, current_modality_SB())
+        return hook
+
+    def _router_output(self, index: int):
+        def hook(router, args, output):
+            if not self.active:
+                return None
+            probs_TE, map_TE = output
+            modality_T = current_modality_SB().reshape(-1).to(map_TE.device)
+            if self.cfg.enabled:
+                k_reduced = self.cfg.vision_topk_at(index, self.topk)
+                if k_reduced < self.topk:
+                    probs_TE, map_TE = reduce_topk(probs_TE, map_TE, modality_T == VISION,
+                                                   k_reduced)
+                if self._prunes(index):
+                    probs_TE, map_TE = self._select(router, args[0], self.cfg.retention_at(index),
+                                                    probs_TE, map_TE)
+            if self.flops is not None:
+                pairs_M = torch.zeros(2, dtype=torch.float64)
+                pairs_M.index_add_(0, modality_T.cpu(), map_TE.sum(1).cpu().double())
+                self.flops.on_experts(index, pairs_M)
+            return probs_TE, map_TE
+        return hook
+
+    def _attention_probs(self, index: int):
+        def hook(module, args, probs_BNSS):
+            if self.active and self._prunes(index) and self.policy.needs_attention:
+                self._attention_BSS = probs_BNSS.mean(dim=1)
+        return hook
+
+    def _select(self, router, hidden_SBH, retention, probs_TE, map_TE):
+        """At a pruning layer, after attention and routing: choose the visual tokens that stay.
+        In drop mode the others skip this layer's experts too (they leave at its output, so
+        their expert output would be discarded): their routing rows are cleared."""
+        s, b = hidden_SBH.shape[:2]
+        p = self.num_vision
+        routing_BPE = None
+        if self.policy.needs_routing:
+            logits = router.gating(hidden_SBH).reshape(s, b, -1)
+            routing_BPE = torch.softmax(logits[:p].float(), dim=-1).transpose(0, 1)
+        obs = Observation(p, self.query_valid_BS, routing_BPE, self._attention_BSS)
+        keep = int(round(retention * p))
+        sel = self.policy.select(obs, keep, merge=self.cfg.mode == "merge")
+        if sel.keep_BK.shape != (b, keep):
+            raise RuntimeError(f"policy {self.policy.name} kept {tuple(sel.keep_BK.shape)} "
+                               f"tokens, expected ({b}, {keep})")
+        keep_BP = torch.zeros(b, p, dtype=torch.bool, device=hidden_SBH.device)
+        keep_BP.scatter_(1, sel.keep_BK.to(keep_BP.device), True)
+        self._selection = (keep, keep_BP, sel.merge_into_BP)
+        self.last_kept[router.layer_number - 1] = sel.keep_BK
+        if sel.merge_into_BP is None and not bool(keep_BP.all()):
+            # Tokens are s-major ([S, B] flattened): position s of sample b is row s * B + b.
+            skip_T = torch.cat([~keep_BP.T, keep_BP.new_zeros(s - p, b)]).reshape(-1)
+            map_TE = map_TE & ~skip_T[:, None]
+            probs_TE = probs_TE * map_TE
+        return probs_TE, map_TE
+
+    def _layer_output(self, index: int):
+        def hook(layer, args, output):
+            if not self.active or not self._prunes(index):
+                return None
+            hidden_SBH, context = output
+            hidden_SBH = self.prune(hidden_SBH, *self._selection)
+            self._selection = None
+            self._attention_BSS = None
+            return hidden_SBH, context
+        return hook
+
+    # ---- pruning ---------------------------------------------------------------------------
+    def prune(self, hidden_SBH: torch.Tensor, keep: int, keep_BP: torch.Tensor,
+              merge_into_BP: torch.Tensor | None) -> torch.Tensor:
+        """[S, B, H] -> [S', B, H], S' = keep + text: the selected visual tokens (or the means
+        of the groups merged into them) in their order, then the text tokens untouched."""
+        from epruntime.kernels import compact
+
+        p, (s, b, h) = self.num_vision, hidden_SBH.shape
+        merge = merge_into_BP is not None
+        vision_BPH = hidden_SBH[:p].transpose(0, 1)
+        if merge:
+            vision_BKH = merge_rows(vision_BPH, merge_into_BP, keep)
+        else:
+            vision_BKH = compact(vision_BPH.reshape(b * p, h), keep_BP.reshape(-1))[0].view(b, keep, h)
+        pruned_SBH = torch.cat([vision_BKH.transpose(0, 1), hidden_SBH[p:]], dim=0).contiguous()
+
+        text = s - p
+        self.query_valid_BS = torch.cat([keep_BP.new_ones(b, keep), self.query_valid_BS[:, p:]], 1)
+        modality_S = torch.cat([torch.full((keep,), VISION), torch.full((text,), TEXT)])
+        replace_modality(modality_S[:, None].expand(keep + text, b).to(current_modality_SB().device))
+        am = self.attention_modality
+        if am is not None and am.M_BS2 is not None:
+            m_BP2 = am.M_BS2[:, :p]
+            m_BK2 = (merge_rows(m_BP2, merge_into_BP, keep) if merge
+                     else m_BP2[keep_BP].view(b, keep, 2))
+            am.M_BS2 = torch.cat([m_BK2, am.M_BS2[:, p:]], dim=1)
+        self.num_vision = keep
+        return pruned_SBH
+
+
+def merge_rows(x_BPC: torch.Tensor, into_BP: torch.Tensor, keep: int) -> torch.Tensor:
+    """[B, P, C] -> [B, K, C]: mean of the rows that join each kept slot (`into_BP` in 0..K-1)."""
+    b, p, c = x_BPC.shape
+    sums = x_BPC.new_zeros(b, keep, c).scatter_add_(1, into_BP[:, :, None].expand(b, p, c), x_BPC)
+    counts = torch.zeros(b, keep, dtype=x_BPC.dtype, device=x_BPC.device)
+    counts.scatter_add_(1, into_BP, torch.ones(b, p, dtype=x_BPC.dtype, device=x_BPC.device))
+    return sums / counts[:, :, None]
