@@ -182,6 +182,22 @@ class DispatchConfig(Section):
     ranks_per_node: int | None = Field(None, ge=1)
     # Count exact bytes of every dispatch and combine (summary.json `comm`).
     ledger: bool = True
+    transport: Literal["pg", "shm"] = Field(
+        "pg", description="how the dedup dispatchers' row all-to-alls move bytes: pg = the process "
+        "group's all_to_all_single; shm = shared memory between ranks of one node "
+        "(epruntime.transport.shm), the process group only to other nodes")
+    shm_mib: int = Field(
+        64, ge=1, description="MiB of /dev/shm receive buffer per rank with transport=shm; each "
+        "of the node's other ranks gets shm_mib / (2 * (ranks_per_node - 1)) MiB of it "
+        "(double-buffered), the largest message one rank can send another per all-to-all")
+
+    @model_validator(mode="after")
+    def _transport_fits_kind(self) -> "DispatchConfig":
+        if self.transport == "shm" and self.kind == "alltoall":
+            raise ValueError(
+                "dispatch.transport=shm needs dispatch.kind=dedup or dedup-hier: megatron-core's "
+                "alltoall dispatcher runs its own collectives on the process group")
+        return self
 
 
 class MetricsConfig(Section):

@@ -168,6 +168,10 @@ def seed_all(seed: int) -> None:
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
+    from epruntime.dispatch.collective import close_transports
+
+    close_transports()  # unmap shared-memory transports before their process group goes
+
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
