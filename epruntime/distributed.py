@@ -168,9 +168,9 @@ def seed_all(seed: int) -> None:
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
-    from epruntime.dispatch.collective import close_transports
+    from epruntime.transport import close_all
 
-    close_transports()  # unmap shared-memory transports before their process group goes
+    close_all()  # unmap shared-memory transports before their process group goes
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

@@ -30,6 +30,7 @@ from epruntime.placement.strategies import placement_from_bins
 from epruntime.smoes.bins import text_preference
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.smoes.router import smoes_routers
+from epruntime.transport import setup_transport
 
 
 @dataclass
@@ -57,9 +58,10 @@ class Engine:
             moe.token_dispatcher.layer_index = index
         self._attach_ledger()
         # dispatch.transport=shm: the dispatchers' row all-to-alls on the EP group go through
-        # shared memory inside a node (collective over the EP group; replaces an older one).
-        from epruntime.transport import setup_transport
+        # shared memory inside a node (collective over the EP group).
         self.transport = setup_transport(cfg, ps.get_expert_model_parallel_group(), per_node)
+        for moe in self.model.moe_layers:
+            moe.token_dispatcher.transport = self.transport
         self.model.to(env.device)
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,

@@ -87,7 +87,12 @@ def test_dispatch_quick_compares_dispatchers_and_placements(python_env, tmp_path
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
     assert rows.keys() == {"megatron-alltoall", "dedup", "dedup+bins", "dedup+traffic",
-                           "baseline:megatron-alltoall", "baseline:dedup+traffic"}
+                           "dedup+traffic+shm", "baseline:megatron-alltoall",
+                           "baseline:dedup+traffic"}
+    # The transport moves the same rows: bytes and rows equal, only the time differs.
+    for key in ("cross_rank_bytes", "rows_sent", "floor_rows"):
+        assert rows["dedup+traffic+shm"][key] == rows["dedup+traffic"][key], key
+    assert rows["dedup+traffic+shm"]["detail"]["transport"] == "shm"
     for name, row in rows.items():
         assert row["step_time_s"] > 0 and len(row["samples"]) == result["params"]["repeats"]
         assert row["tokens_per_s"] == pytest.approx(

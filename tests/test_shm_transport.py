@@ -72,7 +72,7 @@ def _random(shape, dtype, gen):
 def _check_equivalence(group, per_node: int) -> None:
     import torch.distributed as dist
 
-    from epruntime.dispatch.collective import all_to_all, use_transport
+    from epruntime.dispatch.collective import all_to_all
     from epruntime.transport.shm import ShmTransport
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -104,9 +104,8 @@ def _check_equivalence(group, per_node: int) -> None:
     w = torch.randn(sum(recv), 6, generator=gen)
     grads = []
     for transport in (t, None):
-        use_transport(group, transport)
         xg = x.clone().requires_grad_()
-        y = all_to_all(xg, send, recv, group)
+        y = all_to_all(xg, send, recv, group, transport)
         (y * w).sum().backward()
         grads.append((y.detach(), xg.grad))
     assert t.calls == calls + 2  # forward and backward both took the shm path
@@ -178,7 +177,6 @@ def _check_engines(env) -> dict:
 
     from epruntime import distributed
     from epruntime.data import SyntheticVQA, shard_slice
-    from epruntime.dispatch.collective import transport_for
     from epruntime.engine import Engine
     from epruntime.transport.shm import ShmTransport
     from tests.test_dedup_dispatch import GLOBAL_BATCH, small_config
@@ -196,8 +194,11 @@ def _check_engines(env) -> dict:
         engine = Engine(small_config(2, kind, f"dispatch.transport={transport}", *extra), env,
                         len(ds.vocab), ds.num_answers, ds.max_question_len)
         loss = engine.forward_backward(batch, GLOBAL_BATCH)
-        t = transport_for(ps.get_expert_model_parallel_group())
-        assert (t is engine.transport) and (transport == "shm") == isinstance(t, ShmTransport)
+        t = engine.transport
+        assert all(moe.token_dispatcher.transport is t for moe in engine.model.moe_layers)
+        assert (transport == "shm") == isinstance(t, ShmTransport)
+        if t is not None:
+            assert t.group is ps.get_expert_model_parallel_group()
         results[variant] = {
             "loss": loss, "calls": t.calls if t is not None else 0,
             "local": len(t.local) if t is not None else 0,

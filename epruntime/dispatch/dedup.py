@@ -38,6 +38,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         self.max_entries = min(config.moe_router_topk, num_local_experts)
         self.layer_index = 0  # set by the model: the ledger's layer
         self.ledger = None  # CommLedger or None
+        self.transport = None  # set by the Engine for dispatch.transport=shm; None: the group
         # kernels.Layout of the last dispatch: the send-row gather and the final combine run
         # through epruntime.kernels with it (subclasses that build other layouts leave it None).
         self.rows_layout = None
@@ -87,10 +88,10 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         allow packing them side by side (fewer latency-bound calls each way)."""
         if rows_NH.dtype == meta_NC.dtype:
             packed = all_to_all(torch.cat([rows_NH, meta_NC], dim=1), send_splits, recv_splits,
-                                self.ep_group)
+                                self.ep_group, self.transport)
             return packed.split([rows_NH.shape[1], meta_NC.shape[1]], dim=1)
-        return (all_to_all(rows_NH, send_splits, recv_splits, self.ep_group),
-                all_to_all(meta_NC, send_splits, recv_splits, self.ep_group))
+        return (all_to_all(rows_NH, send_splits, recv_splits, self.ep_group, self.transport),
+                all_to_all(meta_NC, send_splits, recv_splits, self.ep_group, self.transport))
 
     def dispatch_postprocess(self, rows_RH, meta_R2M):
         """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights [K]."""
@@ -110,7 +111,8 @@ class DedupTokenDispatcher(MoETokenDispatcher):
     def token_combine(self, rows_RH):
         if self.ledger is not None:
             self.ledger.record_exchange(self.layer_index, "combine", self.recv_splits, rows_RH)
-        back = all_to_all(rows_RH, self.recv_splits, self.send_splits, self.ep_group)
+        back = all_to_all(rows_RH, self.recv_splits, self.send_splits, self.ep_group,
+                          self.transport)
         if self.ledger is not None and self.modality_N is not None:
             self.ledger.record_return_modality(self.layer_index, self.send_splits, self.modality_N)
         return back

@@ -86,14 +86,14 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
         ledger = self.ledger
         if ledger is not None:
             ledger.record_exchange(self.layer_index, "combine", self.recv2, rows_RH)
-        back2 = all_to_all(rows_RH, self.recv2, self.send2, self.ep_group)
+        back2 = all_to_all(rows_RH, self.recv2, self.send2, self.ep_group, self.transport)
         if ledger is not None and self.modality_N is not None:
             ledger.record_return_modality(self.layer_index, self.send2, self.modality2_N)
         # The gateway sums its node's contributions: one row per stage-1 row goes back.
         rows1 = back2.new_zeros(self.num_rows1, back2.shape[-1]).index_add(0, self.row2_N, back2)
         if ledger is not None:
             ledger.record_exchange(self.layer_index, "combine", self.recv1, rows1)
-        back1 = all_to_all(rows1, self.recv1, self.send1, self.ep_group)
+        back1 = all_to_all(rows1, self.recv1, self.send1, self.ep_group, self.transport)
         if ledger is not None and self.modality_N is not None:
             ledger.record_return_modality(self.layer_index, self.send1, self.modality_N)
         return back1

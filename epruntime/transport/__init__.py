@@ -1,9 +1,10 @@
 """How the dispatchers' row all-to-alls move bytes between ranks.
 
 A transport has `all_to_all_single(out, x, recv_splits, send_splits)` with the semantics of
-`torch.distributed.all_to_all_single` on the group it was built for, and `close()`.
-`epruntime.dispatch.collective.use_transport(group, transport)` routes that group's row
-exchanges through it; groups without one use the process group itself (dispatch.transport=pg).
+`torch.distributed.all_to_all_single` on the group it was built for, and `close()`. The Engine
+builds one per `dispatch.transport` and hands it to its dispatchers (each engine its own, so
+engines with different transports live side by side); without one the dispatchers use the
+process group itself (dispatch.transport=pg).
 
 - `shm.ShmTransport`: ranks on one host through POSIX shared memory, other nodes over the
   process group (dispatch.transport=shm on CPU ranks over gloo).
@@ -13,6 +14,7 @@ exchanges through it; groups without one use the process group itself (dispatch.
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 
@@ -24,13 +26,20 @@ class Transport(Protocol):
         ...
 
 
-def setup_transport(cfg, group, ranks_per_node: int) -> Transport | None:
-    """Build and register the transport `cfg.dispatch.transport` asks for on `group` (collective
-    over `group` for shm); pg registers nothing. Returns the transport, or None for pg."""
-    from epruntime.dispatch.collective import use_transport
+_live: weakref.WeakSet = weakref.WeakSet()  # transports to close at shutdown
 
+
+def close_all() -> None:
+    """Close every transport still open (local: no collective); distributed.shutdown calls it."""
+    for transport in list(_live):
+        transport.close()
+    _live.clear()
+
+
+def setup_transport(cfg, group, ranks_per_node: int) -> Transport | None:
+    """Build the transport `cfg.dispatch.transport` asks for on `group` (collective over
+    `group`); None for pg."""
     if cfg.dispatch.transport == "pg":
-        use_transport(group, None)
         return None
     import torch.distributed as dist
 
@@ -53,8 +62,8 @@ def setup_transport(cfg, group, ranks_per_node: int) -> Transport | None:
         raise ConfigError(f"dispatch.transport=shm supports gloo (shared memory) and nccl (CUDA "
                           f"IPC) groups; this group's backend is {backend}: use "
                           "dispatch.transport=pg")
-    use_transport(group, transport)
+    _live.add(transport)
     return transport
 
 
-__all__ = ["Transport", "setup_transport"]
+__all__ = ["Transport", "close_all", "setup_transport"]

@@ -10,7 +10,7 @@ Bytes and rows come from the CommLedger of one forward pass over the same batch.
 
 Variants on the SMoES model: `megatron-alltoall`, `dedup`, `dedup+bins` (bin k moved onto rank k
 by live migration), `dedup+traffic` (traffic-aware placement from co-activation recorded on
-training batches). The paper's end-to-end comparison (arXiv 2604.23996: 56.1% fewer EP bytes,
+training batches), `dedup+traffic+shm` (the same over the shared-memory transport). The paper's end-to-end comparison (arXiv 2604.23996: 56.1% fewer EP bytes,
 +12.3% throughput) is `baseline:megatron-alltoall` against `dedup+bins`; `baseline:dedup+traffic`
 shows what placement alone does for a model trained without SMoES.
 """
@@ -35,11 +35,12 @@ SHAPES = {
     "tiny": [],  # the embedded default: 32 experts, top-4
 }
 MODELS = {"baseline": [], "smoes": ["smoes.enabled=true", "smoes.score=gaussian"]}
-VARIANTS = {  # name: (model, dispatch.kind, placement)
+VARIANTS = {  # name: (model, dispatch.kind, placement[, dispatch.transport])
     "megatron-alltoall": ("smoes", "alltoall", "contiguous"),
     "dedup": ("smoes", "dedup", "contiguous"),
     "dedup+bins": ("smoes", "dedup", "bins"),
     "dedup+traffic": ("smoes", "dedup", "traffic"),
+    "dedup+traffic+shm": ("smoes", "dedup", "traffic", "shm"),
     "baseline:megatron-alltoall": ("baseline", "alltoall", "contiguous"),
     "baseline:dedup+traffic": ("baseline", "dedup", "traffic"),
 }
@@ -108,9 +109,9 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     from epruntime.engine import Engine
     from epruntime.placement.recording import CoactivationRecorder, traffic_placements
 
-    def config(model: str, kind: str):
+    def config(model: str, kind: str, transport: str = "pg"):
         return load_config(TINY_CONFIG, [*_common(p), *_model_overrides(p, model),
-                                         f"dispatch.kind={kind}"])
+                                         f"dispatch.kind={kind}", f"dispatch.transport={transport}"])
 
     env = distributed.init_distributed(config("smoes", "alltoall"))
     train_ds, eval_ds = build_datasets(config("smoes", "alltoall"))
@@ -119,15 +120,16 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     global_batch = per_rank * world
 
     engines, rows = {}, {}
-    for name, (model, kind, placement) in VARIANTS.items():
+    for name, (model, kind, placement, *transport) in VARIANTS.items():
         distributed.seed_all(0)
-        cfg = config(model, kind)
+        cfg = config(model, kind, *transport)
         engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
                         train_ds.max_question_len)
         checkpoint.load_checkpoint(engine, Path(dirs[model]) / "checkpoints" / f"step_{p['steps']:06d}",
                                    restore_training_state=False)
         row: dict[str, Any] = {"variant": name}
-        detail: dict[str, Any] = {"model": model, "dispatcher": kind, "placement": placement}
+        detail: dict[str, Any] = {"model": model, "dispatcher": kind, "placement": placement,
+                                  "transport": cfg.dispatch.transport}
         if placement != "contiguous":
             if placement == "bins":
                 target = engine.bin_placements()
@@ -206,6 +208,10 @@ def run(args: argparse.Namespace) -> BenchResult:
     base = by["baseline:megatron-alltoall"]
     for key in ("cross_rank_bytes", "tokens_per_s"):
         ratios[f"e2e:dedup+bins/baseline:megatron-alltoall_{key}"] = by["dedup+bins"][key] / base[key]
+    ratios["e2e:dedup+traffic+shm/baseline:megatron-alltoall_tokens_per_s"] = (
+        by["dedup+traffic+shm"]["tokens_per_s"] / base["tokens_per_s"])
+    ratios["dedup+traffic+shm/dedup+traffic_tokens_per_s"] = (
+        by["dedup+traffic+shm"]["tokens_per_s"] / by["dedup+traffic"]["tokens_per_s"])
     ratios["dedup+traffic/floor_rows_of_megatron-placement"] = (
         by["dedup+traffic"]["rows_sent"] / ref["floor_rows"])
     params = {"shape": p["shape"], "shape_overrides": SHAPES[p["shape"]], "ep_size": p["ep"],
