@@ -29,9 +29,9 @@ from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, collect_env, reg
                                 spawn_ranks, torchrun_train)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, vision_topk=1, layer=0,
-            eval_items=None, timing_items=512, repeats=5, warmup=1)
+            eval_items=None, timing_items=512, repeats=5, warmup=1, transport="pg")
 QUICK = dict(ep=2, steps=6, checkpoint=None, workdir=None, vision_topk=1, layer=0,
-             eval_items=64, timing_items=32, repeats=2, warmup=1)
+             eval_items=64, timing_items=32, repeats=2, warmup=1, transport="pg")
 BASE_VARIANTS = ["full", "reduced", "fastmmoe@0.5", "fastmmoe@0.25", "fastmmoe@0.125",
                  "fastv@0.5", "fastv@0.25", "text2vision@0.25"]
 
@@ -48,6 +48,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="test items for accuracy (default: all)")
     parser.add_argument("--timing-items", dest="timing_items", type=int,
                         help="test items per timed pass (default 512)")
+    parser.add_argument("--transport", choices=("pg", "shm"),
+                        help="dispatch.transport of the dedup dispatcher (default pg)")
     parser.add_argument("--variants", help="comma-separated extra variants, e.g. fastmmoe@0.125")
 
 
@@ -92,7 +94,8 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], 
 
     path = ckpt.resolve_checkpoint(checkpoint)
     meta = ckpt.read_meta(path)
-    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup"]
+    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup",
+                 f"dispatch.transport={p['transport']}"]
     if p["eval_items"]:
         overrides.append(f"data.max_eval_items={p['eval_items']}")
     cfg = config_from_dict(apply_overrides(meta["config"], overrides))
@@ -152,7 +155,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axvline(0.45, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("FLOPs ratio (vs full model)")
     ax.set_ylabel("accuracy retention (vs full)")
-    ax.set_title("Visual-token reduction on tiny easy-vqa (goal: upper left of the dashes)")
+    ax.set_title("Visual-token reduction, tiny easy-vqa (goal: upper left)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
