@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
+# The repository's csrc/ (editable installs), or $EPRUNTIME_CSRC where an installed package has
+# them beside it (the docker images copy csrc/ there).
+SOURCE_DIR = Path(os.environ.get("EPRUNTIME_CSRC")
+                  or Path(__file__).resolve().parents[2] / "csrc") / "cpu"
 # -ffp-contract=off: no fused multiply-add, so products round like torch's (bit-exact combine).
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
          "-Wall", "-Wextra"]
