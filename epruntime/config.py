@@ -182,6 +182,9 @@ class DispatchConfig(Section):
     ranks_per_node: int | None = Field(None, ge=1)
     # Count exact bytes of every dispatch and combine (summary.json `comm`).
     ledger: bool = True
+    # epruntime.kernels backend of the dedup dispatcher's gather/combine and of token pruning's
+    # compaction: auto = cuda for CUDA tensors, else the C++ cpu kernels, else torch.
+    kernels: Literal["auto", "torch", "cpu", "triton", "cuda"] = "auto"
     transport: Literal["pg", "shm"] = Field(
         "pg", description="how the dedup dispatchers' row all-to-alls move bytes: pg = the process "
         "group's all_to_all_single; shm = shared memory between ranks of one node "

@@ -19,8 +19,8 @@ from megatron.core.transformer.moe.moe_utils import (
     get_moe_layer_wise_logging_tracker,
 )
 
-from epruntime import optim
-from epruntime.config import Config, ep_ranks_per_node
+from epruntime import kernels, optim
+from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.distributed import DistEnv
 from epruntime.model.vlm import MoEVLM, init_weights_
@@ -60,8 +60,15 @@ class Engine:
         # dispatch.transport=shm: the dispatchers' row all-to-alls on the EP group go through
         # shared memory inside a node (collective over the EP group).
         self.transport = setup_transport(cfg, ps.get_expert_model_parallel_group(), per_node)
+        backend = None if cfg.dispatch.kernels == "auto" else cfg.dispatch.kernels
+        try:  # before any collective: an unusable backend is a config error, not a dead rank
+            kernels.resolve_backend(backend, env.device)
+        except ValueError as err:
+            raise ConfigError(f"dispatch.kernels={cfg.dispatch.kernels}: {err}") from None
         for moe in self.model.moe_layers:
             moe.token_dispatcher.transport = self.transport
+            moe.token_dispatcher.kernel_backend = backend
+        self.model.reducer.kernel_backend = backend
         self.model.to(env.device)
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,

@@ -18,6 +18,7 @@ from epruntime import kernels
 from epruntime.dispatch.layout import dedup_send_layout
 from epruntime.placement import Placement
 from tests.conftest import ROOT, python_bin
+from tests.test_bench import bench
 
 LAYOUT_FIELDS = ("token_in_rank_TR", "position_TR", "tokens_per_rank_R", "tokens_per_expert_E")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -323,9 +324,7 @@ def test_cpu_backend_unavailable_without_a_compiler(python_env, tmp_path):
 # ---- the benchmark ---------------------------------------------------------------------------
 def test_permute_bench_quick_writes_the_schema(python_env, tmp_path):
     out = tmp_path / "permute.json"
-    proc = subprocess.run([python_bin(), str(ROOT / "profiling" / "bench.py"), "permute",
-                           "--quick", "--json", str(out)], cwd=ROOT, env=python_env,
-                          capture_output=True, text=True, timeout=120)
+    proc = bench("permute", "--quick", "--json", str(out), env=python_env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "megatron-unfused" in proc.stdout  # the human table
     result = json.loads(out.read_text())
@@ -380,3 +379,37 @@ def test_kernel_path_equals_the_index_ops_it_replaced_in_the_dedup_dispatcher():
             results.append((rows, out, x.grad, back.grad))
         for old, new in zip(*results):
             assert torch.equal(old, new), dtype
+
+
+# ---- dispatch.kernels selects the dispatcher's backend ----------------------------------------
+def _engines_worker(rank: int) -> None:
+    from epruntime import distributed
+    from epruntime.config import ConfigError
+    from epruntime.data import SyntheticVQA, shard_slice
+    from epruntime.engine import Engine
+    from tests.test_dedup_dispatch import GLOBAL_BATCH, small_config
+
+    env = distributed.init_distributed(small_config(2, "dedup"))
+    ds = SyntheticVQA(64, image_size=16, question_len=6, seed=3)
+    batch = ds.batch(torch.arange(GLOBAL_BATCH)[shard_slice(GLOBAL_BATCH, env.dp_rank,
+                                                            env.dp_size)])
+    results = {}
+    for backend in ("torch", "cpu"):
+        distributed.seed_all(0)
+        engine = Engine(small_config(2, "dedup", f"dispatch.kernels={backend}"), env,
+                        len(ds.vocab), ds.num_answers, ds.max_question_len)
+        assert engine.model.moe_layers[0].token_dispatcher.kernel_backend == backend
+        loss = engine.forward_backward(batch, GLOBAL_BATCH)
+        results[backend] = (loss, [p.grad.clone() for p in engine.model.parameters()])
+    assert results["torch"][0] == results["cpu"][0]
+    for a, b in zip(results["torch"][1], results["cpu"][1]):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="dispatch.kernels=cuda"):
+        Engine(small_config(2, "dedup", "dispatch.kernels=cuda"), env, len(ds.vocab),
+               ds.num_answers, ds.max_question_len)
+
+
+def test_dispatch_kernels_config_picks_the_backend_and_results_do_not_change():
+    from tests.dist import spawn
+
+    spawn(_engines_worker, 2)

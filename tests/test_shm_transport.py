@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from epruntime.config import ConfigError, load_config
-from tests.conftest import ROOT, python_bin
+from tests.test_bench import bench
 from tests.dist import spawn
 
 SHM = Path("/dev/shm")
@@ -364,9 +363,7 @@ def test_config_rejects_shm_with_megatron_alltoall():
 # ---- benchmark -----------------------------------------------------------------------------------
 def test_alltoall_bench_quick_writes_the_schema(python_env, tmp_path):
     out = tmp_path / "alltoall.json"
-    proc = subprocess.run([python_bin(), str(ROOT / "profiling" / "bench.py"), "alltoall",
-                           "--quick", "--json", str(out)], cwd=ROOT, env=python_env,
-                          capture_output=True, text=True, timeout=120)
+    proc = bench("alltoall", "--quick", "--json", str(out), env=python_env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "shm@64KiB/ep2" in proc.stdout
     result = json.loads(out.read_text())

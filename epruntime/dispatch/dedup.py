@@ -42,6 +42,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         # kernels.Layout of the last dispatch: the send-row gather and the final combine run
         # through epruntime.kernels with it (subclasses that build other layouts leave it None).
         self.rows_layout = None
+        self.kernel_backend: str | None = None  # dispatch.kernels (None: automatic)
 
     def set_placement(self, placement: Placement) -> None:
         if placement.num_ranks != self.ep_size or placement.num_local != self.num_local_experts:
@@ -59,7 +60,8 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         layout = dedup_send_layout(routing_map, probs, self.placement, self.max_entries)
         # Same rows in the same order (rank-major, tokens ascending) as `layout`.
         self.rows_layout = kernels.dispatch_layout(
-            routing_map, self.placement.rank_E.to(routing_map.device), self.ep_size)
+            routing_map, self.placement.rank_E.to(routing_map.device), self.ep_size,
+            backend=self.kernel_backend)
         self.token_N = layout.token_N
         self.send_splits = layout.splits_R.tolist()
         self.recv_splits = exchange_counts(layout.splits_R, self.ep_group).tolist()
@@ -73,7 +75,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             self.ledger.record_routing(self.layer_index, layout.expert_rows_R, layout.splits_R,
                                        modality_T if self.modality_N is not None else None,
                                        x_TH.shape[0])
-        rows_NH = kernels.permute_differentiable(x_TH, self.rows_layout)
+        rows_NH = kernels.permute_differentiable(x_TH, self.rows_layout, self.kernel_backend)
         meta_N2M = torch.cat([layout.prob_NM.float(), layout.slot_NM.float()], dim=1)
         return rows_NH, meta_N2M
 
@@ -121,7 +123,8 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         """One row per (token, rank) [N, H] -> per token sum, in the input's shape."""
         if self.rows_layout is not None:
             # Per token, the rows from each rank summed in ascending rank order.
-            out = kernels.unpermute_combine_differentiable(back_NH, self.rows_layout)
+            out = kernels.unpermute_combine_differentiable(back_NH, self.rows_layout,
+                                                           backend=self.kernel_backend)
             return out.view(self.hidden_shape)
         num_tokens = int(torch.tensor(self.hidden_shape[:-1]).prod())
         out = back_NH.new_zeros(num_tokens, back_NH.shape[-1]).index_add(0, self.token_N, back_NH)

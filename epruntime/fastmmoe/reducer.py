@@ -36,6 +36,7 @@ class TokenReducer:
                  flops: FlopCounter | None = None, attention_modality=None):
         self.topk, self.num_layers, self.flops = topk, num_layers, flops
         self.attention_modality = attention_modality  # SMoES scores to shrink with the tokens
+        self.kernel_backend: str | None = None  # epruntime.kernels backend of compact (None: auto)
         self.configure(cfg)
         self.active = False
         self.num_vision = 0
@@ -187,7 +188,8 @@ class TokenReducer:
         if merge:
             vision_BKH = merge_rows(vision_BPH, merge_into_BP, keep)
         else:
-            vision_BKH = compact(vision_BPH.reshape(b * p, h), keep_BP.reshape(-1))[0].view(b, keep, h)
+            vision_BKH = compact(vision_BPH.reshape(b * p, h), keep_BP.reshape(-1),
+                                 self.kernel_backend)[0].view(b, keep, h)
         pruned_SBH = torch.cat([vision_BKH.transpose(0, 1), hidden_SBH[p:]], dim=0).contiguous()
 
         text = s - p
