@@ -155,6 +155,15 @@ class FastMMoEConfig(Section):
                              f"{self.policy}")
         return self
 
+    def check_layers(self, num_layers: int) -> None:
+        """ValueError unless the per-layer settings fit a model of `num_layers` layers."""
+        if isinstance(self.vision_topk, list) and len(self.vision_topk) != num_layers:
+            raise ValueError(f"fastmmoe.vision_topk has {len(self.vision_topk)} values for "
+                             f"model.num_layers={num_layers}")
+        if self.policy != "none" and max(self.layers) >= num_layers:
+            raise ValueError(f"fastmmoe.layers={self.layers}: the model has layers "
+                             f"0..{num_layers - 1}")
+
     def vision_topk_at(self, layer: int, k: int) -> int:
         """k' of `layer` (never more than the model's k)."""
         v = self.vision_topk
@@ -243,12 +252,7 @@ class Config(Section):
                 f"smoes.num_bins={self.num_bins} does not divide "
                 f"model.num_experts={self.model.num_experts}"
             )
-        f, layers = self.fastmmoe, self.model.num_layers
-        if isinstance(f.vision_topk, list) and len(f.vision_topk) != layers:
-            raise ValueError(f"fastmmoe.vision_topk has {len(f.vision_topk)} values for "
-                             f"model.num_layers={layers}")
-        if f.policy != "none" and max(f.layers) >= layers:
-            raise ValueError(f"fastmmoe.layers={f.layers}: the model has layers 0..{layers - 1}")
+        self.fastmmoe.check_layers(self.model.num_layers)
         d = self.dispatch
         if d.kind == "alltoall" and d.placement != "contiguous":
             raise ValueError(f"dispatch.placement={d.placement} needs dispatch.kind=dedup or "

@@ -250,30 +250,17 @@ def test_good_batch_passes_and_checkpoint_still_loads(world1):
 
 # ----------------------------------------------------------------------------- ranks
 
-def _code_mismatch_worker(rank: int, out: str) -> None:
-    from epruntime import distributed
-    from epruntime.config import load_config
-
-    if rank == 1:  # as if rank 1's host had other epruntime sources
-        distributed.source_hash = lambda: "f" * 64
-    cfg = load_config(None, ["parallel.ep_size=2", "parallel.timeout_s=30",
-                             "data.global_batch_size=8"])
-    try:
-        distributed.init_distributed(cfg)
-    except distributed.ConfigMismatchError as err:
-        Path(out, f"rank{rank}.txt").write_text(str(err))
-
-
 def test_ranks_with_different_code_are_a_named_error(tmp_path):
     from epruntime.distributed import source_hash
     from tests.dist import spawn
+    from tests.test_distributed import _mismatch_worker
 
-    spawn(_code_mismatch_worker, 2, str(tmp_path))
+    spawn(_mismatch_worker, 2, str(tmp_path), "code")
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "ranks disagree on the config, epruntime version or code" in message
-        assert f"rank 0: config" in message and f"code {source_hash()[:12]}" in message
-        assert f"rank 1: config" in message and "code ffffffffffff" in message
+        assert "rank 0: config" in message and f"code {source_hash()[:12]}" in message
+        assert "rank 1: config" in message and "code ffffffffffff" in message
 
 
 def test_hung_rank_ends_the_job_with_the_timeout_message(tmp_path):

@@ -9,11 +9,15 @@ from epruntime.model.sharding import is_expert_param, to_global_name, to_local_n
 from tests.dist import spawn
 
 
-def _mismatch_worker(rank: int, out: str) -> None:
+def _mismatch_worker(rank: int, out: str, differs: str = "config") -> None:
+    """Rank 1 differs from rank 0 in its config (another --set) or its epruntime sources;
+    every rank writes the ConfigMismatchError it gets to rank<r>.txt."""
     from epruntime import distributed
     from epruntime.config import load_config
 
-    lr = "1e-3" if rank == 1 else "3e-3"  # rank 1 was started with another --set
+    lr = "1e-3" if rank == 1 and differs == "config" else "3e-3"
+    if rank == 1 and differs == "code":  # as if rank 1's host had other epruntime sources
+        distributed.source_hash = lambda: "f" * 64
     cfg = load_config(None, [f"train.lr={lr}", "parallel.ep_size=2", "parallel.timeout_s=30",
                              "data.global_batch_size=8"])
     try:

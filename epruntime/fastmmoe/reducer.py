@@ -49,12 +49,7 @@ class TokenReducer:
 
     def configure(self, cfg: FastMMoEConfig) -> None:
         """Switch policy, layers, k' or retention between passes (the same model and hooks)."""
-        if isinstance(cfg.vision_topk, list) and len(cfg.vision_topk) != self.num_layers:
-            raise ValueError(f"fastmmoe.vision_topk has {len(cfg.vision_topk)} values for "
-                             f"{self.num_layers} layers")
-        if cfg.policy != "none" and max(cfg.layers) >= self.num_layers:
-            raise ValueError(f"fastmmoe.layers={cfg.layers}: the model has layers "
-                             f"0..{self.num_layers - 1}")
+        cfg.check_layers(self.num_layers)
         self.cfg = cfg
         self.policy = build_policy(cfg.policy, cfg.similarity) if cfg.enabled else None
 
