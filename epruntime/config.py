@@ -1,7 +1,10 @@
 """One typed config tree for every entry point, loaded from YAML with `--set a.b=value` overrides.
 
 Every section forbids unknown keys, so a typo is an error that names the field, raised before any
-process group exists.
+process group exists. The YAML loader refuses a key given twice in one mapping (plain YAML keeps the
+last one without a word), every float must be finite, and two checks need the launcher's
+environment and so run at process-group time: `check_metrics_port` (LOCAL_WORLD_SIZE) and
+`check_backend_available` (whether torch sees CUDA GPUs).
 """
 
 from __future__ import annotations
@@ -9,11 +12,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_PORT = 65535
+MAX_LR = 10.0  # above this a learning rate is a typo (1e6 for 1e-6), not a schedule
 
 
 class ConfigError(ValueError):
@@ -21,7 +28,27 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field (lr, grad_clip, timeout_s, coefficients, ...) must be
+    # finite; YAML's .inf / .nan and --set x=inf are named errors, not a silent NaN run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _non_empty_path(field: str, value: Any, example: str) -> Any:
+    """Before-validator body: an empty path ('' / None from `--set train.output_dir=`) would
+    silently mean the current directory, or fail deep inside the run."""
+    if value is None or (isinstance(value, (str, Path)) and not str(value).strip()):
+        raise ValueError(f"{field}: must be a non-empty path (got {value!r}); {example}")
+    return value
+
+
+def _port_span_message(port: int, ranks: int, what: str) -> str | None:
+    """Each local rank serves /metrics on port + local_rank: the highest must be a valid port."""
+    last = port + ranks - 1
+    if last <= MAX_PORT:
+        return None
+    return (f"metrics.port={port}: rank on local index {ranks - 1} would bind {last}; "
+            f"metrics.port + {what} - 1 must be <= {MAX_PORT} ({what}={ranks}: lower "
+            f"metrics.port to at most {MAX_PORT + 1 - ranks})")
 
 
 class ModelConfig(Section):
@@ -64,7 +91,9 @@ class ModelConfig(Section):
 class ParallelConfig(Section):
     ep_size: int = Field(1, gt=0, description="expert-parallel ranks; data parallel is the rest")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    timeout_s: float = Field(300.0, gt=0, description="collective timeout in seconds")
+    # At least 1 s: the TCP store cannot even connect in less (and then drowns the error in C++
+    # frames).
+    timeout_s: float = Field(300.0, ge=1, description="collective timeout in seconds")
     threads_per_rank: int = Field(1, gt=0, description="torch intra-op threads per CPU rank")
 
 
@@ -89,13 +118,44 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_interval: int = Field(100, gt=0)
     log_interval: int = Field(10, gt=0)
-    resume: bool = True
+    resume: bool = Field(True, description="continue from the newest complete checkpoint")
+    # With resume=false, delete the checkpoints already under output_dir instead of refusing to
+    # start over on top of them (epruntime.checkpoint.prepare_run).
+    overwrite: bool = False
+    # Steps whose loss or gradient norm is non-finite that may be skipped (no update) before the
+    # job stops with exit code 4; 0 stops at the first.
+    skip_nonfinite_steps: int = Field(0, ge=0)
     eval_at_end: bool = True
     progress: bool = True
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_given(cls, value: Any) -> Any:
+        return _non_empty_path("train.output_dir", value,
+                               "set it to a directory, e.g. --set train.output_dir=runs/train")
+
+    @model_validator(mode="after")
+    def _learning_rates(self) -> "TrainConfig":
+        for name in ("lr", "min_lr"):
+            value = getattr(self, name)
+            if value > MAX_LR:
+                raise ValueError(f"train.{name}={value!r}: learning rates above {MAX_LR:g} "
+                                 "diverge; expected a value like 3e-3")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr!r} exceeds train.lr={self.lr!r}: the "
+                             "schedule decays from train.lr down to train.min_lr; set "
+                             "train.min_lr <= train.lr")
+        return self
 
 
 class InferConfig(Section):
     output_dir: Path = Path("runs/infer")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_given(cls, value: Any) -> Any:
+        return _non_empty_path("infer.output_dir", value,
+                               "set it to a directory, e.g. --set infer.output_dir=runs/infer")
 
 
 class SmoesConfig(Section):
@@ -135,6 +195,16 @@ class FastMMoEConfig(Section):
     retention: float | list[float] = 0.5
     similarity: Literal["cosine", "js"] = "cosine"  # fastmmoe: routing-distribution similarity
     mode: Literal["drop", "merge"] = "drop"  # merge: a pruned token is averaged into its closest kept
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _finite_retention(cls, value: Any) -> Any:
+        # one named line, not pydantic's error per branch of float | list[float]
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"fastmmoe.retention={value!r}: each value must be a finite "
+                             "fraction in [0, 1]")
+        return value
 
     @model_validator(mode="after")
     def _per_layer_lists(self) -> "FastMMoEConfig":
@@ -227,6 +297,14 @@ class TraceConfig(Section):
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of tokens kept (seeded)")
     path: Path | None = Field(None, description="default: <train/infer output_dir>/traces")
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_given(cls, value: Any) -> Any:
+        if value is None:  # the default: <train/infer output_dir>/traces
+            return None
+        return _non_empty_path("trace.path", value, "leave it out (null) for "
+                               "<train/infer output_dir>/traces, or name a directory")
+
 
 class Config(Section):
     model: ModelConfig = ModelConfig()
@@ -266,6 +344,12 @@ class Config(Section):
                 raise ValueError(f"dispatch.placement=bins puts bin k on EP rank k: smoes.num_bins"
                                  f"={self.num_bins} must equal parallel.ep_size="
                                  f"{self.parallel.ep_size}")
+        if self.metrics.enabled and d.ranks_per_node is not None:
+            # the same check as check_metrics_port, with the node size the config states
+            message = _port_span_message(self.metrics.port, d.ranks_per_node,
+                                         "dispatch.ranks_per_node")
+            if message:
+                raise ValueError(message)
         return self
 
     @property
@@ -321,6 +405,76 @@ def check_world(cfg: Config, world_size: int) -> int:
     return world_size
 
 
+def check_metrics_port(cfg: Config, local_world_size: int) -> None:
+    """ConfigError unless every local rank's /metrics port (metrics.port + local_rank) is valid.
+
+    The number of local ranks is torchrun's LOCAL_WORLD_SIZE, known only at launch: call this
+    before any process group exists. A no-op unless metrics.enabled (nothing binds otherwise).
+    """
+    if not cfg.metrics.enabled:
+        return
+    message = _port_span_message(cfg.metrics.port, local_world_size, "LOCAL_WORLD_SIZE")
+    if message:
+        raise ConfigError(message)
+
+
+def check_backend_available(cfg: Config) -> None:
+    """ConfigError when parallel.backend=nccl is asked for on a host where torch sees no CUDA GPU
+    (else torch.cuda.set_device fails with an AttributeError or 'no CUDA GPUs are available').
+    Imports torch, so call it at process-group time, not at config load."""
+    if cfg.parallel.backend != "nccl":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs, and torch sees none "
+                          "(torch.cuda.is_available() is False); use parallel.backend=gloo or "
+                          "auto")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping; str() is `line N: duplicate key ...`."""
+
+    def __init__(self, key: str, line: int, first_line: int, section: str):
+        where = f"in {section}" if section else "at the top level"
+        super().__init__(f"line {line}: duplicate key {key!r} ({where}; first at line "
+                         f"{first_line}); remove one of them")
+        self.key, self.line, self.first_line, self.section = key, line, first_line, section
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that raises DuplicateKeyError on a key given twice in one mapping, where
+    SafeLoader keeps the last value without a word. `<<` merge keys may still be overridden."""
+
+    def construct_document(self, node):
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, section: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            child = section
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(key_node.value, line, first[key], section)
+                first[key] = line
+                child = f"{section}.{key_node.value}" if section else key_node.value
+            _check_unique_keys(value_node, child, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{section}[{i}]", seen)
+
+
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 4 -> int, 1e-3 -> float, true -> bool, null -> None."""
     try:
@@ -348,15 +502,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _format_validation_error(err: ValidationError) -> str:
+    """One line per error; a single error (the usual case) is one line in all."""
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key")
+        elif e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            # our validators' messages name their fields (and the value) themselves
+            text = str(e["ctx"]["error"])
+            lines.append(text if field == "config" or field in text else f"{field}: {text}")
         else:
             got = e.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
             lines.append(f"{field}: {e['msg']}{got_text}")
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -375,9 +536,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        except DuplicateKeyError as err:
+            raise ConfigError(f"--config {path}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
+        if raw is None:  # empty, only comments, or `null`
+            raise ConfigError(f"--config {path}: the file is empty (expected sections such as "
+                              "model:, parallel:, train:)")
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
     return config_from_dict(apply_overrides(raw, overrides or []))
