@@ -321,11 +321,23 @@ def placements_for(trace: RoutingTrace, spec: PlacementSpec | list[Placement], e
     raise ValueError(f"placement {spec!r}: expected contiguous, traffic, trace or a list")
 
 
+def check_has_tokens(trace: RoutingTrace, where: str = "the trace") -> None:
+    """ValueError when `trace` holds no routed tokens: every figure would be 0, not a result."""
+    if trace.num_records:
+        return
+    h = trace.header
+    seen = int(trace.tokens_seen_L.max()) if trace.tokens_seen_L.numel() else 0  # per layer
+    raise ValueError(f"{where}: the trace holds no tokens (recorded with trace.sample_rate="
+                     f"{h.sample_rate:g}, {seen} tokens routed before sampling), so there is "
+                     "nothing to simulate; record it again with a higher trace.sample_rate")
+
+
 def simulate(trace: RoutingTrace, kind: str, ep_size: int, ranks_per_node: int | None = None,
              placements: PlacementSpec | list[Placement] = "contiguous",
              link: LinkModel | None = None, hidden: int | None = None,
              hidden_dtype_bytes: int | None = None) -> SimResult:
     """Rows, bytes and alpha-beta time of one dispatcher at one EP size / node size."""
+    check_has_tokens(trace)
     h = trace.header
     per_node = ranks_per_node or ep_size
     if h.num_experts % ep_size:
@@ -416,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = {"num_experts": args.num_experts} if args.trace.endswith(".jsonl") else {}
         trace = load_trace(args.trace, **opts)
+        check_has_tokens(trace, args.trace)
         kinds = [k for k in args.kinds.split(",") if k]
         bad = [k for k in kinds if k not in KINDS]
         if bad:

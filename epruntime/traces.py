@@ -22,6 +22,7 @@ layer; it is deterministic given the seed. A foreign JSONL trace (one object per
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,11 @@ class TraceRecorder:
                 "experts": experts.numpy().astype(np.int16),
                 "weights": weights.numpy().astype(np.float16)}
 
+    @property
+    def num_records(self) -> int:
+        """Records (sampled token x layer) kept so far."""
+        return sum(len(c["token"]) for c in self._chunks)
+
     def header(self) -> TraceHeader:
         placements = getattr(self.model, "placements", None)
         return TraceHeader(num_experts=self.num_experts, topk=self.topk,
@@ -199,11 +205,29 @@ def start_recording(cfg, engine, env) -> TraceRecorder | None:
 
 
 def finish_recording(recorder: TraceRecorder | None, cfg, env, output_dir) -> Path | None:
-    """Unhook and write this rank's file to trace.path (default <output_dir>/traces)."""
+    """Unhook and write this rank's file to trace.path (default <output_dir>/traces); a named
+    warning on stderr when the file holds no tokens (the simulator refuses such a trace)."""
     if recorder is None:
         return None
     recorder.close()
-    return recorder.save(cfg.trace.path or Path(output_dir) / "traces", env.rank)
+    path = recorder.save(cfg.trace.path or Path(output_dir) / "traces", env.rank)
+    warning = empty_trace_warning(recorder, path)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    return path
+
+
+def empty_trace_warning(recorder: TraceRecorder, path: str | Path) -> str | None:
+    """One warning line when `recorder` kept no tokens (its file at `path` is empty), else None."""
+    if recorder.num_records:
+        return None
+    calls, seen = max(recorder.calls_L, default=0), max(recorder.tokens_seen_L, default=0)
+    if seen == 0:
+        return (f"epruntime: warning: trace.enabled recorded no forward calls on this rank (no "
+                f"steps ran while recording?); the trace {path} is empty")
+    return (f"epruntime: warning: trace.sample_rate={recorder.sample_rate:g} sampled none of "
+            f"the {seen} tokens routed in {calls} forward calls; the trace {path} is empty "
+            "(raise trace.sample_rate)")
 
 
 # ---- loading -----------------------------------------------------------------------------------

@@ -293,3 +293,60 @@ def test_round_robin_source_ranks_beyond_the_recorded_ep():
     src = source_ranks(trace, 8)
     assert torch.bincount(src, minlength=8).tolist() == [8] * 8
     assert torch.equal(source_ranks(trace, 2), trace.rank_N)
+
+
+# ---- empty traces ----------------------------------------------------------------------------
+def _finish(rec, directory):
+    """traces.finish_recording as train.py / infer.py call it, with trace.path=directory."""
+    from types import SimpleNamespace
+
+    from epruntime.traces import finish_recording
+
+    cfg = SimpleNamespace(trace=SimpleNamespace(path=directory))
+    return finish_recording(rec, cfg, SimpleNamespace(rank=0), directory.parent)
+
+
+def test_tiny_sample_rate_warns_and_the_simulator_refuses_the_empty_trace(tmp_path, capsys):
+    from epruntime.traces import TraceRecorder
+
+    model = _fake_model()
+    rec = TraceRecorder(model, ep_rank=0, ep_size=2, sample_rate=1e-9, seed=5)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for layer in model.gpt.decoder.layers:
+            layer.mlp.router(x)
+    path = _finish(rec, tmp_path / "traces")
+    assert path == tmp_path / "traces/rank00000.npz"
+    assert capsys.readouterr().err.splitlines() == [
+        "epruntime: warning: trace.sample_rate=1e-09 sampled none of the 150 tokens routed in 3 "
+        f"forward calls; the trace {path} is empty (raise trace.sample_rate)"]
+    trace = load_trace(tmp_path / "traces")
+    assert trace.num_records == 0 and trace.tokens_seen_L.tolist() == [150, 150]
+    refusal = (f"{tmp_path / 'traces'}: the trace holds no tokens (recorded with "
+               "trace.sample_rate=1e-09, 150 tokens routed before sampling), so there is nothing "
+               "to simulate; record it again with a higher trace.sample_rate")
+    assert simulate_main(["--trace", str(tmp_path / "traces")]) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"epruntime.simulate: {refusal}"] and out.out == ""
+    with pytest.raises(ValueError, match="the trace holds no tokens"):
+        simulate(trace, "dedup", 2)
+
+
+def test_recording_without_forward_calls_warns(tmp_path, capsys):
+    from epruntime.traces import TraceRecorder
+
+    path = _finish(TraceRecorder(_fake_model(), ep_rank=0, ep_size=1), tmp_path / "traces")
+    assert capsys.readouterr().err.splitlines() == [
+        "epruntime: warning: trace.enabled recorded no forward calls on this rank (no steps ran "
+        f"while recording?); the trace {path} is empty"]
+
+
+def test_a_trace_with_tokens_records_without_a_warning(tmp_path, capsys):
+    from epruntime.traces import TraceRecorder
+
+    model = _fake_model()
+    rec = TraceRecorder(model, ep_rank=0, ep_size=1, sample_rate=0.5)
+    for layer in model.gpt.decoder.layers:
+        layer.mlp.router(torch.randn(40, 16))
+    _finish(rec, tmp_path / "traces")
+    assert capsys.readouterr().err == ""
