@@ -17,9 +17,12 @@ migrated experts come back in the slots they were saved in.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -42,6 +45,10 @@ def checkpoint_root(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+_STEP_DIR = re.compile(r"step_(\d+)")
+REQUIRED_META = ("step", "world_size", "ep_size", "config", "data")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -51,27 +58,189 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_N` directory (not `.tmp`), oldest first."""
     root = checkpoint_root(output_dir)
-    marker = root / "latest"
-    if not marker.is_file():
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return sorted(found)
+
+
+def damage(path: Path) -> str | None:
+    """Why the step directory `path` is not a complete checkpoint, or None when it is: meta.json
+    readable with every required field, and one rank file per rank of the world that wrote it."""
+    try:
+        meta = read_meta(path)
+    except CheckpointError as err:
+        return str(err)
+    files = list(path.glob("rank*.pt"))
+    if len(files) != meta["world_size"]:
+        return f"{path}: {len(files)} rank files for world_size {meta['world_size']}"
+    return None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint under `output_dir`, found by scanning the step directories
+    (the `latest` marker is a hint that can be lost or stale; see `repair_latest`)."""
+    for _, path in reversed(step_dirs(output_dir)):
+        if damage(path) is None:
+            return path
+    return None
+
+
+def repair_latest(output_dir: Path) -> str | None:
+    """Point `checkpoints/latest` at the newest complete checkpoint when it is missing or points
+    elsewhere; returns the warning to print, None when it was right. Rank 0 only."""
+    newest = latest_checkpoint(output_dir)
+    if newest is None:
         return None
-    path = root / marker.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    marker = checkpoint_root(output_dir) / "latest"
+    said = marker.read_text().strip() if marker.is_file() else None
+    if said == newest.name:
+        return None
+    _atomic_write_text(marker, newest.name)
+    was = "was missing" if said is None else f"pointed at {said!r}, which is not the newest " \
+                                              "complete checkpoint"
+    return (f"{marker} {was}; it now names {newest.name}, the newest complete checkpoint (to go "
+            "back to an older one, move the newer step directories away)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or a run/checkpoints directory (-> its latest); else CheckpointError."""
+    """A step directory, or a run/checkpoints directory (-> its newest complete checkpoint);
+    else CheckpointError."""
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
-    for root in (path, path / "checkpoints"):
-        if (root / "latest").is_file():
-            found = latest_checkpoint(root.parent if root.name == "checkpoints" else path)
-            if found is not None:
-                return found
+    for run_dir in (path, path.parent if path.name == "checkpoints" else None):
+        if run_dir is not None and (found := latest_checkpoint(run_dir)) is not None:
+            return found
     raise CheckpointError(f"--checkpoint {path}: no checkpoint there (expected meta.json or a "
-                          "checkpoints/latest marker)")
+                          "checkpoints/step_N directory)")
+
+
+def _probe_output_dir(output_dir: Path) -> str | None:
+    """Why this rank cannot write checkpoints under `output_dir`, or None when it can."""
+    field = f"train.output_dir={output_dir}"
+    for parent in (output_dir, *output_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            return (f"{field}: {parent} is a file, not a directory; choose another "
+                    "train.output_dir")
+    root = checkpoint_root(output_dir)
+    probe = root / f".probe.rank{dist.get_rank():05d}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return (f"{field}: cannot write checkpoints there ({describe_os_error(err)}); make it "
+                "writable or choose another train.output_dir")
+    return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """What an OSError means for a user, e.g. 'no space left on device (ENOSPC) at PATH'."""
+    name = errno.errorcode.get(err.errno, "") if err.errno else ""
+    what = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.ENOTDIR: "not a directory", errno.EDQUOT: "disk quota exceeded"}.get(
+        err.errno, err.strerror or str(err))
+    where = f" at {err.filename}" if err.filename else ""
+    return f"{what} ({name}){where}" if name else f"{what}{where}"
+
+
+def _agree(error: str | None, what: str) -> None:
+    """Collective: raise CheckpointError on every rank when any rank failed `what`, naming the
+    first rank that failed and its message."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, error)
+    failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        mine = dist.get_rank()
+        prefix = "" if rank == mine else f"rank {rank} failed {what}: "
+        raise CheckpointError(prefix + message)
+
+
+def prepare_run(cfg: Config) -> Path | None:
+    """Collective, before the first training step. Checks that every rank can write checkpoints
+    under train.output_dir, removes leftover `.tmp` directories of interrupted saves, repairs a
+    lost or stale `latest` marker, and returns the checkpoint to resume from (None: start at step
+    0). Refuses (CheckpointError, on every rank) rather than ever overwriting a complete
+    checkpoint: a run that would start over on top of checkpoints needs train.resume=false and
+    train.overwrite=true, and a resume with nothing left to train is an error."""
+    t = cfg.train
+    _agree(_probe_output_dir(Path(t.output_dir)), "to prepare train.output_dir")
+    error, resume = None, None
+    if dist.get_rank() == 0:
+        try:
+            resume = _plan_resume(cfg)
+        except CheckpointError as err:
+            error = str(err)
+        except OSError as err:
+            error = f"train.output_dir={t.output_dir}: {describe_os_error(err)}"
+    _agree(error, "to prepare train.output_dir")
+    box = [str(resume) if resume is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] is not None else None
+
+
+def _warn(message: str) -> None:
+    print(f"epruntime: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _plan_resume(cfg: Config) -> Path | None:
+    """Rank 0's part of `prepare_run`."""
+    t = cfg.train
+    root = checkpoint_root(t.output_dir)
+    for tmp in sorted(root.glob("step_*.tmp")):
+        shutil.rmtree(tmp)
+        _warn(f"removed {tmp}, an interrupted checkpoint save")
+    steps = step_dirs(t.output_dir)
+    newest = latest_checkpoint(t.output_dir)
+    if not t.resume:
+        if not steps:
+            return None
+        if not t.overwrite:
+            raise CheckpointError(
+                f"train.output_dir={t.output_dir} holds checkpoints ({steps[-1][1].name} the "
+                "newest) and train.resume=false would start over on top of them; resume "
+                "(train.resume=true), choose another train.output_dir, or set "
+                "train.overwrite=true to delete them")
+        for _, path in steps:
+            shutil.rmtree(path)
+        (root / "latest").unlink(missing_ok=True)
+        _warn(f"train.overwrite=true: deleted {len(steps)} checkpoints under {root}")
+        return None
+    newer_damaged = [(p, why) for s, p in steps
+                     if (newest is None or s > int(_STEP_DIR.fullmatch(newest.name).group(1)))
+                     and (why := damage(p)) is not None]
+    if newer_damaged:
+        path, why = newer_damaged[-1]
+        raise CheckpointError(
+            f"{path} is damaged ({why}) and newer than any complete checkpoint; resuming would "
+            "train over it: move it away to resume from "
+            f"{newest.name if newest else 'step 0'}, or choose another train.output_dir")
+    if newest is None:
+        return None
+    if (warning := repair_latest(t.output_dir)) is not None:
+        _warn(warning)
+    step = read_meta(newest)["step"]
+    if t.max_steps <= step:
+        raise CheckpointError(
+            f"train.max_steps={t.max_steps} is at or below step {step} of the newest checkpoint "
+            f"({newest}): nothing to train; raise train.max_steps, choose another "
+            "train.output_dir, or start over with train.resume=false train.overwrite=true")
+    return newest
 
 
 def _owns(global_name: str) -> bool:
@@ -85,16 +254,59 @@ def _rng_state() -> dict:
             "tracker": mrandom.get_cuda_rng_tracker().get_states()}
 
 
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind `err` (torch.save reports a failed write as a RuntimeError whose
+    context is the file object's OSError), or None."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def _write_failure(err: BaseException, what: Path, step: int) -> str:
+    os_err = _os_error_in(err)
+    cause = describe_os_error(os_err) if os_err is not None else f"{type(err).__name__}: {err}"
+    return (f"cannot write checkpoint step {step} ({what}): {cause}; the previous checkpoint is "
+            "intact; free space or fix train.output_dir, then restart to resume from it")
+
+
+def _save_rank_file(payload: dict, path: Path) -> None:
+    """torch.save through a Python file (so a failed write keeps its OSError, e.g. ENOSPC),
+    fsynced, then renamed into place."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
 def save_checkpoint(engine, step: int, data_state: dict) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it. Returns the final directory.
+
+    Every rank writes its file into `step_N.tmp/`; only when all have succeeded does rank 0 write
+    meta.json and rename the directory, then move `latest`. A failure on any rank (disk full,
+    read-only file system) removes the `.tmp` directory and raises CheckpointError on every rank,
+    naming the rank and the cause; the previous checkpoint stays as it was. An existing
+    `step_N` is never replaced."""
     cfg, env = engine.cfg, engine.env
     root = checkpoint_root(cfg.train.output_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
+    error = None
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        try:
+            if final.exists():
+                error = (f"{final} already exists; refusing to overwrite a checkpoint (another run "
+                         "writing into train.output_dir?)")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            error = _write_failure(err, tmp, step)
+    _agree(error, f"to save checkpoint step {step}")
 
     names = {p: n for n, p in engine.model.global_named_parameters(env.ep_rank)}
     model, optimizer = {}, {}
@@ -107,28 +319,50 @@ def save_checkpoint(engine, step: int, data_state: dict) -> Path:
         if _owns(name):
             model[name] = buf.detach().clone()
     payload = {"model": model, "optimizer": optimizer, "rng": _rng_state()}
-    torch.save(payload, tmp / f"rank{env.rank:05d}.pt.part")
-    os.replace(tmp / f"rank{env.rank:05d}.pt.part", tmp / f"rank{env.rank:05d}.pt")
-    dist.barrier()
-
-    if env.is_main:
-        meta = {"step": step, "world_size": env.world_size, "ep_size": env.ep_size,
-                "epruntime_version": __version__, "data": data_state,
-                "config": json.loads(cfg.canonical_json()),
-                "placements": [p.to_dict() for p in engine.model.placements]}
-        _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(root / "latest", final.name)
-    dist.barrier()
+    rank_file = tmp / f"rank{env.rank:05d}.pt"
+    try:
+        _save_rank_file(payload, rank_file)
+        error = None
+    except (OSError, RuntimeError) as err:
+        error = _write_failure(err, rank_file, step)
+    try:
+        _agree(error, f"to save checkpoint step {step}")
+        error = None
+        if env.is_main:
+            try:
+                meta = {"step": step, "world_size": env.world_size, "ep_size": env.ep_size,
+                        "epruntime_version": __version__, "data": data_state,
+                        "config": json.loads(cfg.canonical_json()),
+                        "placements": [p.to_dict() for p in engine.model.placements]}
+                _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+                _fsync_dir(tmp)
+                os.rename(tmp, final)  # a directory: fails rather than replace a non-empty one
+                _fsync_dir(root)
+                _atomic_write_text(root / "latest", final.name)
+            except OSError as err:
+                error = _write_failure(err, tmp / "meta.json", step)
+        _agree(error, f"to save checkpoint step {step}")
+    except CheckpointError:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
 def read_meta(path: Path) -> dict:
+    """meta.json of a step directory, with every field a loader needs; else CheckpointError."""
     try:
-        return json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}/meta.json: unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}/meta.json: expected a JSON object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}/meta.json: missing field {', '.join(map(repr, missing))} "
+                              "(damaged or written by another tool); restore it or resume from "
+                              "another checkpoint")
+    return meta
 
 
 def check_compatible(meta: dict, cfg: Config, path: Path) -> None:

@@ -7,9 +7,14 @@ proves it loaded the same config and code before megatron-core builds its groups
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from epruntime import __version__, compat
-from epruntime.config import Config, check_world, ep_ranks_per_node
+from epruntime.config import (Config, check_backend_available, check_metrics_port, check_world,
+                              ep_ranks_per_node)
 
 
 class ConfigMismatchError(RuntimeError):
@@ -106,13 +112,90 @@ def failure_context() -> tuple[int, float] | None:
     return _failure_context
 
 
+_FAILURE_KEY = "epruntime/failed/"
+# The job's c10d store, kept past destroy_process_group (the entry points shut the groups down
+# before their error handler runs) so that failures can still be published and read.
+_store = None
+_world_size = 0
+
+
+def publish_failure(line: str) -> None:
+    """Best effort: leave this rank's error line in the rendezvous store, where the ranks that
+    only see a lost connection look for it (`published_failure`). Never raises."""
+    if _failure_context is None or _store is None:
+        return
+    try:
+        _store.set(f"{_FAILURE_KEY}{_failure_context[0]}", line)
+    except Exception:  # noqa: BLE001 - the store's host may be the rank that went away
+        pass
+
+
+def published_failure(exclude: int) -> tuple[int, str] | None:
+    """(rank, line) of the first other rank that published a failure, waiting up to 2 s for one
+    (a rank that failed publishes before it exits, but its peers may notice first); None when
+    none did or the store is gone."""
+    if _store is None:
+        return None
+    try:
+        store = _store
+        store.set_timeout(timedelta(seconds=2))
+        keys = [f"{_FAILURE_KEY}{r}" for r in range(_world_size) if r != exclude]
+        deadline = time.monotonic() + 2.0
+        while True:
+            for key in keys:
+                if store.check([key]):
+                    return int(key.rsplit("/", 1)[1]), store.get(key).decode(errors="replace")
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """Under torchrun: end this rank as soon as its agent (the parent) dies, so that no orphan
+    keeps training and writing into the run directory. The kernel's parent-death signal does it
+    at once (SIGKILL: no checkpoint can be half-written by a rank that should not exist; the
+    step directories are atomic); a watchdog thread on getppid() covers kernels without prctl.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the agent died before the signal was armed
+        os._exit(EXIT_LOST_LAUNCHER)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                print(f"epruntime: rank {os.environ.get('RANK', '?')}: the torchrun agent (pid "
+                      f"{parent}) died; exiting", file=sys.stderr, flush=True)
+                os._exit(EXIT_LOST_LAUNCHER)
+
+    threading.Thread(target=watch, name="epruntime-launcher-watchdog", daemon=True).start()
+
+
+EXIT_LOST_LAUNCHER = 3  # epruntime.cli.EXIT_COLLECTIVE: the job lost a part of itself
+
+
 def init_distributed(cfg: Config) -> DistEnv:
     """Create the default process group and megatron-core's EP/DP groups for `cfg`."""
+    die_with_launcher()
     _ensure_launcher_env()
     world_size = int(os.environ["WORLD_SIZE"])
     dp_size = check_world(cfg, world_size)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     ep_ranks_per_node(cfg, local_world_size)  # fail before any collective when it cannot fit
+    check_metrics_port(cfg, local_world_size)
+    check_backend_available(cfg)
     backend = pick_backend(cfg)
     if backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -128,6 +211,9 @@ def init_distributed(cfg: Config) -> DistEnv:
     _failure_context = (int(os.environ["RANK"]), cfg.parallel.timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout)
+    global _store, _world_size
+    _store = dist.distributed_c10d._get_default_store()  # torch-private: the group's own store
+    _world_size = dist.get_world_size()
     check_agreement(cfg)
 
     from megatron.core import parallel_state as ps

@@ -6,6 +6,7 @@ measured is the path that trains.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ from epruntime.smoes.router import smoes_routers
 from epruntime.transport import setup_transport
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm: training stops before the optimizer step (exit 4)."""
+
+
 @dataclass
 class StepResult:
     loss: float  # global-batch mean cross-entropy
@@ -41,6 +46,7 @@ class StepResult:
     tokens: int  # tokens this rank pushed through the model
     aux_losses: dict[str, float]  # megatron-core's aux-loss tracker: name -> mean over layers
     migration: dict | None = None  # MigrationReport.to_dict() when experts moved this step
+    skipped: bool = False  # non-finite loss or gradient norm: no update (train.skip_nonfinite_steps)
 
 
 class Engine:
@@ -104,11 +110,27 @@ class Engine:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total.item()
 
-    def train_step(self, batch, step: int) -> StepResult:
+    def train_step(self, batch, step: int, may_skip: bool = False) -> StepResult:
+        """One optimizer step on the global batch. A non-finite loss or gradient norm (the same on
+        every rank: both are reduced over all ranks) raises NonFiniteError before anything is
+        updated, or, with `may_skip`, returns a result marked `skipped` without updating."""
         clear_aux_losses_tracker()
         loss = self.forward_backward(batch, self.cfg.data.global_batch_size)
         grad_norm = optim.clip_gradients(self.dense, self.expert, self.cfg.train.grad_clip)
         lr = optim.lr_at(step, self.cfg.train)
+        bad = [f"{name} is {value}" for name, value in (("the loss", loss),
+                                                       ("the gradient norm", grad_norm))
+               if not math.isfinite(value)]
+        if bad:
+            if not may_skip:
+                raise NonFiniteError(
+                    f"step {step}: {' and '.join(bad)} (train.lr={self.cfg.train.lr:g}, lr at this "
+                    f"step {lr:.3g}); stopped before the optimizer step, nothing was updated or "
+                    "saved; lower train.lr, check the data, or set train.skip_nonfinite_steps=N "
+                    "to skip up to N such steps")
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, {},
+                              skipped=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

@@ -4,6 +4,8 @@
     EPRUNTIME_FAULT="exit:rank=1:step=3"           rank 1 dies (exit code 1 by default) there
     EPRUNTIME_FAULT="exit:rank=1:step=3:code=9"    ... with another exit code
     EPRUNTIME_FAULT="sleep:rank=1:step=3:seconds=20"  rank 1 is 20 s late there (a straggler)
+    EPRUNTIME_FAULT="overflow:rank=0:step=3"       rank 0's batch of step 3 holds values that
+                                                   overflow float32 in the forward (loss NaN)
 
 `step` counts training steps from 0 and is checked just before that step's forward pass, so the
 other ranks are blocked in that step's first collective. A `hang` or a `sleep` longer than
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from epruntime.config import ConfigError
 
 ENV_VAR = "EPRUNTIME_FAULT"
-KINDS = ("hang", "exit", "sleep")
+KINDS = ("hang", "exit", "sleep", "overflow")
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,16 @@ class Fault:
     seconds: float = 0.0
     code: int = 1
 
-    def maybe_fire(self, rank: int, step: int) -> None:
-        """Inject the fault if this is its rank and step."""
+    def maybe_fire(self, rank: int, step: int, batch=None) -> None:
+        """Inject the fault if this is its rank and step (`overflow` edits `batch` in place)."""
         if rank != self.rank or step != self.step:
             return
         print(f"{ENV_VAR}: injecting {self.kind} on rank {rank} at step {step}", file=sys.stderr,
               flush=True)
+        if self.kind == "overflow":  # finite, so it passes the input checks; +-3e38 sums to inf
+            sign = (batch.images.new_ones(batch.images.shape[-1]).cumsum(0) % 2) * 2 - 1
+            batch.images.copy_(3e38 * sign.expand_as(batch.images))
+            return
         if self.kind == "exit":
             os._exit(self.code)  # no clean-up, no goodbye to the other ranks: as a crash
         if self.kind == "sleep":

@@ -2,18 +2,20 @@
 
     torchrun --standalone --nproc-per-node=2 -m epruntime.train --config launch/configs/tiny-vqa.yaml
 
-Resumes from `<train.output_dir>/checkpoints/latest` when it exists (train.resume=true).
+Resumes from the newest complete checkpoint under `<train.output_dir>/checkpoints` (train.resume=
+true); never trains over an existing checkpoint (see epruntime.checkpoint.prepare_run).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from tqdm import tqdm
 
 from epruntime import faults
 from epruntime.cli import config_parser, run
-from epruntime.config import load_config
+from epruntime.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +41,29 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
     from epruntime.summary import report
 
     t0 = time.perf_counter()
+    # Before any model is built: output_dir writable on every rank, resume point decided (or a
+    # named refusal), leftovers of an interrupted save removed.
+    resume_from = checkpoint.prepare_run(cfg)
     train_ds, eval_ds = build_datasets(cfg)
+    if len(train_ds) < cfg.data.global_batch_size:
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "
+                          f"{len(train_ds)} training items (data.max_train_items="
+                          f"{cfg.data.max_train_items}); lower the batch or use more items")
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
     mx = metrics_for(cfg, engine)  # Prometheus /metrics; no-op unless metrics.enabled
     batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, env.dp_rank, env.dp_size,
                                    seed=cfg.train.seed)
     step = 0
-    resume_from = checkpoint.latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
     if resume_from is not None:
         meta = checkpoint.load_checkpoint(engine, resume_from)
-        batches.load_state_dict(meta["data"])
+        try:
+            batches.load_state_dict(meta["data"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise checkpoint.CheckpointError(
+                f"{resume_from}: its data position does not fit this run ({err}); resume with the "
+                "checkpoint's data settings (meta.json config.data), or start over with "
+                "train.resume=false train.overwrite=true, or choose another train.output_dir"
+            ) from None
         step = meta["step"]
 
     recorder = traces.start_recording(cfg, engine, env)  # None unless trace.enabled
@@ -58,17 +73,27 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
     result = None
     tokens, train_seconds = 0, 0.0
     migrations = {"count": 0, "bytes_sent": 0, "seconds": 0.0}
+    skipped = 0  # steps without an update (non-finite loss or grad norm), train.skip_nonfinite_steps
     while step < cfg.train.max_steps:
         batch = next(batches).to(env.device)
         if fault is not None:
-            fault.maybe_fire(env.rank, step)
+            fault.maybe_fire(env.rank, step, batch)
         t = time.perf_counter()
-        result = engine.train_step(batch, step)
+        result = engine.train_step(batch, step,
+                                   may_skip=skipped < cfg.train.skip_nonfinite_steps)
         dt = time.perf_counter() - t
         train_seconds += dt
         mx.on_step(step, result, dt)
         tokens += result.tokens * env.world_size
-        losses.append(result.loss)
+        if result.skipped:
+            skipped += 1
+            if env.is_main:
+                bar.write(f"epruntime: warning: step {step}: non-finite loss ({result.loss}) or "
+                          f"gradient norm ({result.grad_norm}); skipped ({skipped} of "
+                          f"train.skip_nonfinite_steps={cfg.train.skip_nonfinite_steps})",
+                          file=sys.stderr)
+        else:
+            losses.append(result.loss)
         if result.migration is not None:
             migrations["count"] += 1
             migrations["bytes_sent"] += result.migration["bytes_sent"]
@@ -89,6 +114,7 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                "world_size": env.world_size, "ep_size": env.ep_size,
                "tokens_per_s": tokens / train_seconds if train_seconds else None,
                "resumed_from_step": meta["step"] if resume_from is not None else None,
+               "skipped_steps": skipped,
                "aux_losses": result.aux_losses if result is not None else {},
                "majority_baseline": eval_ds.majority_baseline(),
                "comm": engine.comm_summary(),

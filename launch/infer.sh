@@ -32,4 +32,4 @@ config=()
 if [[ -n "$CONFIG" ]]; then
     config=(--config "$CONFIG")
 fi
-exec "${launcher[@]}" -m epruntime.infer --checkpoint "$CHECKPOINT" "${config[@]}" "$@"
+run_launcher -m epruntime.infer --checkpoint "$CHECKPOINT" "${config[@]}" "$@"

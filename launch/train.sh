@@ -34,4 +34,4 @@ set -euo pipefail
 # shellcheck source=launch/torchrun.sh
 source "$(dirname "${BASH_SOURCE[0]}")/torchrun.sh"
 CONFIG="${CONFIG:-$root/launch/configs/tiny-vqa.yaml}"
-exec "${launcher[@]}" -m epruntime.train --config "$CONFIG" "$@"
+run_launcher -m epruntime.train --config "$CONFIG" "$@"

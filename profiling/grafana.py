@@ -126,6 +126,9 @@ SECTIONS: list[tuple[str, list[Panel]]] = [
     ("Events", [
         ("Checkpoints saved", "stat", "none",
          [(f"max(epruntime_checkpoint_events_total{{{R}}})", "checkpoints")], ""),
+        ("Skipped steps (non-finite)", "stat", "none",
+         [(f"max(epruntime_skipped_steps_total{{{R}}})", "skipped")],
+         "train.skip_nonfinite_steps: steps without an update."),
         ("Expert migrations", "stat", "none",
          [(f"max(epruntime_migration_events_total{{{R}}})", "migrations")], ""),
         ("Migration bytes (all ranks)", "stat", "bytes",

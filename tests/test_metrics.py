@@ -162,12 +162,17 @@ def test_exporter_serves_only_our_metrics_on_loopback():
 
 
 def test_port_in_use_is_a_clear_error():
+    """A taken port is a user error (ConfigError, exit 2) naming the field and the port."""
+    from epruntime.config import ConfigError
+
     engine, _ = fake_engine()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        with pytest.raises(RuntimeError, match="metrics.port"):
-            MetricsExporter(engine, port=s.getsockname()[1])
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"metrics.port: cannot serve /metrics on "
+                                              f"127.0.0.1:{port} .*the port is in use"):
+            MetricsExporter(engine, port=port)
 
 
 def test_dashboard_files_are_up_to_date_and_use_only_catalog_metrics():

@@ -84,6 +84,9 @@ METRICS: tuple[MetricSpec, ...] = (
        "Analytic FLOPs of the last evaluation relative to the full model (1: full model)."),
     # -- events
     _m("epruntime_checkpoint_events_total", "counter", (), "Checkpoints saved."),
+    _m("epruntime_skipped_steps_total", "counter", (),
+       "Training steps skipped for a non-finite loss or gradient norm "
+       "(train.skip_nonfinite_steps)."),
     _m("epruntime_migration_events_total", "counter", (),
        "Expert migrations (placement changes) this rank took part in."),
     _m("epruntime_migration_bytes_total", "counter", (),

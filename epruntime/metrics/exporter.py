@@ -12,6 +12,7 @@ since the previous step; expert load comes from forward hooks on the MoE routers
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -65,9 +66,13 @@ class MetricsServer:
 
         try:
             self.httpd = Server((host, port), Handler)
-        except OSError as err:
-            raise RuntimeError(f"metrics: cannot serve /metrics on {host}:{port} "
-                               f"(metrics.host / metrics.port + local rank): {err}") from None
+        except OSError as err:  # a user error (exit 2): the port is taken or the host is wrong
+            from epruntime.config import ConfigError
+
+            why = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror
+            raise ConfigError(f"metrics.port: cannot serve /metrics on {host}:{port} (metrics.host,"
+                              f" metrics.port + local rank): {why}; choose another metrics.port "
+                              "or stop what holds it") from None
         self.host, self.port = host, self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="epruntime-metrics",
                                         daemon=True)
@@ -179,6 +184,7 @@ class MetricsExporter(NullMetrics):
         self.g_vision_kept.set(1.0)
         self.g_flops_ratio.set(1.0)
         self.c_ckpt = c("epruntime_checkpoint_events_total")
+        self.c_skipped = c("epruntime_skipped_steps_total")
         self.c_mig = c("epruntime_migration_events_total")
         self.c_mig_bytes = c("epruntime_migration_bytes_total")
         self.c_mig_s = c("epruntime_migration_seconds_total")
@@ -213,6 +219,8 @@ class MetricsExporter(NullMetrics):
         self.g_loss.set(result.loss)
         self.g_gnorm.set(result.grad_norm)
         self.g_lr.set(result.lr)
+        if result.skipped:
+            self.c_skipped.inc()
         if result.migration is not None:
             self.c_mig.inc()
             self.c_mig_bytes.inc(result.migration.get("bytes_sent", 0))
