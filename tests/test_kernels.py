@@ -150,8 +150,12 @@ def test_combine_is_not_just_any_order():
     rows = torch.cat([small, big, -big])
     out = kernels.unpermute_combine(rows, lay, None, 1, backend="torch")
     assert out.item() == 0.0  # (1 + 1e8) rounds to 1e8 in float32; another order gives 1
-    for backend in FAST:
-        assert torch.equal(kernels.unpermute_combine(rows, lay, None, 1, backend=backend), out)
+    for backend in FAST:  # each backend's own layout, on its device
+        dev = device_for(backend)
+        lay_b = kernels.dispatch_layout(torch.ones(1, 3, dtype=torch.bool, device=dev),
+                                        torch.arange(3, device=dev), 3, backend=backend)
+        got = kernels.unpermute_combine(rows.to(dev), lay_b, None, 1, backend=backend)
+        assert torch.equal(got.cpu(), out), backend
 
 
 def grads(backend, x_TH, rows_NH, weight_TR, lay, ref: bool):
@@ -169,7 +173,8 @@ def grads(backend, x_TH, rows_NH, weight_TR, lay, ref: bool):
         out = kernels.unpermute_combine_differentiable(rows_NH, lay, weight_TR, backend=backend)
         out_unweighted = kernels.unpermute_combine_differentiable(sent, lay, backend=backend)
     gen = torch.Generator().manual_seed(11)
-    probe_N, probe_T = (torch.randn(v.shape, generator=gen).to(v.dtype) for v in (sent, out))
+    probe_N, probe_T = (torch.randn(v.shape, generator=gen).to(v.dtype).to(v.device)
+                        for v in (sent, out))
     loss = (sent * probe_N).sum() + (out * probe_T).sum() + (out_unweighted * probe_T).sum()
     loss.backward()
     return x_TH.grad, rows_NH.grad, weight_TR.grad
@@ -178,17 +183,19 @@ def grads(backend, x_TH, rows_NH, weight_TR, lay, ref: bool):
 @pytest.mark.parametrize("backend", ["torch", *FAST])
 def test_gradients_match_reference_autograd(backend):
     gen = torch.Generator().manual_seed(5)
+    dev = device_for(backend)
     for t, e, r, k, h in [(0, 8, 2, 2, 4), (29, 16, 4, 4, 12), (40, 8, 2, 3, 33)]:
         for dtype in (torch.float32, torch.bfloat16):
-            lay = kernels.dispatch_layout(routing(gen, t, e, k), torch.arange(e) % r, r,
+            routing_TE = routing(gen, t, e, k).to(dev)
+            lay = kernels.dispatch_layout(routing_TE, torch.arange(e, device=dev) % r, r,
                                           backend="torch")
-            x_TH = torch.randn(t, h, generator=gen).to(dtype)
-            rows_NH = torch.randn(lay.num_rows, h, generator=gen).to(dtype)
-            weight_TR = torch.rand(t, r, generator=gen)
+            x_TH = torch.randn(t, h, generator=gen).to(dtype).to(dev)
+            rows_NH = torch.randn(lay.num_rows, h, generator=gen).to(dtype).to(dev)
+            weight_TR = torch.rand(t, r, generator=gen).to(dev)
             want = grads(backend, x_TH, rows_NH, weight_TR, lay, ref=True)
             got = grads(backend, x_TH, rows_NH, weight_TR, lay, ref=False)
             for name, a, b in zip(("x", "rows", "weight"), want, got):
-                assert b.dtype == a.dtype and torch.equal(a, b), (backend, dtype, name)
+                assert b.dtype == a.dtype and torch.equal(a.cpu(), b.cpu()), (backend, dtype, name)
 
 
 # ---- Triton under the interpreter ------------------------------------------------------------

@@ -7,6 +7,13 @@ buffer's bytes x 2 (written by the permute, read by the combine), so each varian
 on its own bytes (megatron moves more rows: compare time as well). The layout (routing map ->
 rows) is timed separately for epruntime (`layout_seconds`); megatron's permute computes its
 sorted indices inside the call.
+
+`--device cuda` runs every variant on the GPU (the inputs are made on the CPU with the same seed,
+then moved), each timed call between two `torch.cuda.synchronize()`; there, the caching
+allocator keeps freed memory anyway, so only malloc=default runs. `--backends` picks the
+variants (default: megatron-unfused,torch,cpu,triton,memcpy on cpu, megatron-unfused,torch,
+cuda,triton,memcpy on cuda); a kernel backend that cannot run here is skipped with a note, as
+triton is on CPU without a GPU (only the interpreter runs there, which is not a speed).
 """
 
 from __future__ import annotations
@@ -23,6 +30,21 @@ FULL = dict(tokens=8192, hidden=1024, experts=16, topk=4, ranks=4, dtype="float3
 QUICK = dict(tokens=256, hidden=64, experts=8, topk=2, ranks=2, dtype="float32", repeats=3,
              warmup=1, seed=0)
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+VARIANTS = ("megatron-unfused", "torch", "cpu", "triton", "cuda", "memcpy")
+KERNEL_BACKENDS = ("torch", "cpu", "triton", "cuda")  # epruntime.kernels backends, in run order
+DEFAULT_BACKENDS = {"cpu": ("megatron-unfused", "torch", "cpu", "triton", "memcpy"),
+                    "cuda": ("megatron-unfused", "torch", "cuda", "triton", "memcpy")}
+
+
+def _variant_list(text: str) -> list[str]:
+    """argparse type for "megatron-unfused,torch,cuda"."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated variants out of {','.join(VARIANTS)}, got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +56,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         f"(default {FULL['ranks']})")
     parser.add_argument("--dtype", choices=DTYPES, help="row dtype (default float32)")
     parser.add_argument("--seed", type=int, help="routing seed")
+    parser.add_argument("--device", choices=DEVICES, help="where the tensors live (default cpu)")
+    parser.add_argument("--backends", type=_variant_list, metavar="LIST",
+                        help="variants to time, comma-separated, out of " + ",".join(VARIANTS)
+                        + " (default: " + ",".join(DEFAULT_BACKENDS["cpu"]) + " on cpu, "
+                        + ",".join(DEFAULT_BACKENDS["cuda"]) + " on cuda)")
 
 
 def _check(p: dict[str, Any]) -> None:
@@ -68,14 +95,32 @@ def _retain_freed_memory() -> str | None:
     return None
 
 
-def _time_round_robin(fns: dict[str, Any], repeats: int, warmup: int) -> dict[str, list[float]]:
+def _check_device(device: str, backends: list[str]) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchUsageError("--device cuda needs a CUDA device (torch.cuda.is_available() is "
+                              f"False; torch {torch.__version__}, CUDA {torch.version.cuda})")
+    wrong = {"cpu": "cuda", "cuda": "cpu"}[device]
+    if wrong in backends:
+        raise BenchUsageError(f"--backends names {wrong!r}, which runs on {wrong} tensors only; "
+                              f"--device is {device}")
+
+
+def _time_round_robin(fns: dict[str, Any], repeats: int, warmup: int,
+                      sync: Any = None) -> dict[str, list[float]]:
     """Seconds of each fn over `repeats` rounds (after `warmup`), one call of each per round, so
-    load from other processes hits every variant alike."""
+    load from other processes hits every variant alike. `sync` (torch.cuda.synchronize on a
+    GPU) runs before the clock starts and before it stops, so a call's queued work counts."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
+            if sync is not None:
+                sync()
             start = time.perf_counter()
             fn()
+            if sync is not None:
+                sync()
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 samples[name].append(elapsed)
@@ -93,6 +138,11 @@ def run(args: argparse.Namespace) -> BenchResult:
 
     p = resolve(args, FULL, QUICK)
     _check(p)
+    device = getattr(args, "device", None) or "cpu"
+    selected = getattr(args, "backends", None) or list(DEFAULT_BACKENDS[device])
+    _check_device(device, selected)
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else None
     torch.set_num_threads(1)
     dtype = getattr(torch, p["dtype"])
     gen = torch.Generator().manual_seed(p["seed"])
@@ -105,6 +155,13 @@ def run(args: argparse.Namespace) -> BenchResult:
     # The dedup weight of a (token, rank): the sum of the token's probs of that rank's experts.
     weight_TR = torch.zeros(t, r, dtype=dtype).index_add_(1, rank_of_expert_E, probs_TE)
     x_TH = torch.randn(t, h, generator=gen).to(dtype)
+    # The reference result, on the CPU (the definition), before anything moves to the device.
+    ref_layout = kernels.dispatch_layout(routing_TE, rank_of_expert_E, r, backend="torch")
+    reference_out = kernels.unpermute_combine(kernels.permute(x_TH, ref_layout, backend="torch"),
+                                              ref_layout, weight_TR, t, backend="torch")
+    if on_gpu:
+        routing_TE, probs_TE, rank_of_expert_E, weight_TR, x_TH = (
+            v.to(device) for v in (routing_TE, probs_TE, rank_of_expert_E, weight_TR, x_TH))
     elem = x_TH.element_size()
     notes = [
         "bytes = permuted buffer bytes x 2 (permute writes it, combine reads it); megatron's "
@@ -122,15 +179,19 @@ def run(args: argparse.Namespace) -> BenchResult:
         return moe_utils.unpermute(permuted, sorted_indices, x_TH.shape, probs=probs_TE,
                                    routing_map=routing_TE, fused=False)
 
-    fns, rows_of, layouts = {"megatron-unfused": megatron}, {}, {}
-    rows_of["megatron-unfused"] = int(routing_TE.sum())
+    fns, rows_of, layouts = {}, {}, {}
+    if "megatron-unfused" in selected:
+        fns["megatron-unfused"] = megatron
+        rows_of["megatron-unfused"] = int(routing_TE.sum())
     backends = kernels.available_backends()
-    for name in ("torch", "cpu", "triton"):
+    for name in (b for b in KERNEL_BACKENDS if b in selected):
         if backends.get(name) is not None:
             notes.append(f"{name} skipped: {backends[name]}")
             continue
         if name == "triton" and triton_backend.INTERPRETED:
-            notes.append("triton skipped: only the interpreter runs on CPU (not a speed)")
+            notes.append("triton skipped: TRITON_INTERPRET=1 runs the interpreter (not a speed)"
+                         if on_gpu else
+                         "triton skipped: only the interpreter runs on CPU (not a speed)")
             continue
         layouts[name] = kernels.dispatch_layout(routing_TE, rank_of_expert_E, r, backend=name)
 
@@ -140,31 +201,37 @@ def run(args: argparse.Namespace) -> BenchResult:
 
         fns[name] = ours
         rows_of[name] = layouts[name].num_rows
-    reference_out = fns["torch"]()
-    matches = {name: bool(torch.equal(fns[name](), reference_out)) for name in layouts}
-    # memcpy of the dedup buffer's bytes, once each way.
-    src = torch.randn(rows_of["torch"], h, generator=gen).to(dtype)
-    dst, back = torch.empty_like(src), torch.empty_like(src)
+    matches = {name: bool(torch.equal(fns[name]().cpu(), reference_out)) for name in layouts}
+    if "memcpy" in selected:
+        # memcpy of the dedup buffer's bytes, once each way.
+        src = torch.randn(ref_layout.num_rows, h, generator=gen).to(dtype).to(device)
+        dst, back = torch.empty_like(src), torch.empty_like(src)
 
-    def memcpy():
-        dst.copy_(src)
-        back.copy_(dst)
+        def memcpy():
+            dst.copy_(src)
+            back.copy_(dst)
 
-    fns["memcpy"] = memcpy
-    rows_of["memcpy"] = rows_of["torch"]
+        fns["memcpy"] = memcpy
+        rows_of["memcpy"] = ref_layout.num_rows
+    if not fns:
+        raise BenchUsageError("no variant can run here: " + "; ".join(notes[3:]))
     layout_fns = {name: (lambda name=name: kernels.dispatch_layout(
         routing_TE, rank_of_expert_E, r, backend=name)) for name in layouts}
 
     regimes, rows_out = ["default"], []
     for malloc in ("default", "retain"):
+        if malloc == "retain" and on_gpu:
+            notes.append("malloc=retain skipped: on cuda, torch's caching allocator already keeps "
+                         "freed memory (malloc=default is that steady state)")
+            break
         if malloc == "retain":
             why_not = _retain_freed_memory()
             if why_not is not None:
                 notes.append(f"malloc=retain skipped: {why_not}")
                 break
             regimes.append("retain")
-        samples = _time_round_robin(fns, p["repeats"], p["warmup"])
-        layout_samples = _time_round_robin(layout_fns, p["repeats"], p["warmup"])
+        samples = _time_round_robin(fns, p["repeats"], p["warmup"], sync)
+        layout_samples = _time_round_robin(layout_fns, p["repeats"], p["warmup"], sync)
         for name, fn_samples in samples.items():
             rows_out.append(_row(
                 name, malloc, fn_samples, 2 * rows_of[name] * h * elem, rows_of[name],
@@ -175,15 +242,20 @@ def run(args: argparse.Namespace) -> BenchResult:
     primary = regimes[-1]
     by = {row["variant"]: row for row in rows_out if row["malloc"] == primary}
     ratios = {}
-    for name in ("cpu", "torch"):
-        if name in by:
+    for name in (b for b in ("cpu", "torch", "cuda", "triton") if b in by):
+        if "megatron-unfused" in by:
             ratios[f"{name}/megatron-unfused_gbytes_per_s"] = (
                 by[name]["gbytes_per_s"] / by["megatron-unfused"]["gbytes_per_s"])
             ratios[f"megatron-unfused/{name}_seconds"] = (
                 by["megatron-unfused"]["seconds"] / by[name]["seconds"])
+        if "memcpy" in by:
             ratios[f"{name}/memcpy_gbytes_per_s"] = (
                 by[name]["gbytes_per_s"] / by["memcpy"]["gbytes_per_s"])
     params = {**p, "quick": bool(getattr(args, "quick", False)), "threads": 1,
-              "placement": "contiguous", "malloc_regimes": regimes, "ratios_from": primary}
-    return BenchResult(name="permute", params=params, rows=rows_out, ratios=ratios,
-                       env=collect_env(), notes=notes)
+              "placement": "contiguous", "malloc_regimes": regimes, "ratios_from": primary,
+              "device": device, "backends": selected}
+    env = collect_env()
+    if on_gpu:
+        env.update(device_name=torch.cuda.get_device_name(), torch_cuda=torch.version.cuda)
+    return BenchResult(name="permute", params=params, rows=rows_out, ratios=ratios, env=env,
+                       notes=notes)
