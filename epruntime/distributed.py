@@ -240,6 +240,27 @@ def init_distributed(cfg: Config) -> DistEnv:
     )
 
 
+def collective_device(group=None) -> torch.device:
+    """Where `group`'s collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def host_all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small host-side tensor (counters, figures) in place over `group`, through the
+    group's device (NCCL takes CUDA tensors only); returns `t`. A no-op for a group of one."""
+    if dist.get_world_size(group) == 1:
+        return t
+    device = collective_device(group)
+    if t.device == device:
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    on_device = t.to(device)
+    dist.all_reduce(on_device, op=op, group=group)
+    return t.copy_(on_device.to(t.device))  # host sync: figures for the host
+
+
 def seed_all(seed: int) -> None:
     """Seed torch and megatron-core's named RNG states (data-, model-, expert-parallel)."""
     if compat.is_enabled():

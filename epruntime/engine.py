@@ -23,7 +23,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from epruntime import kernels, optim
 from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
-from epruntime.distributed import DistEnv
+from epruntime.distributed import DistEnv, host_all_reduce
 from epruntime.model.vlm import MoEVLM, init_weights_
 from epruntime.placement import Placement
 from epruntime.placement.migrate import migrate_experts
@@ -32,6 +32,11 @@ from epruntime.smoes.bins import text_preference
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.smoes.router import smoes_routers
 from epruntime.transport import setup_transport
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class NonFiniteError(RuntimeError):
@@ -174,7 +179,7 @@ class Engine:
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
         batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
-        counts = torch.zeros(3, dtype=torch.float64)  # correct, counted, ce_sum
+        counts_dev = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # hit, n, ce
         reducer = self.model.reducer
         reducer.reset_stats()
         forward_s = 0.0  # prefill: the model's forward passes only, not batch assembly
@@ -182,14 +187,18 @@ class Engine:
             idx = torch.arange(start + rank * batch_size, start + (rank + 1) * batch_size)
             valid = idx < n
             batch = dataset.batch(torch.where(valid, idx, 0)).to(self.env.device)
+            valid = valid.to(self.env.device)
+            _synchronize(self.env.device)  # host sync: prefill timing waits for the device
             t0 = time.perf_counter()
             logits = self.model(batch.images, batch.question_ids, batch.question_lens)
+            _synchronize(self.env.device)
             forward_s += time.perf_counter() - t0
             hit = (logits.argmax(-1) == batch.answers) & valid
             ce = F.cross_entropy(logits, batch.answers, reduction="none")
-            counts += torch.tensor([hit.sum().item(), valid.sum().item(), ce[valid].sum().item()],
-                                   dtype=torch.float64)
-        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+            counts_dev = counts_dev + torch.stack([hit.sum().double(), valid.sum().double(),
+                                                   ce[valid].double().sum()])
+        counts = counts_dev.cpu()  # host sync: once, at the end of the evaluation
+        host_all_reduce(counts, group=ps.get_data_parallel_group())
         prefill = self._prefill_summary(forward_s)
         recorder.close()
         eval_comm = self.comm_summary()
@@ -211,9 +220,9 @@ class Engine:
         reducer, world = self.model.reducer, dist.group.WORLD
         flops = reducer.flops.summary(world)
         sums = torch.tensor([reducer.passes, reducer.kept_vision], dtype=torch.float64)
-        dist.all_reduce(sums, group=world)
+        host_all_reduce(sums, group=world)
         slowest = torch.tensor([forward_s], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=world)
+        host_all_reduce(slowest, group=world, op=dist.ReduceOp.MAX)
         samples = sums[0].item()
         return {"flops": flops, "flops_ratio": flops["ratio"],
                 "prefill_tokens_per_s": samples * self.model.seq_len / max(slowest.item(), 1e-9),

@@ -54,8 +54,11 @@ def reduce_gradients(dense: list, expert: list) -> None:
 def global_grad_norm(dense: list, expert: list) -> torch.Tensor:
     """L2 norm over the whole model: dense grads are replicated (count once), expert grads are
     sharded over the EP group (sum their squares over it)."""
+    device = next(iter((*dense, *expert))).device if (dense or expert) else None
+
     def sq(params):
-        return sum((p.grad.double().pow(2).sum() for p in params if p.grad is not None), torch.zeros((), dtype=torch.float64))
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return sum((p.grad.double().pow(2).sum() for p in params if p.grad is not None), zero)
 
     expert_sq = sq(expert)
     ep_group = ps.get_expert_model_parallel_group()
@@ -66,12 +69,13 @@ def global_grad_norm(dense: list, expert: list) -> torch.Tensor:
 
 def clip_gradients(dense: list, expert: list, max_norm: float) -> float:
     norm = global_grad_norm(dense, expert)
-    scale = max_norm / (norm.item() + 1e-6)
+    norm_value = norm.item()  # host sync: the clip decision and the non-finite guard need it
+    scale = max_norm / (norm_value + 1e-6)
     if scale < 1.0:
         for p in (*dense, *expert):
             if p.grad is not None:
                 p.grad.mul_(scale)
-    return norm.item()
+    return norm_value
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

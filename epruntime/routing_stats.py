@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epruntime.distributed import host_all_reduce
+
 from epruntime.model.context import current_modality_T
 from epruntime.smoes.metrics import balancedness, msi_from_joint
 
@@ -35,7 +37,10 @@ class RoutingRecorder:
             if modality_T is None:
                 return
             _, routing_map_TE = output
-            onehot_T2 = nn.functional.one_hot(modality_T.long(), 2).double()
+            if self.joint_L2E.device != routing_map_TE.device:  # accumulate where routing runs
+                self.joint_L2E = self.joint_L2E.to(routing_map_TE.device)
+            onehot_T2 = nn.functional.one_hot(modality_T.to(routing_map_TE.device).long(),
+                                              2).double()
             self.joint_L2E[layer] += onehot_T2.T @ routing_map_TE.double()
         return record
 
@@ -47,13 +52,13 @@ class RoutingRecorder:
         router = self.routers[layer]
         experts = self.joint_L2E.shape[-1]
         bins = getattr(router, "bin_of_expert", None)
-        return bins if bins is not None else torch.arange(experts) // (experts // self.num_bins)
+        return bins.cpu() if bins is not None else torch.arange(experts) // (experts // self.num_bins)
 
     def summary(self, group=None) -> dict:
         """Metrics over everything recorded, summed over the ranks of `group` (all DP ranks)."""
-        joint = self.joint_L2E.clone()
+        joint = self.joint_L2E.cpu()  # host sync: report time
         if dist.is_initialized():
-            dist.all_reduce(joint, group=group)
+            host_all_reduce(joint, group=group)
         per_layer, bin_joint_total = [], torch.zeros(2, self.num_bins, dtype=torch.float64)
         expert_joint_total = joint.sum(0)
         for layer in range(joint.shape[0]):

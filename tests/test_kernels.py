@@ -136,8 +136,9 @@ def test_backend_matches_reference_on_edge_cases(backend):
     for name, routing_TE, rank_of_expert, r, h, keep_T in edge_cases(gen):
         for dtype in (torch.float32, torch.bfloat16):
             check_case(backend, routing_TE, rank_of_expert, r, h, dtype, gen, keep_T)
-    dup = kernels.dispatch_layout(torch.ones(6, 8, dtype=torch.bool), torch.arange(8) // 4, 2,
-                                  backend=backend)
+    dev = device_for(backend)
+    dup = kernels.dispatch_layout(torch.ones(6, 8, dtype=torch.bool, device=dev),
+                                  torch.arange(8, device=dev) // 4, 2, backend=backend)
     assert dup.tokens_per_rank_R.tolist() == [6, 6]  # 4 experts per rank, one row each
 
 
@@ -186,14 +187,18 @@ def test_gradients_match_reference_autograd(backend):
     dev = device_for(backend)
     for t, e, r, k, h in [(0, 8, 2, 2, 4), (29, 16, 4, 4, 12), (40, 8, 2, 3, 33)]:
         for dtype in (torch.float32, torch.bfloat16):
-            routing_TE = routing(gen, t, e, k).to(dev)
-            lay = kernels.dispatch_layout(routing_TE, torch.arange(e, device=dev) % r, r,
-                                          backend="torch")
-            x_TH = torch.randn(t, h, generator=gen).to(dtype).to(dev)
-            rows_NH = torch.randn(lay.num_rows, h, generator=gen).to(dtype).to(dev)
-            weight_TR = torch.rand(t, r, generator=gen).to(dev)
+            # The reference runs on the CPU, where autograd's scatter-adds sum in index order;
+            # on CUDA they use atomics, whose order (and float32 result) varies.
+            routing_TE = routing(gen, t, e, k)
+            lay = kernels.dispatch_layout(routing_TE, torch.arange(e) % r, r, backend="torch")
+            lay_dev = kernels.dispatch_layout(routing_TE.to(dev), torch.arange(e, device=dev) % r,
+                                              r, backend="torch")
+            x_TH = torch.randn(t, h, generator=gen).to(dtype)
+            rows_NH = torch.randn(lay.num_rows, h, generator=gen).to(dtype)
+            weight_TR = torch.rand(t, r, generator=gen)
             want = grads(backend, x_TH, rows_NH, weight_TR, lay, ref=True)
-            got = grads(backend, x_TH, rows_NH, weight_TR, lay, ref=False)
+            got = grads(backend, x_TH.to(dev), rows_NH.to(dev), weight_TR.to(dev), lay_dev,
+                        ref=False)
             for name, a, b in zip(("x", "rows", "weight"), want, got):
                 assert b.dtype == a.dtype and torch.equal(a.cpu(), b.cpu()), (backend, dtype, name)
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from epruntime.distributed import host_all_reduce
+
 MODALITIES = ("text", "vision")
 
 
@@ -71,7 +73,7 @@ class FlopCounter:
         flat = torch.cat([self.layer_LCM.flatten(), self.full_LCM.flatten(), self.other,
                           self.full_other])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
+            host_all_reduce(flat, group=group)
         n = self.layers * 6
         layer_LCM, full_LCM = flat[:n].view(self.layers, 3, 2), flat[n:2 * n].view(self.layers, 3, 2)
         other, full_other = flat[2 * n:2 * n + 2], flat[2 * n + 2:]

@@ -119,7 +119,7 @@ class TokenReducer:
                 if self._prunes(index):
                     probs_TE, map_TE = self._select(router, args[0], self.cfg.retention_at(index),
                                                     probs_TE, map_TE)
-            if self.flops is not None:
+            if self.flops is not None:  # host sync (eval only): FLOPs are counted on the host
                 pairs_M = torch.zeros(2, dtype=torch.float64)
                 pairs_M.index_add_(0, modality_T.cpu(), map_TE.sum(1).cpu().double())
                 self.flops.on_experts(index, pairs_M)
@@ -189,7 +189,9 @@ class TokenReducer:
 
         text = s - p
         self.query_valid_BS = torch.cat([keep_BP.new_ones(b, keep), self.query_valid_BS[:, p:]], 1)
-        modality_S = torch.cat([torch.full((keep,), VISION), torch.full((text,), TEXT)])
+        dev = hidden_SBH.device
+        modality_S = torch.cat([torch.full((keep,), VISION, device=dev),
+                                torch.full((text,), TEXT, device=dev)])
         replace_modality(modality_S[:, None].expand(keep + text, b).to(current_modality_SB().device))
         am = self.attention_modality
         if am is not None and am.M_BS2 is not None:

@@ -22,6 +22,9 @@ else:
     _IMPORT_ERROR = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Compiled, `acc + w * row` in float32 contracts to one FMA (one rounding instead of the
+# reference's two): keep the multiply and the add apart so every backend is bit-identical.
+_NO_FMA = {} if INTERPRETED else {"enable_fp_fusion": False}
 BLOCK_E = 64
 
 
@@ -145,7 +148,7 @@ def unpermute_combine(rows_NH, layout, weight_TR, num_tokens):
     _combine_kernel[(num_tokens, triton.cdiv(h, block))](
         rows_NH, layout.position_TR.contiguous(), layout.offset_R.contiguous(),
         rows_NH if weight is None else weight, out, layout.num_ranks, h,
-        HAS_WEIGHT=weight is not None, BLOCK=block)
+        HAS_WEIGHT=weight is not None, BLOCK=block, **_NO_FMA)
     return out
 
 

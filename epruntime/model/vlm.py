@@ -181,10 +181,11 @@ class MoEVLM(nn.Module):
     def seq_len(self) -> int:
         return self.num_vision_tokens + self.max_question_len
 
-    def modality(self, batch_size: int) -> torch.Tensor:
-        """[S, B] int64: VISION for the image positions, TEXT for the question."""
+    def modality(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[S, B] int64 on `device`: VISION for the image positions, TEXT for the question."""
         p, q = self.num_vision_tokens, self.max_question_len
-        col = torch.cat([torch.full((p,), VISION), torch.full((q,), TEXT)])
+        col = torch.cat([torch.full((p,), VISION, device=device),
+                         torch.full((q,), TEXT, device=device)])
         return col[:, None].expand(p + q, batch_size)
 
     def check_batch(self, images, question_ids, question_lens, answers=None) -> None:
@@ -198,9 +199,11 @@ class MoEVLM(nn.Module):
         """Decoder input [S, B, D]: projected patches plus position embeddings, then the
         question's token and position embeddings."""
         b, p = images.shape[0], self.num_vision_tokens
-        image_ids = torch.full((b, p), IMAGE_ID, dtype=question_ids.dtype)
+        image_ids = torch.full((b, p), IMAGE_ID, dtype=question_ids.dtype,
+                               device=question_ids.device)
         input_ids = torch.cat([image_ids, question_ids], dim=1)
-        position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        position_ids = position_ids.expand_as(input_ids)
         embedded_SBD = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
         vision_PBD = self.vision(images).transpose(0, 1)
         return torch.cat([embedded_SBD[:p] + vision_PBD, embedded_SBD[p:]], dim=0)
@@ -214,7 +217,7 @@ class MoEVLM(nn.Module):
         embedded_SBD = self.embed(images, question_ids)
         self.reducer.begin(self.training, question_lens, p, self.seq_len)
         try:
-            with token_context(self.modality(b)):
+            with token_context(self.modality(b, images.device)):
                 logits_BSV = self.gpt(input_ids=None, position_ids=None, attention_mask=None,
                                       decoder_input=embedded_SBD)
         except BaseException:
@@ -222,7 +225,7 @@ class MoEVLM(nn.Module):
             raise
         p = self.reducer.end(b, logits_BSV.shape[1])  # visual tokens left after any pruning
         last = p + question_lens - 1
-        logits_BV = logits_BSV[torch.arange(b), last]
+        logits_BV = logits_BSV[torch.arange(b, device=last.device), last]
         return logits_BV[:, self.answer_offset :]
 
     @property

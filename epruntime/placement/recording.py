@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epruntime.distributed import host_all_reduce
+
 from epruntime.placement.core import Placement
 from epruntime.placement.strategies import traffic_aware_placement
 
@@ -36,7 +38,7 @@ class CoactivationRecorder:
         """[L, E, E] int64 summed over `group` (collective when given)."""
         counts = self.counts_LEE.clone()
         if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(counts, group=group)
+            host_all_reduce(counts, group=group)
         return counts.round().to(torch.int64)
 
 
