@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -400,21 +399,19 @@ def saved_placements(meta: dict, model) -> list[Placement] | None:
     return out
 
 
-def _apply_placements(engine, meta: dict, path: Path) -> None:
+def _apply_placements(engine, meta: dict, path: Path, resuming: bool) -> None:
     """Put each expert where the checkpoint had it, before tensors are copied (they are looked up
-    by the logical expert in each slot). If that layout does not fit (another EP size) or this
-    run's dispatcher cannot route it, keep the model's current placement: still correct, since
-    expert tensors are keyed by logical id."""
+    by the logical expert in each slot), when the layout fits (same EP size) and this run's
+    dispatchers can route it, and either training resumes (its state comes back as it was) or
+    the run asks for a placement that moves (dispatch.placement other than contiguous). Otherwise
+    the model keeps its current placement, which is just as correct: expert tensors are keyed by
+    logical id. So `infer --set dispatch.kind=alltoall --set dispatch.placement=contiguous` loads
+    a checkpoint whose experts migrated."""
     model = engine.model
-    placements = saved_placements(meta, model)
-    if placements is None:
+    if not resuming and engine.cfg.dispatch.placement == "contiguous":
         return
-    unsupported = [layer for layer, (p, moe) in enumerate(zip(placements, model.moe_layers))
-                   if not p.is_contiguous and not hasattr(moe.token_dispatcher, "set_placement")]
-    if unsupported:
-        warnings.warn(f"{path}: saved non-contiguous expert placement of layers {unsupported} "
-                      f"needs a dispatcher that supports placements; loading under the current "
-                      "placement instead", stacklevel=3)
+    placements = saved_placements(meta, model)
+    if placements is None or model.unsupported_placements(placements) is not None:
         return
     model.set_placements(placements)
 
@@ -436,7 +433,7 @@ def load_checkpoint(engine, path: Path, restore_training_state: bool = True) -> 
         if f.name == f"rank{env.rank:05d}.pt":
             rng = payload["rng"]
 
-    _apply_placements(engine, meta, path)
+    _apply_placements(engine, meta, path, resuming=restore_training_state)
     ep_rank = env.ep_rank
     tensors = [*engine.model.global_named_parameters(ep_rank),
                *engine.model.global_named_buffers(ep_rank)]

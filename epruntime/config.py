@@ -317,6 +317,10 @@ class Config(Section):
     dispatch: DispatchConfig = DispatchConfig()
     metrics: MetricsConfig = MetricsConfig()
     trace: TraceConfig = TraceConfig()
+    # Validate every batch at the model boundary (shapes, dtypes, token and label ranges, finite
+    # pixels): a few min/max/isfinite passes, each a host sync. On by default; switch it off for
+    # speed once the data pipeline is trusted (--set debug_checks=false).
+    debug_checks: bool = True
 
     @model_validator(mode="after")
     def _experts_split_over_ep(self) -> "Config":

@@ -198,6 +198,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     check_backend_available(cfg)
     backend = pick_backend(cfg)
     if backend == "nccl":
+        compat.enable_host_independent()  # e.g. megatron-core without Transformer Engine
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -6,6 +6,7 @@ measured is the path that trains.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,12 +26,8 @@ from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.distributed import DistEnv, host_all_reduce
 from epruntime.model.vlm import MoEVLM, init_weights_
-from epruntime.placement import Placement
-from epruntime.placement.migrate import migrate_experts
-from epruntime.placement.strategies import placement_from_bins
-from epruntime.smoes.bins import text_preference
 from epruntime.routing_stats import RoutingRecorder
-from epruntime.smoes.router import smoes_routers
+from epruntime.runtime import Observers, layer_runtimes
 from epruntime.transport import setup_transport
 
 
@@ -50,7 +47,6 @@ class StepResult:
     lr: float
     tokens: int  # tokens this rank pushed through the model
     aux_losses: dict[str, float]  # megatron-core's aux-loss tracker: name -> mean over layers
-    migration: dict | None = None  # MigrationReport.to_dict() when experts moved this step
     skipped: bool = False  # non-finite loss or gradient norm: no update (train.skip_nonfinite_steps)
 
 
@@ -60,35 +56,28 @@ class Engine:
                  dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
         per_node = self.ranks_per_node = ep_ranks_per_node(cfg, env.local_world_size)
-        self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
-                            dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node)
-        # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`).
-        self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank, per_node)
-        self.ledger.enabled = cfg.dispatch.ledger
-        for index, moe in enumerate(self.model.moe_layers):
-            moe.token_dispatcher.layer_index = index
-        self._attach_ledger()
-        # dispatch.transport=shm: the dispatchers' row all-to-alls on the EP group go through
-        # shared memory inside a node (collective over the EP group).
-        self.transport = setup_transport(cfg, ps.get_expert_model_parallel_group(), per_node)
         backend = None if cfg.dispatch.kernels == "auto" else cfg.dispatch.kernels
         try:  # before any collective: an unusable backend is a config error, not a dead rank
             kernels.resolve_backend(backend, env.device)
         except ValueError as err:
             raise ConfigError(f"dispatch.kernels={cfg.dispatch.kernels}: {err}") from None
-        for moe in self.model.moe_layers:
-            moe.token_dispatcher.transport = self.transport
-            moe.token_dispatcher.kernel_backend = backend
-        self.model.reducer.kernel_backend = backend
+        # dispatch.transport=shm: the dispatchers' row all-to-alls on the EP group go through
+        # shared memory inside a node (collective over the EP group).
+        self.transport = setup_transport(cfg, ps.get_expert_model_parallel_group(), per_node)
+        # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`);
+        # the dispatchers see it through the observers of their runtime.
+        self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank, per_node)
+        self.observers = Observers(self.ledger if cfg.dispatch.ledger else None)
+        runtimes = layer_runtimes(cfg.model.num_layers, self.transport, backend, self.observers)
+        self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
+                            dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node,
+                            runtimes=runtimes)
         self.model.to(env.device)
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
                       env.ep_rank)
         self.dense, self.expert = optim.split_params(self.model)
         self.optimizer = optim.build_optimizer(self.model, cfg.train)
-        # Each rank's aux loss is over its own micro-batch; grads are summed over DP, so scale
-        # the aux-loss gradient to the mean over ranks.
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / env.dp_size))
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters under their global names."""
@@ -99,8 +88,10 @@ class Engine:
         """(sum of CE over this rank's samples / global_batch_size, logits [B, A])."""
         # Labels too (the forward checks the rest): an unknown answer is an InputError, not a
         # silent wrong loss or an index error deep in cross_entropy.
-        self.model.check_batch(batch.images, batch.question_ids, batch.question_lens, batch.answers)
-        logits = self.model(batch.images, batch.question_ids, batch.question_lens)
+        if self.cfg.debug_checks:  # once, labels included; the forward then skips its own
+            self.model.check_batch(batch.images, batch.question_ids, batch.question_lens,
+                                   batch.answers)
+        logits = self.model(batch.images, batch.question_ids, batch.question_lens, check=False)
         ce_sum = F.cross_entropy(logits, batch.answers, reduction="sum")
         return ce_sum / global_batch_size, logits
 
@@ -109,6 +100,10 @@ class Engine:
         Returns the global mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = self.local_loss(batch, global_batch_size)
+        # Each rank's aux loss is over its own micro-batch; grads are summed over DP, so scale the
+        # aux-loss gradient to the mean over ranks. megatron-core keeps this scale process-wide:
+        # set it where this engine's backward uses it.
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.env.dp_size))
         loss.backward()
         optim.reduce_gradients(self.dense, self.expert)
         total = loss.detach().clone()
@@ -139,29 +134,9 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        migration = None
-        if self.cfg.smoes.enabled and (step + 1) % self.cfg.smoes.rebin_interval == 0:
-            for router in smoes_routers(self.model):
-                router.rebin()
-            if self.cfg.dispatch.placement == "bins":
-                migration = self.place(self.bin_placements())
-        aux = {name: entry["values"].mean().item()
+        aux = {name: entry["values"].mean().item()  # host sync: logged figures
                for name, entry in get_moe_layer_wise_logging_tracker().items()}
-        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux, migration)
-
-    def bin_placements(self) -> list[Placement]:
-        """SMoES bin k on EP rank k, per layer (across nodes, bins of like modality share one)."""
-        return [placement_from_bins(router.bin_of_expert, self.env.ep_size, self.ranks_per_node,
-                                    text_preference(router.counts.C))
-                for router in smoes_routers(self.model)]
-
-    def place(self, placements: list[Placement]) -> dict | None:
-        """Move experts (weights and optimizer state) to `placements`; collective over EP.
-        Returns the migration report, or None when nothing changes."""
-        if list(placements) == list(self.model.placements):
-            return None
-        return migrate_experts(self.model, self.optimizer, placements,
-                               timeout=self.cfg.parallel.timeout_s).to_dict()
+        return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux)
 
     @torch.no_grad()
     def evaluate(self, dataset, batch_size: int | None = None) -> dict[str, float]:
@@ -173,9 +148,27 @@ class Engine:
         """
         self.model.eval()
         recorder = RoutingRecorder(self.model, self.cfg.num_bins)
-        train_ledger, self.ledger = self.ledger, self.ledger.totals()
-        self.ledger.reset()
-        self._attach_ledger()
+        env = self.env
+        eval_ledger = CommLedger(self.cfg.model.num_layers, env.ep_size, env.ep_rank,
+                                 self.ranks_per_node)
+        with self.observing(eval_ledger):
+            figures = self._evaluate(dataset, batch_size, recorder)
+        self.model.train()
+        return figures
+
+    @contextlib.contextmanager
+    def observing(self, ledger):
+        """Record the dispatchers' bytes into `ledger` for the enclosed block (and report it as
+        `comm_summary`), then return to the training ledger. Results never change."""
+        previous = self.ledger
+        self.ledger = ledger
+        try:
+            with self.observers.observing(ledger if self.cfg.dispatch.ledger else None):
+                yield ledger
+        finally:
+            self.ledger = previous
+
+    def _evaluate(self, dataset, batch_size, recorder) -> dict:
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
         batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
@@ -202,9 +195,6 @@ class Engine:
         prefill = self._prefill_summary(forward_s)
         recorder.close()
         eval_comm = self.comm_summary()
-        self.ledger = train_ledger
-        self._attach_ledger()
-        self.model.train()
         # Padding repeats of item 0 are routed too; at most one batch per rank, so they are
         # left in the routing statistics.
         return {"eval_accuracy": counts[0].item() / counts[1].item(),
@@ -229,10 +219,6 @@ class Engine:
                 "prefill_seconds": slowest.item(),
                 "vision_tokens": self.model.num_vision_tokens,
                 "vision_tokens_kept": sums[1].item() / max(samples, 1)}
-
-    def _attach_ledger(self) -> None:
-        for moe in self.model.moe_layers:
-            moe.token_dispatcher.ledger = self.ledger
 
     def comm_summary(self) -> dict | None:
         """The ledger summed over all ranks (collective), or None when the ledger is off."""

@@ -15,7 +15,6 @@ from torch import nn
 
 from epruntime.distributed import host_all_reduce
 
-from epruntime.model.context import current_modality_T
 from epruntime.smoes.metrics import balancedness, msi_from_joint
 
 
@@ -29,24 +28,22 @@ class RoutingRecorder:
         self.num_bins = num_bins
         experts = self.routers[0].config.num_moe_experts
         self.joint_L2E = torch.zeros(len(self.routers), 2, experts, dtype=torch.float64)
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        self.tap = model.router_tap
+        self.tap.add("stats", self.record)
 
-    def _hook(self, layer: int):
-        def record(router, args, output) -> None:
-            modality_T = current_modality_T()
-            if modality_T is None:
-                return
-            _, routing_map_TE = output
-            if self.joint_L2E.device != routing_map_TE.device:  # accumulate where routing runs
-                self.joint_L2E = self.joint_L2E.to(routing_map_TE.device)
-            onehot_T2 = nn.functional.one_hot(modality_T.to(routing_map_TE.device).long(),
-                                              2).double()
-            self.joint_L2E[layer] += onehot_T2.T @ routing_map_TE.double()
-        return record
+    def record(self, event) -> None:
+        """One router call (epruntime.model.router_tap.RouterEvent)."""
+        if event.modality_T is None:
+            return
+        routing_map_TE = event.routing_map_TE
+        if self.joint_L2E.device != routing_map_TE.device:  # accumulate where routing runs
+            self.joint_L2E = self.joint_L2E.to(routing_map_TE.device)
+        onehot_T2 = nn.functional.one_hot(event.modality_T.to(routing_map_TE.device).long(),
+                                          2).double()
+        self.joint_L2E[event.layer] += onehot_T2.T @ routing_map_TE.double()
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self.tap.remove("stats")
 
     def bins_of(self, layer: int) -> torch.Tensor:
         router = self.routers[layer]
@@ -56,7 +53,7 @@ class RoutingRecorder:
 
     def summary(self, group=None) -> dict:
         """Metrics over everything recorded, summed over the ranks of `group` (all DP ranks)."""
-        joint = self.joint_L2E.cpu()  # host sync: report time
+        joint = self.joint_L2E.to("cpu", copy=True)  # host sync: report time
         if dist.is_initialized():
             host_all_reduce(joint, group=group)
         per_layer, bin_joint_total = [], torch.zeros(2, self.num_bins, dtype=torch.float64)

@@ -4,16 +4,10 @@
         --preset nvlink-ib --json sweep.json
 
 For each dispatcher it rebuilds the (src, dst) row matrices the real one would hand to
-all_to_all, with the CommLedger's byte conventions (DESIGN.md, "Communication"):
-
-- alltoall (megatron-core): one row per (token, expert); payload H x hidden dtype, metadata one
-  router prob (prob dtype); control: every rank all-gathers E int64 counts per call.
-- dedup: one row per (token, destination rank); metadata 2M float32, M = min(top-k, E / R);
-  control: R int64 counts per call.
-- dedup-hier: stage 1 one row per (token, node) to the gateway with the sender's local index in
-  that node, metadata 2 M1 + 1 float32 (M1 = min(top-k, experts per node)); stage 2 one row per
-  (token, rank) from the gateway inside the node, metadata 2M; control: two rounds of R int64.
-- combine sends every dispatch row back (H x hidden dtype, no metadata), stage 2 before stage 1.
+all_to_all from the same row plan the dispatchers move bytes by (`epruntime.dispatch.plan`,
+whose docstring defines every payload, metadata and control byte): alltoall is the plan's
+"expert" kind (megatron-core), dedup its "rank" kind, dedup-hier its "node" kind (with the
+modality column the ledger's runs carry). Combine sends every dispatch row back, hops in reverse.
 
 At the recorded EP size and placement the figures equal the ledger's (tests/test_simulate.py).
 Tokens keep their recorded source rank when the EP size equals the trace's; otherwise they are
@@ -40,12 +34,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from epruntime.dispatch.ledger import CommLedger
+from epruntime.dispatch.plan import COUNT_BYTES, META_BYTES, routing_map_from_topk, row_plan
 from epruntime.placement import Placement
-from epruntime.traces import UNKNOWN_MODALITY, RoutingTrace, load_trace
+from epruntime.traces import RoutingTrace, load_trace
 
 KINDS = ("alltoall", "dedup", "dedup-hier")
-COUNT_BYTES = 8  # int64 split counts
-META_BYTES = 4  # dedup metadata travels as float32
+PLAN_KINDS = {"alltoall": "expert", "dedup": "rank", "dedup-hier": "node"}  # dispatch.kind -> plan
+__all__ = ["COUNT_BYTES", "KINDS", "META_BYTES", "LinkModel", "PRESETS", "SimResult",
+           "exchange_time", "layer_exchanges", "main", "simulate", "source_ranks", "sweep"]
 
 
 # ---- link model ----------------------------------------------------------------------------
@@ -142,18 +138,6 @@ def source_ranks(trace: RoutingTrace, ep_size: int) -> torch.Tensor:
     return out
 
 
-def _pair_matrix(src_X: torch.Tensor, dst_X: torch.Tensor, r: int) -> torch.Tensor:
-    """[R, R] int64 count of (src, dst) pairs."""
-    return torch.bincount(src_X * r + dst_X, minlength=r * r).view(r, r)
-
-
-def _modality_matrix(mod_X: torch.Tensor, src_X, dst_X, r: int) -> torch.Tensor:
-    """[2, R, R] rows per (modality, src, dst); records of unknown modality are left out."""
-    known = mod_X != UNKNOWN_MODALITY
-    flat = (mod_X[known] * r + src_X[known]) * r + dst_X[known]
-    return torch.bincount(flat, minlength=2 * r * r).view(2, r, r)
-
-
 @dataclass
 class Exchange:
     """One all-to-all of one average forward call: bytes [R, R] and its phase."""
@@ -170,90 +154,26 @@ def layer_exchanges(kind: str, experts_NK: torch.Tensor, src_N: torch.Tensor,
                     layer: int) -> list[Exchange]:
     """Fill `ledger`'s cells for one layer and return its all-to-alls (summed over calls).
 
-    experts_NK [N, K] logical expert ids (-1 none), src_N [N] source rank, modality_N [N].
+    experts_NK [N, K] logical expert ids (-1 none), src_N [N] source rank, modality_N [N]
+    (traces.UNKNOWN_MODALITY = unknown). Rows and bytes are the row plan's
+    (`epruntime.dispatch.plan`) for every source rank at once.
     """
-    r, per_node, n_local = placement.num_ranks, placement.ranks_per_node, placement.num_local
-    e = placement.num_experts
-    row = hidden * hidden_bytes
-    valid = experts_NK >= 0
-    tok_X = torch.arange(experts_NK.shape[0])[:, None].expand_as(experts_NK)[valid]
-    dst_X = placement.rank_E[experts_NK[valid]]
-    src_X = src_N[tok_X]
-    expert_RR = _pair_matrix(src_X, dst_X, r)
-    # distinct (token, rank): the dedup floor
-    key = torch.unique(tok_X * r + dst_X)
-    ftok, fdst = key // r, key % r
-    floor_RR = _pair_matrix(src_N[ftok], fdst, r)
-    ledger.expert_rows[layer] += expert_RR
-    ledger.floor_rows[layer] += floor_RR
-    known = modality_N != UNKNOWN_MODALITY
-    ledger.tokens[layer] += torch.bincount(modality_N[known], minlength=2)[:2]
-    ledger.tokens[layer, 0] += int((~known).sum())
-
-    def add(phase: int, rows_RR, meta_row_bytes: int, mod_2RR) -> None:
-        ledger.rows[layer, phase] += rows_RR
-        ledger.payload_bytes[layer, phase] += rows_RR * row
-        ledger.meta_bytes[layer, phase] += rows_RR * meta_row_bytes
-        ledger.modality_rows[layer, phase] += mod_2RR
-
-    def control(per_pair: int) -> torch.Tensor:
-        c = torch.full((r, r), per_pair * calls, dtype=torch.int64)
-        ledger.control_bytes[layer] += c
-        return c
-
-    ex: list[Exchange] = []
-    if kind == "alltoall":
-        mod = _modality_matrix(modality_N[tok_X], src_X, dst_X, r)
-        add(0, expert_RR, prob_bytes, mod)
-        add(1, expert_RR.t(), 0, mod.transpose(1, 2))
-        if r > 1:  # megatron-core all-gathers the [E] int64 counts of every rank
-            ex.append(Exchange("dispatch", "counts", control(e * COUNT_BYTES), False))
-        ex += [Exchange("dispatch", "tokens", expert_RR * row),
-               Exchange("dispatch", "probs", expert_RR * prob_bytes),
-               Exchange("combine", "tokens", expert_RR.t() * row)]
-    elif kind == "dedup":
-        m = min(topk, n_local)
-        mod = _modality_matrix(modality_N[ftok], src_N[ftok], fdst, r)
-        add(0, floor_RR, 2 * m * META_BYTES, mod)
-        add(1, floor_RR.t(), 0, mod.transpose(1, 2))
-        ex.append(Exchange("dispatch", "counts", control(COUNT_BYTES), False))
-        ex += _rows_exchanges("dispatch", "rows", floor_RR, row, 2 * m * META_BYTES, hidden_bytes)
-        ex.append(Exchange("combine", "rows", floor_RR.t() * row))
-    elif kind == "dedup-hier":
-        m1, m = min(topk, per_node * n_local), min(topk, n_local)
-        # stage 1: distinct (token, node) to the gateway with the sender's local index there
-        nkey = torch.unique(tok_X * placement.num_nodes + dst_X // per_node)
-        ntok, nnode = nkey // placement.num_nodes, nkey % placement.num_nodes
-        gate_Y = nnode * per_node + src_N[ntok] % per_node
-        s1_RR = _pair_matrix(src_N[ntok], gate_Y, r)
-        mod1 = _modality_matrix(modality_N[ntok], src_N[ntok], gate_Y, r)
-        # stage 2: distinct (token, rank) from that node's gateway
-        gate_F = (fdst // per_node) * per_node + src_N[ftok] % per_node
-        s2_RR = _pair_matrix(gate_F, fdst, r)
-        mod2 = _modality_matrix(modality_N[ftok], gate_F, fdst, r)
-        meta1, meta2 = (2 * m1 + 1) * META_BYTES, 2 * m * META_BYTES
-        add(0, s1_RR, meta1, mod1)
-        add(0, s2_RR, meta2, mod2)
-        add(1, s2_RR.t(), 0, mod2.transpose(1, 2))
-        add(1, s1_RR.t(), 0, mod1.transpose(1, 2))
-        ex.append(Exchange("dispatch", "counts1", control(COUNT_BYTES), False))
-        ex += _rows_exchanges("dispatch", "rows1", s1_RR, row, meta1, hidden_bytes)
-        ex.append(Exchange("dispatch", "counts2", control(COUNT_BYTES), False))
-        ex += _rows_exchanges("dispatch", "rows2", s2_RR, row, meta2, hidden_bytes)
-        ex += [Exchange("combine", "rows2", s2_RR.t() * row),
-               Exchange("combine", "rows1", s1_RR.t() * row)]
-    else:
+    if kind not in KINDS:
         raise ValueError(f"dispatch kind {kind!r}: expected one of {KINDS}")
+    routing_NE = routing_map_from_topk(experts_NK, placement.num_experts)
+    plan = row_plan(routing_NE, None, placement, PLAN_KINDS[kind], source_rank=src_N, topk=topk,
+                    hidden_size=hidden, hidden_bytes=hidden_bytes, prob_bytes=prob_bytes,
+                    modality_column=True)  # the ledger records: node dedup's modality column
+    ledger.record_plan(layer, plan, modality_N, calls)
+    ex: list[Exchange] = []
+    for i, hop in enumerate(plan.hops):
+        if hop.control_bytes:
+            name = "counts" if len(plan.hops) == 1 else f"counts{i + 1}"
+            ex.append(Exchange("dispatch", name, hop.control_bytes_RR * calls, False))
+        ex += [Exchange("dispatch", name, bytes_RR) for name, bytes_RR in hop.messages()]
+    ex += [Exchange("combine", hop.name, hop.rows_RR.t() * hop.payload_row_bytes)
+           for hop in reversed(plan.hops)]
     return ex
-
-
-def _rows_exchanges(phase, name, rows_RR, row_bytes, meta_bytes, hidden_bytes) -> list[Exchange]:
-    """epruntime packs rows and float32 metadata into one all-to-all when the hidden dtype is
-    float32 too; otherwise they travel as two."""
-    if hidden_bytes == META_BYTES:
-        return [Exchange(phase, name, rows_RR * (row_bytes + meta_bytes))]
-    return [Exchange(phase, name, rows_RR * row_bytes), Exchange(phase, name + "-meta",
-                                                                 rows_RR * meta_bytes)]
 
 
 # ---- simulation ----------------------------------------------------------------------------

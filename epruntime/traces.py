@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from epruntime.model.context import current_modality_T
 
 FORMAT = "epruntime-trace/1"
 UNKNOWN_MODALITY = 255
@@ -114,23 +113,27 @@ class TraceRecorder:
         self.calls_L = [0] * L
         self.tokens_seen_L = [0] * L
         self._chunks: list[dict[str, np.ndarray]] = []
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        self._tap = model.router_tap
+        self._tap.add("traces", self.record)
 
-    def _hook(self, layer: int):
-        def record(router, args, output) -> None:
-            probs_TE, routing_TE = output[0].detach(), output[1].detach()
-            self.hidden_bytes = args[0].element_size()
-            self.prob_bytes = probs_TE.element_size()
-            call = self.calls_L[layer]
-            self.calls_L[layer] += 1
-            t = routing_TE.shape[0]
-            self.tokens_seen_L[layer] += t
-            keep_T = sample_mask(t, self.sample_rate, self.seed, self.ep_rank, call)
-            self._chunks.append(self.compact(layer, call, routing_TE.cpu(), probs_TE.cpu(), keep_T))
-        return record
+    def record(self, event) -> None:
+        """One router call (epruntime.model.router_tap.RouterEvent)."""
+        layer, probs_TE, routing_TE = event.layer, event.probs_TE, event.routing_map_TE
+        self.hidden_bytes = event.hidden_TH.element_size()
+        self.prob_bytes = probs_TE.element_size()
+        call = self.calls_L[layer]
+        self.calls_L[layer] += 1
+        t = routing_TE.shape[0]
+        self.tokens_seen_L[layer] += t
+        keep_T = sample_mask(t, self.sample_rate, self.seed, self.ep_rank, call)
+        modality_T = None if event.modality_T is None else event.modality_T.cpu()
+        # host sync: traces are written on the host, every sampled call
+        self._chunks.append(self.compact(layer, call, routing_TE.cpu(), probs_TE.cpu(), keep_T,
+                                         modality_T))
 
     def compact(self, layer: int, call: int, routing_TE: torch.Tensor, probs_TE: torch.Tensor,
-                keep_T: torch.Tensor) -> dict[str, np.ndarray]:
+                keep_T: torch.Tensor, modality_T: torch.Tensor | None = None
+                ) -> dict[str, np.ndarray]:
         """Kept tokens of one router call -> compact arrays (experts in ascending id order)."""
         token = keep_T.nonzero(as_tuple=True)[0]
         used = routing_TE[token]
@@ -140,9 +143,8 @@ class TraceRecorder:
         valid = used.gather(1, order)
         experts = torch.where(valid, order, -1)
         weights = probs_TE[token].float().gather(1, order) * valid
-        modality_T = current_modality_T()
-        if modality_T is not None and modality_T.numel() == routing_TE.shape[0]:
-            modality = modality_T.cpu()[token].to(torch.uint8)
+        if modality_T is not None:
+            modality = modality_T[token].to(torch.uint8)
         else:
             modality = torch.full((token.numel(),), UNKNOWN_MODALITY, dtype=torch.uint8)
         n = token.numel()
@@ -191,9 +193,7 @@ class TraceRecorder:
         return path
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._tap.remove("traces")
 
 
 def start_recording(cfg, engine, env) -> TraceRecorder | None:

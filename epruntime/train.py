@@ -38,6 +38,7 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
     from epruntime.datasets import build_datasets
     from epruntime.engine import Engine
     from epruntime.metrics import metrics_for
+    from epruntime.placement.controller import PlacementController
     from epruntime.summary import report
 
     t0 = time.perf_counter()
@@ -66,6 +67,7 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
             ) from None
         step = meta["step"]
 
+    placement = PlacementController(engine)  # re-binning and expert migration between steps
     recorder = traces.start_recording(cfg, engine, env)  # None unless trace.enabled
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (env.is_main and cfg.train.progress),
                desc="train", unit="step", dynamic_ncols=True)
@@ -94,11 +96,12 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                           file=sys.stderr)
         else:
             losses.append(result.loss)
-        if result.migration is not None:
-            migrations["count"] += 1
-            migrations["bytes_sent"] += result.migration["bytes_sent"]
-            migrations["seconds"] += result.migration["seconds"]
         step += 1
+        if not result.skipped and (migration := placement.after_step(step - 1)) is not None:
+            migrations["count"] += 1  # SMoES re-binned and experts moved to their bins
+            migrations["bytes_sent"] += migration["bytes_sent"]
+            migrations["seconds"] += migration["seconds"]
+            mx.on_migration(migration)
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / max(train_seconds, 1e-9):,.0f}",
                             lr=f"{result.lr:.2e}",

@@ -58,7 +58,7 @@ def test_global_expert_names_follow_each_layers_placement():
 
 def _spec_classes():
     from megatron.core.transformer.moe.router import TopKRouter
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher as MoEAlltoAllTokenDispatcher
 
     class Router(TopKRouter):
         calls = 0

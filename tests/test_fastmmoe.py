@@ -162,18 +162,18 @@ def small_config(kind: str):
 def _direct(model, images, qids, qlens, keep_BK, k_vision: int):
     """Layer 0 on every token, then layer 1 on the kept tokens only, by calling megatron-core's
     layers directly (k' applied through the reducer with no pruning policy)."""
-    from epruntime.model.context import TEXT, VISION, replace_modality, token_context
+    from epruntime.modality import TEXT, VISION
 
     b, keep = keep_BK.shape
     model.reducer.configure(FastMMoEConfig(enabled=True, vision_topk=k_vision))
     model.reducer.begin(False, qlens, P, P + Q)
     layers = model.gpt.decoder.layers
-    with token_context(model.modality(b)):
+    with model.tokens.forward(model.modality(b)):
         h0, _ = layers[0](hidden_states=model.embed(images, qids), attention_mask=None)
         index_SB = torch.cat([keep_BK.T, P + torch.arange(Q)[:, None].expand(Q, b)])
         h = h0.gather(0, index_SB[:, :, None].expand(-1, -1, h0.shape[-1]))
         col = torch.cat([torch.full((keep,), VISION), torch.full((Q,), TEXT)])
-        replace_modality(col[:, None].expand(keep + Q, b))
+        model.tokens.enter(col[:, None].expand(keep + Q, b))
         model.reducer.num_vision = keep
         h1, _ = layers[1](hidden_states=h, attention_mask=None)
         logits, _ = model.gpt.output_layer(model.gpt.decoder.final_layernorm(h1))

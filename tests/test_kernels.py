@@ -200,7 +200,13 @@ def test_gradients_match_reference_autograd(backend):
             got = grads(backend, x_TH.to(dev), rows_NH.to(dev), weight_TR.to(dev), lay_dev,
                         ref=False)
             for name, a, b in zip(("x", "rows", "weight"), want, got):
-                assert b.dtype == a.dtype and torch.equal(a.cpu(), b.cpu()), (backend, dtype, name)
+                assert b.dtype == a.dtype, (backend, dtype, name)
+                if name == "weight" and dev == "cuda":
+                    # a dot product over the hidden size: a GPU reduces it in a tree, the CPU
+                    # reference in order, so the float results differ by rounding only
+                    torch.testing.assert_close(b.cpu(), a, msg=f"{backend} {dtype} {name}")
+                else:  # copies and in-order sums: bit-identical everywhere
+                    assert torch.equal(a, b.cpu()), (backend, dtype, name)
 
 
 # ---- Triton under the interpreter ------------------------------------------------------------
@@ -410,7 +416,7 @@ def _engines_worker(rank: int) -> None:
         distributed.seed_all(0)
         engine = Engine(small_config(2, "dedup", f"dispatch.kernels={backend}"), env,
                         len(ds.vocab), ds.num_answers, ds.max_question_len)
-        assert engine.model.moe_layers[0].token_dispatcher.kernel_backend == backend
+        assert engine.model.moe_layers[0].token_dispatcher.runtime.kernels == backend
         loss = engine.forward_backward(batch, GLOBAL_BATCH)
         results[backend] = (loss, [p.grad.clone() for p in engine.model.parameters()])
     assert results["torch"][0] == results["cpu"][0]

@@ -3,6 +3,8 @@ and `dispatch.placement=bins` moves SMoES bins onto their ranks as a real torchr
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ def _curve_worker(rank: int, ep_size: int, out: str) -> None:
     from epruntime import distributed
     from epruntime.data import SyntheticVQA, shard_slice
     from epruntime.engine import Engine
+    from epruntime.placement.controller import place
 
     cfg = small_config(ep_size, "dedup", "train.lr=3e-3", "train.warmup_steps=1")
     env = distributed.init_distributed(cfg)
@@ -31,7 +34,7 @@ def _curve_worker(rank: int, ep_size: int, out: str) -> None:
         losses = []
         for step in range(6):
             if migrate and step == 3:
-                reports.append(engine.place([shuffled] * cfg.model.num_layers))
+                reports.append(place(engine, [shuffled] * cfg.model.num_layers))
             idx = torch.arange(GLOBAL_BATCH)  # one batch: the loss must fall on it
             losses.append(engine.train_step(ds.batch(idx[shard_slice(GLOBAL_BATCH, env.dp_rank,
                                                                        env.dp_size)]), step).loss)
@@ -72,3 +75,16 @@ def test_bins_placement_moves_experts_during_training(tmp_path):
     check(run(torchrun_cmd("epruntime.infer", 2, "--checkpoint", str(out),
                            *sets(infer__output_dir=infer_out, dispatch__kind="dedup"))))
     assert summary(infer_out)["eval_accuracy"] == s["eval_accuracy"]
+    # A placement asked for explicitly wins over the saved one (experts are keyed by logical
+    # id): megatron-core's dispatcher under the contiguous placement gives the same accuracy.
+    contiguous_out = tmp_path / "infer-contiguous"
+    check(run(torchrun_cmd("epruntime.infer", 2, "--checkpoint", str(out),
+                           *sets(infer__output_dir=contiguous_out, dispatch__kind="alltoall",
+                                 dispatch__placement="contiguous"))))
+    assert summary(contiguous_out)["eval_accuracy"] == s["eval_accuracy"]
+    # An impossible combination is one named line and exit 2, not a traceback.
+    bad = run([sys.executable, "-m", "epruntime.infer", "--checkpoint", str(out),
+               *sets(infer__output_dir=tmp_path / "bad", dispatch__kind="alltoall")])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert ("epruntime.infer: error: invalid config: dispatch.placement=bins needs "
+            "dispatch.kind=dedup or dedup-hier") in bad.stderr, bad.stderr[-3000:]

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from epruntime.config import load_config
+from epruntime.model.router_tap import RouterTap
+from epruntime.runtime import TokenStream
 from epruntime.dispatch.ledger import CommLedger
 from epruntime.engine import StepResult
 from epruntime.metrics import METRICS, MetricsExporter, NullMetrics, metrics_for
@@ -46,7 +48,8 @@ class FakeRouter(nn.Module):
         super().__init__()
         self.experts = experts
 
-    def forward(self, tokens: int):
+    def forward(self, hidden_TH: torch.Tensor):
+        tokens = hidden_TH.shape[0]
         routing = torch.zeros(tokens, self.experts, dtype=torch.bool)
         routing[torch.arange(tokens), torch.arange(tokens) % self.experts] = True
         return routing.float(), routing
@@ -57,7 +60,8 @@ def fake_engine(layers: int = 2, experts: int = 4):
                              "model.moe_topk=1", "parallel.ep_size=2"])
     routers = [FakeRouter(experts) for _ in range(layers)]
     model = SimpleNamespace(moe_layers=[SimpleNamespace(router=r) for r in routers],
-                            placements=[Placement.contiguous(experts, 2)] * layers)
+                            placements=[Placement.contiguous(experts, 2)] * layers,
+                            router_tap=RouterTap(routers, TokenStream()))
     # ranks_per_node=1: rank 0 -> rank 1 crosses nodes.
     return SimpleNamespace(cfg=cfg, env=SimpleNamespace(rank=0, local_rank=0), model=model,
                            ledger=CommLedger(layers, 2, 0, 1)), routers
@@ -101,13 +105,13 @@ def test_exporter_feeds_ledger_deltas_and_routing():
         payload = torch.zeros(6, 4, dtype=torch.float32)  # 16 bytes a row
         ledger.record_exchange(0, "dispatch", [2, 4], payload)  # 4 rows to rank 1 (inter-node)
         ledger.record_routing(0, torch.tensor([3, 5]), torch.tensor([2, 4]), None, 6)
-        routers[0](6)  # experts 0,1 (rank 0) get 2 tokens, experts 2,3 (rank 1) get 1
-        routers[1](4)
-        step = StepResult(loss=2.0, grad_norm=1.0, lr=1e-3, tokens=6, aux_losses={},
-                          migration={"bytes_sent": 100, "seconds": 0.5})
+        routers[0](torch.zeros(6, 1))  # experts 0,1 (rank 0) get 2 tokens, experts 2,3 (rank 1) get 1
+        routers[1](torch.zeros(4, 1))
+        step = StepResult(loss=2.0, grad_norm=1.0, lr=1e-3, tokens=6, aux_losses={})
         mx.on_step(0, step, 0.5)
+        mx.on_migration({"bytes_sent": 100, "seconds": 0.5})
         ledger.record_exchange(0, "dispatch", [0, 1], payload[:1])  # one more row next step
-        routers[0](4)
+        routers[0](torch.zeros(4, 1))
         mx.on_step(1, StepResult(2.0, 1.0, 1e-3, 6, {}), 0.5)
         mx.on_checkpoint()
         s = samples(mx.exposition().decode())

@@ -143,11 +143,15 @@ def config(ep_size: int, out: str):
 
 
 def placement_aware_dispatcher():
-    """megatron-core's alltoall dispatcher plus `set_placement`, so non-contiguous placements are
-    accepted. Forward passes under them are not meaningful (these tests check state movement)."""
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    """megatron-core's alltoall dispatcher that claims to route any placement (the
+    PlacementAware protocol), so non-contiguous placements are accepted. Forward passes under
+    them are not meaningful (these tests check state movement)."""
+    from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher as MoEAlltoAllTokenDispatcher
 
     class PlacementRecordingDispatcher(MoEAlltoAllTokenDispatcher):
+        def supports(self, p):
+            return True
+
         def set_placement(self, p):
             self.placement = p
 

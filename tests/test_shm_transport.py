@@ -194,7 +194,7 @@ def _check_engines(env) -> dict:
                         len(ds.vocab), ds.num_answers, ds.max_question_len)
         loss = engine.forward_backward(batch, GLOBAL_BATCH)
         t = engine.transport
-        assert all(moe.token_dispatcher.transport is t for moe in engine.model.moe_layers)
+        assert all(moe.token_dispatcher.runtime.transport is t for moe in engine.model.moe_layers)
         assert (transport == "shm") == isinstance(t, ShmTransport)
         if t is not None:
             assert t.group is ps.get_expert_model_parallel_group()

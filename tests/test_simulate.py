@@ -101,6 +101,35 @@ def test_simulator_equals_ledger_of_real_runs(tmp_path, ep_size):
         summaries["alltoall"]["rows_sent"]
 
 
+# ---- start-up --------------------------------------------------------------------------------
+_STARTUP = """
+import sys, time
+t0 = time.perf_counter()
+import epruntime.simulate
+seconds = time.perf_counter() - t0
+try:
+    epruntime.simulate.main(["--help"])
+except SystemExit:
+    pass
+megatron = sorted(m for m in sys.modules if m.startswith("megatron"))
+print(repr((bool(megatron), megatron[:3], seconds)))
+"""
+
+
+def test_the_simulator_starts_without_megatron_core_in_under_3_s(python_env):
+    import subprocess
+    import sys
+
+    runs = []
+    for _ in range(2):  # the better of two: these cores are shared
+        out = subprocess.run([sys.executable, "-c", _STARTUP], env=python_env, check=True,
+                             capture_output=True, text=True).stdout.splitlines()[-1]
+        runs.append(eval(out))
+    for imported, modules, _ in runs:
+        assert not imported, modules  # the row plan and the ledger do not need megatron-core
+    assert min(seconds for _, _, seconds in runs) <= 3.0, runs
+
+
 # ---- alpha-beta model ------------------------------------------------------------------------
 def test_alpha_beta_exchange_time_by_hand():
     link = LinkModel(intra_bandwidth=100.0, inter_bandwidth=10.0, intra_latency=1.0,
@@ -201,12 +230,17 @@ class _FakeRouter(torch.nn.Module):
 
 
 def _fake_model(layers=2, experts=8, topk=2, hidden=16):
+    """Routers and the model's one router tap, as TraceRecorder reads them."""
     from types import SimpleNamespace
 
+    from epruntime.model.router_tap import RouterTap
+    from epruntime.runtime import TokenStream
+
     cfg = SimpleNamespace(num_moe_experts=experts, moe_router_topk=topk, hidden_size=hidden)
-    decoder_layers = [SimpleNamespace(mlp=SimpleNamespace(router=_FakeRouter(cfg)))
-                      for _ in range(layers)]
-    return SimpleNamespace(gpt=SimpleNamespace(decoder=SimpleNamespace(layers=decoder_layers)))
+    routers = [_FakeRouter(cfg) for _ in range(layers)]
+    decoder_layers = [SimpleNamespace(mlp=SimpleNamespace(router=r)) for r in routers]
+    return SimpleNamespace(gpt=SimpleNamespace(decoder=SimpleNamespace(layers=decoder_layers)),
+                           router_tap=RouterTap(routers, TokenStream()))
 
 
 def test_recorder_samples_same_tokens_in_every_layer_and_roundtrips(tmp_path):

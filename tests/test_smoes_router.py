@@ -24,11 +24,16 @@ def config(ep_size: int, *extra: str):
 def _train(cfg, env, steps: int):
     from epruntime.data import ShardedBatchIterator, SyntheticVQA
     from epruntime.engine import Engine
+    from epruntime.placement.controller import PlacementController
 
     ds = SyntheticVQA(256, image_size=16, question_len=6, seed=3)
     engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len)
     batches = ShardedBatchIterator(ds, GLOBAL_BATCH, env.dp_rank, env.dp_size, seed=1)
-    losses = [engine.train_step(next(batches), step).loss for step in range(steps)]
+    controller = PlacementController(engine)  # re-bins every smoes.rebin_interval steps
+    losses = []
+    for step in range(steps):
+        losses.append(engine.train_step(next(batches), step).loss)
+        controller.after_step(step)
     return engine, losses, batches
 
 

@@ -5,14 +5,40 @@ whose k experts share a rank crosses the link up to k times. Here (as in DeepEP'
 crosses once per rank: the row carries the weights and local slots of the experts it uses there,
 the expert rank fans it out to them, sums their weighted outputs, and sends one row back. Which
 experts share a rank is the `Placement`'s business (any logical -> physical map works), so SMoES
-bins or traffic-aware placement turn into fewer rows.
+bins or traffic-aware placement turn into fewer rows. What crosses the wire is the row plan's
+(`epruntime.dispatch.plan`, kind "rank"); this class moves bytes by it.
 
 It plugs into megatron-core's `MoELayer` through the `MoETokenDispatcher` interface (selected by
 `dispatch.kind=dedup`, see `epruntime.model.spec`); experts, router and the layer are
-megatron-core's own.
+megatron-core's own. Everything else it needs (layer index, transport, kernels backend, ledger,
+the modality of the layer's tokens) comes from its `LayerRuntime`, given at construction.
+
+Phases (megatron-core's contract: communication only in token_dispatch / token_combine). As in
+megatron-core's flex (DeepEP) dispatcher, pre-processing only plans; the rows are gathered
+where the split counts are known:
+
+    dispatch_preprocess  plan the rows (device only, no sync): the handle
+    token_dispatch       exchange the [R] row counts, then the rows and their metadata
+    dispatch_postprocess fan the received rows out to local experts, sorted by slot
+    combine_preprocess   sum each received row's expert outputs back into one row
+    token_combine        send the rows back
+    combine_postprocess  sum each token's rows (kernels backend)
+
+The handle (`DispatchHandle`, as DeepEP's `handle`) carries everything from dispatch to combine;
+it is the only per-call state on the dispatcher (`self._handle`), and backward needs nothing else.
+
+Host-sync budget: 1 host sync per dispatch (token_dispatch): the send and receive split counts
+come to the host in one `.tolist()`, because the all-to-all takes its splits as host integers.
+Everything else stays on the device: the plan, the ledger's counters, the send buffer (its size
+is the sum of those host counts). tests/test_host_syncs.py counts this. Not counted there: the
+fan-out's data-dependent sizes (`nonzero` on the received slots; on CUDA megatron-core's experts
+sync on `tokens_per_expert` anyway).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from megatron.core import utils
@@ -20,112 +46,193 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from epruntime import kernels
 from epruntime.dispatch.collective import all_to_all, exchange_counts
-from epruntime.dispatch.layout import dedup_send_layout, fan_out
-from epruntime.model.context import current_modality_T
+from epruntime.dispatch.layout import FanOut, fan_out
+from epruntime.dispatch.plan import Hop, RowPlan, row_plan
 from epruntime.placement import Placement, PlacementError
+from epruntime.runtime import LayerRuntime
+
+HOST_SYNCS_PER_DISPATCH = 1  # the split counts (see the module docstring)
+
+
+@dataclass(frozen=True, eq=False)
+class SentHop:
+    """One hop as dispatched: its plan, the split counts both ways and the send rows' layout."""
+
+    hop: Hop
+    send_splits: tuple[int, ...]  # rows sent to each rank (host)
+    recv_splits: tuple[int, ...]  # rows received from each rank (host)
+    recv_R: torch.Tensor  # [R] int64 the same received counts on the device (the ledger's)
+    layout: kernels.Layout  # where each (token, rank) row sits in the send buffer
+    modality_rows: torch.Tensor | None  # [2, R, R] the sent rows by modality; None: unknown
+
+    @property
+    def num_sent(self) -> int:
+        return sum(self.send_splits)
+
+    @property
+    def num_received(self) -> int:
+        return sum(self.recv_splits)
+
+
+@dataclass(frozen=True, eq=False)
+class DispatchHandle:
+    """Everything combine (and backward) needs from one dispatch. Built by dispatch_preprocess
+    (plan, shape, modality), completed by token_dispatch (`sent`) and dispatch_postprocess
+    (`fan`)."""
+
+    plan: RowPlan
+    hidden_shape: torch.Size  # of the layer's input, [S, B, H] or [T, H]
+    modality_T: torch.Tensor | None  # [T] modality of the layer's tokens; None: unknown
+    sent: tuple[SentHop, ...] = ()  # hops in dispatch order
+    fan: FanOut | None = None  # received rows -> local expert inputs
+
+    @property
+    def num_received(self) -> int:
+        return self.sent[-1].num_received if self.sent else 0
 
 
 class DedupTokenDispatcher(MoETokenDispatcher):
+    plan_kind = "rank"
+    # Validate the routing in the row plan (a row needing more than M entries is an error).
+    # Costs a host sync per dispatch: off by default; set it on an instance (or a subclass)
+    # to check a new router.
+    debug_checks = False
+
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config,
-                 pg_collection=None):
+                 pg_collection=None, runtime: LayerRuntime | None = None):
         super().__init__(config=config, pg_collection=pg_collection)
         if self.tp_size > 1:
             raise NotImplementedError("dedup dispatch with expert tensor parallelism")
         self.num_local_experts = num_local_experts
         self.ep_rank = utils.get_pg_rank(self.ep_group)
+        self.runtime = runtime if runtime is not None else LayerRuntime()
         self.placement = Placement.contiguous(config.num_moe_experts, self.ep_size)
-        # A row carries at most this many (slot, weight) entries.
-        self.max_entries = min(config.moe_router_topk, num_local_experts)
-        self.layer_index = 0  # set by the model: the ledger's layer
-        self.ledger = None  # CommLedger or None
-        self.transport = None  # set by the Engine for dispatch.transport=shm; None: the group
-        # kernels.Layout of the last dispatch: the send-row gather and the final combine run
-        # through epruntime.kernels with it (subclasses that build other layouts leave it None).
-        self.rows_layout = None
-        self.kernel_backend: str | None = None  # dispatch.kernels (None: automatic)
+        self._handle: DispatchHandle | None = None
+
+    def supports(self, placement: Placement) -> bool:
+        """Any placement of this layer's experts over this EP group."""
+        return (placement.num_ranks == self.ep_size
+                and placement.num_local == self.num_local_experts)
 
     def set_placement(self, placement: Placement) -> None:
-        if placement.num_ranks != self.ep_size or placement.num_local != self.num_local_experts:
+        if not self.supports(placement):
             raise PlacementError(f"placement of {placement.num_experts} experts on "
                                  f"{placement.num_ranks} ranks does not fit EP size {self.ep_size}"
                                  f" with {self.num_local_experts} local experts")
         self.placement = placement
 
+    def _ledger(self):
+        """The CommLedger recording now, or None."""
+        ledger = self.runtime.ledger
+        return ledger if ledger is not None and ledger.enabled else None
+
     # ---- dispatch ------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        """hidden [S, B, H] (or [T, H]), routing_map [T, E] bool, probs [T, E] ->
-        send rows [N, H] and their metadata [N, 2M] (weights, then slots as floats)."""
-        self.hidden_shape = hidden_states.shape
-        x_TH = hidden_states.reshape(-1, self.hidden_shape[-1])
-        layout = dedup_send_layout(routing_map, probs, self.placement, self.max_entries)
-        # Same rows in the same order (rank-major, tokens ascending) as `layout`.
-        self.rows_layout = kernels.dispatch_layout(
-            routing_map, self.placement.rank_E.to(routing_map.device), self.ep_size,
-            backend=self.kernel_backend)
-        self.token_N = layout.token_N
-        self.send_splits = layout.splits_R.tolist()
-        self.recv_splits = exchange_counts(layout.splits_R, self.ep_group).tolist()
-        self.modality_N = None
-        modality_T = current_modality_T()
-        if modality_T is not None and modality_T.numel() == x_TH.shape[0]:
-            self.modality_N = modality_T.to(layout.token_N.device)[layout.token_N]
-        if self.ledger is not None:
-            self.ledger.record_control(self.layer_index,
-                                       [layout.splits_R.element_size()] * self.ep_size)
-            self.ledger.record_routing(self.layer_index, layout.expert_rows_R, layout.splits_R,
-                                       modality_T if self.modality_N is not None else None,
-                                       x_TH.shape[0])
-        rows_NH = kernels.permute_differentiable(x_TH, self.rows_layout, self.kernel_backend)
-        meta_N2M = torch.cat([layout.prob_NM.float(), layout.slot_NM.float()], dim=1)
-        return rows_NH, meta_N2M
+        """hidden [S, B, H] (or [T, H]), routing_map [T, E] bool, probs [T, E] -> (x [T, H],
+        probs [T, E]); the row plan goes into the handle (device only, no communication)."""
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        ledger = self._ledger()
+        plan = row_plan(routing_map, probs, self.placement, self.plan_kind,
+                        source_rank=self.ep_rank, topk=self.config.moe_router_topk,
+                        hidden_size=x_TH.shape[1], hidden_bytes=x_TH.element_size(),
+                        modality_column=ledger is not None, debug_checks=self.debug_checks)
+        modality_T = self.runtime.tokens.modality_T
+        if modality_T is not None:
+            modality_T = modality_T.to(x_TH.device)
+        if ledger is not None:
+            ledger.record_routing(self.runtime.layer_index, plan.expert_rows_RR,
+                                  plan.floor_rows_RR, modality_T, plan.num_tokens)
+        self._handle = DispatchHandle(plan, hidden_states.shape, modality_T)
+        return x_TH, probs
 
-    def token_dispatch(self, rows_NH, meta_N2M):
-        if self.ledger is not None:
-            self.ledger.record_exchange(self.layer_index, "dispatch", self.send_splits, rows_NH,
-                                        meta_N2M, self.modality_N)
-        return self.exchange_rows(rows_NH, meta_N2M, self.send_splits, self.recv_splits)
+    def token_dispatch(self, x_TH, probs):
+        """Rows [N, H] and their metadata [N, 2M] (weights, then slots as floats) to the ranks
+        of their experts; returns what this rank receives."""
+        h = self._handle
+        rows, meta, sent = self._send_hop(x_TH, h.plan.hops[0], h.modality_T)
+        self._handle = dataclasses.replace(h, sent=(sent,))
+        return rows, meta
 
-    def exchange_rows(self, rows_NH, meta_NC, send_splits, recv_splits):
-        """Rows and their metadata to their destination ranks; one collective when the dtypes
-        allow packing them side by side (fewer latency-bound calls each way)."""
-        if rows_NH.dtype == meta_NC.dtype:
-            packed = all_to_all(torch.cat([rows_NH, meta_NC], dim=1), send_splits, recv_splits,
-                                self.ep_group, self.transport)
+    def _send_hop(self, x_TH: torch.Tensor, hop: Hop, modality_T: torch.Tensor | None):
+        """One hop of the plan: exchange the counts, gather the rows (one per (token, rank) of
+        x_TH's rows) with their entries, hand both to the all-to-all. -> (rows, meta, SentHop)."""
+        ledger, layer = self._ledger(), self.runtime.layer_index
+        recv_R = exchange_counts(hop.splits_R, self.ep_group)
+        if ledger is not None:
+            ledger.record_control(layer, hop.control_bytes_RR)
+        # host sync: the all-to-all needs the split sizes on the host
+        send_splits, recv_splits = torch.stack([hop.splits_R, recv_R]).tolist()
+        num_rows = sum(send_splits)
+        token_N, dest_N = hop.rows(num_rows=num_rows)
+        layout = kernels.Layout.of_rows(hop.sends_TR, hop.splits_R,
+                                        hop.used_TGQ.sum(0).reshape(-1), num_rows, token_N)
+        rows_NH = kernels.permute_differentiable(x_TH, layout, self.runtime.kernels)
+        slot_NM, prob_NM = hop.entries(token_N, dest_N)
+        columns = [prob_NM.float(), slot_NM.float()]
+        if hop.modality_column:  # node dedup: the gateway counts its rows by modality
+            known = modality_T if modality_T is not None else token_N.new_zeros(x_TH.shape[0])
+            columns.append(known[token_N].float()[:, None])
+        meta_NC = torch.cat(columns, dim=1)
+        modality_rows = None
+        if ledger is not None:
+            if modality_T is not None:
+                modality_rows = hop.modality_rows(modality_T)
+            ledger.record_rows(layer, "dispatch", hop.rows_RR, hop.payload_row_bytes,
+                               hop.meta_row_bytes, modality_rows)
+        sent = SentHop(hop, tuple(send_splits), tuple(recv_splits), recv_R, layout, modality_rows)
+        rows_XH, meta_XC = self._exchange_rows(rows_NH, meta_NC, sent)
+        return rows_XH, meta_XC, sent
+
+    def _exchange_rows(self, rows_NH, meta_NC, sent: SentHop):
+        """Rows and their metadata to their destination ranks: one collective when the plan
+        packs them (both float32: fewer latency-bound calls each way), else two."""
+        send, recv, group, transport = (list(sent.send_splits), list(sent.recv_splits),
+                                        self.ep_group, self.runtime.transport)
+        if sent.hop.packed:
+            packed = all_to_all(torch.cat([rows_NH, meta_NC], dim=1), send, recv, group,
+                                transport)
             return packed.split([rows_NH.shape[1], meta_NC.shape[1]], dim=1)
-        return (all_to_all(rows_NH, send_splits, recv_splits, self.ep_group, self.transport),
-                all_to_all(meta_NC, send_splits, recv_splits, self.ep_group, self.transport))
+        return (all_to_all(rows_NH, send, recv, group, transport),
+                all_to_all(meta_NC, send, recv, group, transport))
 
-    def dispatch_postprocess(self, rows_RH, meta_R2M):
-        """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights [K]."""
-        m = self.max_entries
-        prob_RM, slot_RM = meta_R2M[:, :m], meta_R2M[:, m:].detach().long()
-        fan = fan_out(slot_RM, self.num_local_experts)
-        self.row_K, self.num_recv = fan.row_K, rows_RH.shape[0]
-        x_KH = rows_RH.index_select(0, fan.row_K)
-        probs_K = prob_RM.reshape(-1).index_select(0, fan.entry_K)
+    def dispatch_postprocess(self, rows_XH, meta_XC):
+        """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights
+        [K]."""
+        m = self._handle.sent[-1].hop.max_entries
+        prob_XM, slot_XM = meta_XC[:, :m], meta_XC[:, m:2 * m].detach().long()
+        fan = fan_out(slot_XM, self.num_local_experts)
+        self._handle = dataclasses.replace(self._handle, fan=fan)
+        x_KH = rows_XH.index_select(0, fan.row_K)
+        probs_K = prob_XM.reshape(-1).index_select(0, fan.entry_K)
         return x_KH, fan.tokens_per_slot, probs_K
 
     # ---- combine ---------------------------------------------------------------------------
     def combine_preprocess(self, out_KH):
-        """Weighted expert outputs [K, H] -> one row per received row [R, H] (sum over slots)."""
-        return out_KH.new_zeros(self.num_recv, out_KH.shape[-1]).index_add(0, self.row_K, out_KH)
+        """Weighted expert outputs [K, H] -> one row per received row [X, H] (sum over slots)."""
+        h = self._handle
+        return out_KH.new_zeros(h.num_received, out_KH.shape[-1]).index_add(0, h.fan.row_K,
+                                                                              out_KH)
 
-    def token_combine(self, rows_RH):
-        if self.ledger is not None:
-            self.ledger.record_exchange(self.layer_index, "combine", self.recv_splits, rows_RH)
-        back = all_to_all(rows_RH, self.recv_splits, self.send_splits, self.ep_group,
-                          self.transport)
-        if self.ledger is not None and self.modality_N is not None:
-            self.ledger.record_return_modality(self.layer_index, self.send_splits, self.modality_N)
+    def token_combine(self, rows_XH):
+        """Every received row goes back to its sender."""
+        return self._return_hop(rows_XH, self._handle.sent[0])
+
+    def _return_hop(self, rows_XH, sent: SentHop):
+        """The reverse of one hop: rows_XH [X, H] (one per received row) -> [N, H] (one per sent
+        row)."""
+        ledger, layer = self._ledger(), self.runtime.layer_index
+        if ledger is not None:
+            ledger.record_rows(layer, "combine", sent.recv_R, sent.hop.payload_row_bytes)
+        back = all_to_all(rows_XH, list(sent.recv_splits), list(sent.send_splits), self.ep_group,
+                          self.runtime.transport)
+        if ledger is not None and sent.modality_rows is not None:
+            ledger.record_combine_modality(layer, sent.modality_rows)
         return back
 
     def combine_postprocess(self, back_NH):
-        """One row per (token, rank) [N, H] -> per token sum, in the input's shape."""
-        if self.rows_layout is not None:
-            # Per token, the rows from each rank summed in ascending rank order.
-            out = kernels.unpermute_combine_differentiable(back_NH, self.rows_layout,
-                                                           backend=self.kernel_backend)
-            return out.view(self.hidden_shape)
-        num_tokens = int(torch.tensor(self.hidden_shape[:-1]).prod())
-        out = back_NH.new_zeros(num_tokens, back_NH.shape[-1]).index_add(0, self.token_N, back_NH)
-        return out.view(self.hidden_shape)
+        """One row per (token, rank) [N, H] -> per token sum (ascending rank order), in the
+        input's shape."""
+        h = self._handle
+        out = kernels.unpermute_combine_differentiable(back_NH, h.sent[0].layout,
+                                                       backend=self.runtime.kernels)
+        return out.view(h.hidden_shape)

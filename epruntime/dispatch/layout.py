@@ -1,9 +1,11 @@
-"""Dispatch layout: which rows a rank-deduplicating dispatcher sends, and where they fan out.
+"""Dispatch layout helpers: the row plan as a flat list of send rows, and the fan-out of received
+rows to local experts.
 
-Pure tensor functions. A token travels once to every rank that holds at least one of its experts
-(DeepEP's layout), carrying the weights and local slots of the experts it uses there; the expert
-rank fans the row out to those experts and sums their weighted outputs before sending one row
-back.
+Pure tensor functions. Which rows a rank-deduplicating dispatcher sends is the row plan's
+business (`epruntime.dispatch.plan`); `dedup_send_layout` lists them. A token travels once to
+every rank that holds at least one of its experts (DeepEP's layout), carrying the weights and
+local slots of the experts it uses there; the expert rank fans the row out to those experts
+(`fan_out`) and sums their weighted outputs before sending one row back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from epruntime.dispatch.plan import row_plan, to_physical
 from epruntime.placement import Placement
 
 
@@ -25,53 +28,21 @@ class SendLayout:
     expert_rows_R: torch.Tensor  # [R] int64: (token, expert) pairs per rank (per-expert dispatch)
 
 
-def to_physical(x_TE: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """Reorder expert columns from logical id to physical index rank * n_local + slot.
-
-    x_TE [T, E] -> [T, E], column p holds the logical expert placed at p.
-    """
-    logical_of_physical = torch.argsort(placement.physical_E.to(x_TE.device))
-    return x_TE.index_select(1, logical_of_physical)
-
-
 def dedup_send_layout(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,
                       placement: Placement, max_entries: int) -> SendLayout:
-    """One send row per (token, destination rank).
+    """The rank-dedup row plan of one rank's tokens as a flat list: one send row per (token,
+    destination rank), rank-major, tokens ascending within a rank.
 
     routing_map_TE [T, E] bool, probs_TE [T, E] float (logical expert columns). `max_entries` is
     M, the most experts a token can use on one rank (min(top-k, n_local)).
     """
-    t, r, n_local = routing_map_TE.shape[0], placement.num_ranks, placement.num_local
-    return grouped_send_layout(to_physical(routing_map_TE, placement).view(t, r, n_local),
-                               to_physical(probs_TE, placement).view(t, r, n_local), max_entries)
-
-
-def grouped_send_layout(used_TRL: torch.Tensor, probs_TRL: torch.Tensor,
-                        max_entries: int) -> SendLayout:
-    """One send row per (row, destination group) from a dense physical layout.
-
-    used_TRL [T, R, L] bool (row t uses slot l of destination r), probs_TRL [T, R, L]. The
-    destinations are ranks (dedup) or nodes with L = experts per node (node dedup).
-    """
-    needs_TR = used_TRL.any(dim=2)
-    # nonzero of the [R, T] transpose lists rows rank-major, tokens in order within a rank.
-    rank_N, token_N = needs_TR.t().nonzero(as_tuple=True)
-    used_NL = used_TRL[token_N, rank_N]
-    # Used slots first (stable: ascending slot order), keep the first M.
-    order_NL = torch.sort(used_NL.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    slot_NM = order_NL[:, :max_entries]
-    valid_NM = used_NL.gather(1, slot_NM)
-    if used_NL.sum(1).gt(max_entries).any():
-        raise ValueError(f"a row uses more than max_entries={max_entries} slots of one destination")
-    prob_NM = probs_TRL[token_N, rank_N].gather(1, slot_NM) * valid_NM
-    return SendLayout(
-        token_N=token_N,
-        rank_N=rank_N,
-        splits_R=needs_TR.sum(0),
-        slot_NM=torch.where(valid_NM, slot_NM, -1),
-        prob_NM=prob_NM,
-        expert_rows_R=used_TRL.sum(dim=(0, 2)),
-    )
+    plan = row_plan(routing_map_TE, probs_TE, placement, "rank", source_rank=0,
+                    topk=max_entries, debug_checks=True)
+    hop = plan.hops[0]
+    token_N, rank_N = hop.rows()
+    slot_NM, prob_NM = hop.entries(token_N, rank_N)
+    return SendLayout(token_N=token_N, rank_N=rank_N, splits_R=hop.splits_R, slot_NM=slot_NM,
+                      prob_NM=prob_NM, expert_rows_R=plan.expert_rows_RR[0])
 
 
 @dataclass

@@ -1,14 +1,20 @@
 """CommLedger: exact bytes of every dispatch and combine all-to-all, as the collective saw them.
 
-Dispatchers call `record_exchange` with the very tensors and split lists they hand to
-`all_to_all_single`, so the ledger's bytes are the bytes that moved. Each rank records the row of
-the (src, dst) matrix it sends; `summary()` sums the matrices over all ranks.
+Dispatchers record from their row plan (`epruntime.dispatch.plan`) at the moment they hand the
+rows to the collective: the plan's split counts and row sizes are the very ones the all-to-all
+moves, so the ledger's bytes are the bytes that moved (tests/test_dedup_dispatch.py checks them
+against a recording transport). Each rank records the row of the (src, dst) matrix it sends;
+`summary()` sums the matrices over all ranks.
 
 Counted per layer, phase (dispatch / combine), (src, dst) EP rank, and modality: payload bytes
 (hidden rows), metadata bytes (routing weights and slots that travel with them), rows. Alongside,
 for the routing each layer saw under its placement: `expert_rows`, the rows a per-expert
 dispatcher (megatron-core's alltoall) sends, and `floor_rows`, the (token, remote rank) pairs a
 rank-deduplicating dispatcher cannot go below (DESIGN.md, "Communication").
+
+The counters live on the device of what is recorded (moved there by the first record) and are
+only added to there: recording never syncs with the host. They are read out at report time
+(`totals()`, `summary()`), which is where the host syncs happen.
 
 Forward passes only: the backward all-to-alls mirror them (gradients of the combine rows travel
 the dispatch path and vice versa), so training moves twice these bytes.
@@ -17,12 +23,19 @@ the dispatch path and vice versa), so training moves twice these bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from epruntime.dispatch.plan import RowPlan
+
 PHASES = ("dispatch", "combine")
 MODALITIES = ("text", "vision")
+_COUNTERS = ("payload_bytes", "meta_bytes", "rows", "modality_rows", "expert_rows", "floor_rows",
+             "tokens", "control_bytes")
 
 
 class CommLedger:
@@ -32,89 +45,174 @@ class CommLedger:
         self.num_layers, self.ep_size, self.ep_rank = num_layers, ep_size, ep_rank
         self.ranks_per_node = ranks_per_node
         self.enabled = True
+        self.device = torch.device("cpu")
         self.reset()
 
     def reset(self) -> None:
         L, P, R, M = self.num_layers, len(PHASES), self.ep_size, len(MODALITIES)
+
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.int64, device=self.device)
+
         # [layer, phase, src, dst]; this rank fills the cells it can see.
-        self.payload_bytes = torch.zeros(L, P, R, R, dtype=torch.int64)
-        self.meta_bytes = torch.zeros(L, P, R, R, dtype=torch.int64)
-        self.rows = torch.zeros(L, P, R, R, dtype=torch.int64)
-        self.modality_rows = torch.zeros(L, P, M, R, R, dtype=torch.int64)
+        self.payload_bytes = zeros(L, P, R, R)
+        self.meta_bytes = zeros(L, P, R, R)
+        self.rows = zeros(L, P, R, R)
+        self.modality_rows = zeros(L, P, M, R, R)
         # [layer, src, dst] for the routing this rank's tokens had.
-        self.expert_rows = torch.zeros(L, R, R, dtype=torch.int64)
-        self.floor_rows = torch.zeros(L, R, R, dtype=torch.int64)
-        self.tokens = torch.zeros(L, M, dtype=torch.int64)
+        self.expert_rows = zeros(L, R, R)
+        self.floor_rows = zeros(L, R, R)
+        self.tokens = zeros(L, M)
         # [layer, src, dst]: split counts exchanged before the rows (not rows themselves).
-        self.control_bytes = torch.zeros(L, R, R, dtype=torch.int64)
+        self.control_bytes = zeros(L, R, R)
         self.calls = 0
 
-    # ---- recording (called by dispatchers) ------------------------------------------------
-    def record_exchange(self, layer: int, phase: str, send_splits: list[int],
-                        payload: torch.Tensor, meta: torch.Tensor | None = None,
-                        src_modality_N: torch.Tensor | None = None) -> None:
-        """This rank sends `payload` [N, ...] (and `meta` [N, ...]) split by `send_splits` [R].
+    def _follow(self, device: torch.device) -> None:
+        """Keep the counters where the recorded tensors are (moved once, on the first record)."""
+        if device != self.device:
+            self.device = device
+            for name in _COUNTERS:
+                setattr(self, name, getattr(self, name).to(device))
 
-        `src_modality_N` [N] is the modality of each sent row when this rank knows it (the token
-        owner on dispatch). Modality of the combine rows is recorded by the token owner with
-        `record_return_modality`.
+    def _counts(self, x: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """int64 counts on the ledger's device: a device tensor as is, host numbers copied there
+        (host to device: no sync)."""
+        if isinstance(x, torch.Tensor):
+            self._follow(x.device)
+            return x.to(torch.int64)
+        return torch.as_tensor([int(v) for v in x], dtype=torch.int64, device=self.device)
+
+    def _add(self, name: str, index: tuple, x: torch.Tensor | Sequence[int]) -> None:
+        """counter[index] [..., R, R] += x: [..., R, R] (src, dst), or [..., R] = this rank's
+        sends (x first brought to the counters' device, which may move them there)."""
+        x = self._counts(x)
+        cells = getattr(self, name)[index]
+        if x.dim() == cells.dim():
+            cells += x
+        else:
+            cells.select(-2, self.ep_rank).add_(x)
+
+    # ---- recording (called by dispatchers, from their row plan) ----------------------------
+    def record_rows(self, layer: int, phase: str, rows: torch.Tensor | Sequence[int],
+                    payload_row_bytes: int, meta_row_bytes: int = 0,
+                    modality_rows: torch.Tensor | None = None) -> None:
+        """This rank hands `rows` [R] rows to the all-to-all of `phase` (rows[r] to rank r), each
+        `payload_row_bytes` of hidden state and `meta_row_bytes` of metadata. `rows` may be
+        [R, R] (src, dst) for a whole group.
+
+        `modality_rows` [2, R] (or [2, R, R]) counts the dispatch rows by their token's
+        modality, when the sender knows it (the token owner; see `record_combine_modality` for
+        the combine rows).
         """
         if not self.enabled:
             return
-        if sum(send_splits) != payload.shape[0]:
-            raise ValueError(f"send splits sum to {sum(send_splits)}, payload has "
-                             f"{payload.shape[0]} rows")
-        p, me = PHASES.index(phase), self.ep_rank
-        rows = torch.tensor(send_splits, dtype=torch.int64)
-        self.rows[layer, p, me] += rows
-        self.payload_bytes[layer, p, me] += rows * _row_bytes(payload)
-        if meta is not None:
-            self.meta_bytes[layer, p, me] += rows * _row_bytes(meta)
-        if src_modality_N is not None:
-            self.modality_rows[layer, p, :, me] += _count_by_modality(src_modality_N, send_splits)
-        if p == 0:
+        self._record_rows(layer, PHASES.index(phase), rows, payload_row_bytes, meta_row_bytes,
+                          modality_rows)
+        if phase == "dispatch":
             self.calls += 1
 
-    def record_return_modality(self, layer: int, recv_splits: list[int],
-                               modality_N: torch.Tensor) -> None:
-        """The token owner receives combine rows `recv_splits` [R] with modality `modality_N`."""
-        if self.enabled:
-            counts_MR = _count_by_modality(modality_N, recv_splits)
-            self.modality_rows[layer, 1, :, :, self.ep_rank] += counts_MR
+    def _record_rows(self, layer, p, rows, payload_row_bytes, meta_row_bytes, modality_rows):
+        rows = self._counts(rows)
+        self._add("rows", (layer, p), rows)
+        self._add("payload_bytes", (layer, p), rows * payload_row_bytes)
+        if meta_row_bytes:
+            self._add("meta_bytes", (layer, p), rows * meta_row_bytes)
+        if modality_rows is not None:
+            self._add("modality_rows", (layer, p), modality_rows)
 
-    def record_control(self, layer: int, bytes_per_dst: list[int] | torch.Tensor) -> None:
-        """Bytes of split-count metadata this rank sends to each rank before a dispatch."""
-        if self.enabled:
-            self.control_bytes[layer, self.ep_rank] += torch.as_tensor(bytes_per_dst, dtype=torch.int64)
-
-    def record_routing(self, layer: int, expert_rows_R: torch.Tensor, floor_rows_R: torch.Tensor,
-                       modality_T: torch.Tensor | None, num_tokens: int) -> None:
-        """Per destination rank: (token, expert) pairs and distinct (token, rank) pairs."""
+    def record_exchange(self, layer: int, phase: str, send_splits: Sequence[int],
+                        payload: torch.Tensor, meta: torch.Tensor | None = None,
+                        src_modality_N: torch.Tensor | None = None) -> None:
+        """`record_rows` from the tensors themselves: this rank sends `payload` [N, ...] (and
+        `meta` [N, ...]) split by `send_splits` [R]; `src_modality_N` [N] is the modality of each
+        row, in split order, when this rank knows it."""
         if not self.enabled:
             return
-        self.expert_rows[layer, self.ep_rank] += expert_rows_R.to(torch.int64).cpu()
-        self.floor_rows[layer, self.ep_rank] += floor_rows_R.to(torch.int64).cpu()
+        if sum(int(s) for s in send_splits) != payload.shape[0]:
+            raise ValueError(f"send splits sum to {sum(int(s) for s in send_splits)}, payload "
+                             f"has {payload.shape[0]} rows")
+        modality = None
+        if src_modality_N is not None:
+            modality = _count_by_modality(src_modality_N, send_splits)
+        self.record_rows(layer, phase, send_splits, row_bytes(payload),
+                         0 if meta is None else row_bytes(meta), modality)
+
+    def record_combine_modality(self, layer: int, modality_rows: torch.Tensor) -> None:
+        """The token owner's dispatch rows by modality, [2, R] (or [2, R, R] (src, dst)), come
+        back in the combine: record them transposed (the expert rank does not know them)."""
+        if not self.enabled:
+            return
+        counts = self._counts(modality_rows)
+        cells = self.modality_rows[layer, 1]  # after _counts: on the counters' device
+        if counts.dim() == 3:
+            cells += counts.transpose(1, 2)
+        else:
+            cells.select(-1, self.ep_rank).add_(counts)
+
+    def record_control(self, layer: int, bytes_per_dst: torch.Tensor | Sequence[int]) -> None:
+        """Bytes of split-count metadata sent before a dispatch: [R] from this rank to each rank,
+        or [R, R] (src, dst)."""
+        if self.enabled:
+            self._add("control_bytes", (layer,), bytes_per_dst)
+
+    def record_routing(self, layer: int, expert_rows: torch.Tensor, floor_rows: torch.Tensor,
+                       modality_T: torch.Tensor | None, num_tokens: int) -> None:
+        """Per destination rank ([R] this rank's, or [R, R] (src, dst), e.g. a plan's
+        `expert_rows_RR` / `floor_rows_RR`): (token, expert) pairs and distinct (token, rank)
+        pairs; tokens by modality (values other than 0 / 1, or None, count as text)."""
+        if not self.enabled:
+            return
+        self._add("expert_rows", (layer,), expert_rows)
+        self._add("floor_rows", (layer,), floor_rows)
         if modality_T is None:
             self.tokens[layer, 0] += num_tokens
         else:
-            self.tokens[layer] += torch.bincount(modality_T.cpu(), minlength=2)[:2]
+            vision = (modality_T.to(self.device) == 1).sum()
+            self.tokens[layer] += torch.stack([num_tokens - vision, vision])
+
+    def record_plan(self, layer: int, plan: "RowPlan", modality_T: torch.Tensor | None = None,
+                    calls: int = 1) -> None:
+        """Every cell of a group's `plan` (source_rank [T]) over `calls` forward calls: routing,
+        control (paid per call), each hop's dispatch rows and the combine rows back. The
+        simulator's ledger; does not count calls."""
+        if not self.enabled:
+            return
+        self.record_routing(layer, plan.expert_rows_RR, plan.floor_rows_RR, modality_T,
+                            plan.num_tokens)
+        self.record_control(layer, plan.control_bytes_RR * calls)
+        modality = [None if modality_T is None else hop.modality_rows(modality_T)
+                    for hop in plan.hops]
+        for hop, mod in zip(plan.hops, modality):
+            self._record_rows(layer, 0, hop.rows_RR, hop.payload_row_bytes, hop.meta_row_bytes,
+                              mod)
+        for hop, mod in zip(reversed(plan.hops), reversed(modality)):
+            self._record_rows(layer, 1, hop.rows_RR.t(), hop.payload_row_bytes, 0, None)
+            if mod is not None:
+                self.record_combine_modality(layer, mod)
 
     # ---- reporting ---------------------------------------------------------------------------
     def totals(self, group=None) -> "CommLedger":
-        """A copy with every rank's cells summed over `group` (None: this rank only)."""
+        """A CPU copy with every rank's cells summed over `group` (None: this rank only): the
+        read-out, where the counters come to the host."""
         out = CommLedger(self.num_layers, self.ep_size, self.ep_rank, self.ranks_per_node)
-        for name in ("payload_bytes", "meta_bytes", "rows", "modality_rows", "expert_rows",
-                     "floor_rows", "tokens", "control_bytes"):
-            t = getattr(self, name).clone()
-            if group is not None and dist.get_world_size(group) > 1:
+        reduce = group is not None and dist.get_world_size(group) > 1
+        # NCCL reduces device tensors, gloo host ones.
+        device = self.device
+        if reduce:
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+        for name in _COUNTERS:
+            t = getattr(self, name).to(device, copy=True)
+            if reduce:
                 dist.all_reduce(t, group=group)
-            setattr(out, name, t)
+            setattr(out, name, t.cpu())
         out.calls = self.calls
         return out
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[R, R] bool: cross-rank (src != dst), intra-node cross-rank, inter-node."""
-        r = torch.arange(self.ep_size)
+        """[R, R] bool on the counters' device: cross-rank (src != dst), intra-node cross-rank,
+        inter-node."""
+        r = torch.arange(self.ep_size, device=self.device)
         node = r // self.ranks_per_node
         cross = r[:, None] != r[None, :]
         inter = node[:, None] != node[None, :]
@@ -169,15 +267,21 @@ class CommLedger:
         }
 
 
-def _row_bytes(t: torch.Tensor) -> int:
+def row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one row (first dimension) of `t`."""
     return math.prod(t.shape[1:]) * t.element_size()
 
 
-def _count_by_modality(modality_N: torch.Tensor, splits: list[int]) -> torch.Tensor:
-    """[2, R] rows per (modality, rank) for rows laid out in rank order by `splits`."""
-    rank_N = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor(splits))
-    flat = modality_N.cpu().to(torch.int64) * len(splits) + rank_N
-    return torch.bincount(flat, minlength=2 * len(splits))[: 2 * len(splits)].view(2, len(splits))
+def _count_by_modality(modality_N: torch.Tensor, splits: Sequence[int]) -> torch.Tensor:
+    """[2, R] rows per (modality, rank) for rows laid out in rank order by host `splits` (on
+    modality_N's device, no sync)."""
+    r, dev = len(splits), modality_N.device
+    counts = torch.as_tensor([int(s) for s in splits], dtype=torch.int64, device=dev)
+    rank_N = torch.repeat_interleave(torch.arange(r, device=dev), counts,
+                                     output_size=modality_N.shape[0])
+    flat = modality_N.to(torch.int64) * r + rank_N
+    out = torch.zeros(2 * r, dtype=torch.int64, device=dev)
+    return out.index_add_(0, flat, torch.ones_like(flat)).view(2, r)
 
 
 def _balancedness(load_LR: torch.Tensor) -> float:

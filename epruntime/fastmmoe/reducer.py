@@ -28,15 +28,18 @@ from epruntime.config import FastMMoEConfig
 from epruntime.fastmmoe.activation import reduce_topk
 from epruntime.fastmmoe.flops import FlopCounter
 from epruntime.fastmmoe.policies import Observation, build_policy
-from epruntime.model.context import TEXT, VISION, current_modality_SB, replace_modality
+from epruntime.modality import TEXT, VISION
+from epruntime.runtime import TokenStream
 
 
 class TokenReducer:
-    def __init__(self, cfg: FastMMoEConfig, topk: int, num_layers: int,
-                 flops: FlopCounter | None = None, attention_modality=None):
+    def __init__(self, cfg: FastMMoEConfig, topk: int, num_layers: int, tokens: TokenStream,
+                 flops: FlopCounter | None = None, attention_modality=None,
+                 kernels: str | None = None):
         self.topk, self.num_layers, self.flops = topk, num_layers, flops
+        self.tokens = tokens  # the model's token stream: pruning shortens it
         self.attention_modality = attention_modality  # SMoES scores to shrink with the tokens
-        self.kernel_backend: str | None = None  # epruntime.kernels backend of compact (None: auto)
+        self.kernels = kernels  # epruntime.kernels backend of compact (None: automatic)
         self.configure(cfg)
         self.active = False
         self.num_vision = 0
@@ -102,7 +105,7 @@ class TokenReducer:
     def _layer_input(self, index: int):
         def hook(layer, args):
             if self.active and self.flops is not None:
-                self.flops.on_layer(index, current_modality_SB())
+                self.flops.on_layer(index, self.tokens.modality_SB)
         return hook
 
     def _router_output(self, index: int):
@@ -110,7 +113,7 @@ class TokenReducer:
             if not self.active:
                 return None
             probs_TE, map_TE = output
-            modality_T = current_modality_SB().reshape(-1).to(map_TE.device)
+            modality_T = self.tokens.modality_T.to(map_TE.device)
             if self.cfg.enabled:
                 k_reduced = self.cfg.vision_topk_at(index, self.topk)
                 if k_reduced < self.topk:
@@ -184,7 +187,7 @@ class TokenReducer:
             vision_BKH = merge_rows(vision_BPH, merge_into_BP, keep)
         else:
             vision_BKH = compact(vision_BPH.reshape(b * p, h), keep_BP.reshape(-1),
-                                 self.kernel_backend)[0].view(b, keep, h)
+                                 self.kernels)[0].view(b, keep, h)
         pruned_SBH = torch.cat([vision_BKH.transpose(0, 1), hidden_SBH[p:]], dim=0).contiguous()
 
         text = s - p
@@ -192,7 +195,7 @@ class TokenReducer:
         dev = hidden_SBH.device
         modality_S = torch.cat([torch.full((keep,), VISION, device=dev),
                                 torch.full((text,), TEXT, device=dev)])
-        replace_modality(modality_S[:, None].expand(keep + text, b).to(current_modality_SB().device))
+        self.tokens.enter(modality_S[:, None].expand(keep + text, b))
         am = self.attention_modality
         if am is not None and am.M_BS2 is not None:
             m_BP2 = am.M_BS2[:, :p]

@@ -65,6 +65,22 @@ class Layout:
         """[N] int64: the token of each send row."""
         return self.token_in_rank_TR.t().nonzero(as_tuple=True)[1]
 
+    @classmethod
+    def of_rows(cls, token_in_rank_TR: torch.Tensor, tokens_per_rank_R: torch.Tensor,
+                tokens_per_expert_E: torch.Tensor, num_rows: int | None = None,
+                token_N: torch.Tensor | None = None) -> "Layout":
+        """The layout of given rows (a row plan's hop, `epruntime.dispatch.plan`) with the
+        reference's positions; `tokens_per_expert_E` as the caller counts them (a row plan: per
+        physical expert). `num_rows` and `token_N`, when the caller knows them already (from
+        the host split counts), are kept so that reading them costs no host sync."""
+        position_TR = torch.where(token_in_rank_TR, token_in_rank_TR.cumsum(0) - 1, -1)
+        layout = cls(token_in_rank_TR, position_TR, tokens_per_rank_R, tokens_per_expert_E)
+        if num_rows is not None:
+            layout.__dict__["num_rows"] = int(num_rows)  # the cached_property's value
+        if token_N is not None:
+            layout.__dict__["token_N"] = token_N
+        return layout
+
     def rows_of(self, x_TR: torch.Tensor) -> torch.Tensor:
         """A per-(token, rank) tensor [T, R] -> its values at the send rows [N], in row order."""
         return x_TR.t()[self.token_in_rank_TR.t()]

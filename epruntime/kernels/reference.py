@@ -42,10 +42,9 @@ def unpermute_combine(rows_NH: torch.Tensor, layout, weight_TR: torch.Tensor | N
     """
     out_TH = torch.zeros(num_tokens, rows_NH.shape[1], dtype=torch.float32,
                          device=rows_NH.device)
-    offsets = layout.offset_R.tolist()
-    for r, start in enumerate(offsets):
+    for r in range(layout.num_ranks):
         token_n = layout.token_in_rank_TR[:, r].nonzero().squeeze(1)
-        block_nH = rows_NH[start + layout.position_TR[token_n, r]]
+        block_nH = rows_NH[layout.offset_R[r] + layout.position_TR[token_n, r]]
         if weight_TR is not None:
             block_nH = weight_TR[token_n, r].to(rows_NH.dtype)[:, None] * block_nH
         out_TH = out_TH.index_put((token_n,), out_TH[token_n] + block_nH.float())

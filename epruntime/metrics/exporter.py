@@ -111,6 +111,9 @@ class NullMetrics:
     def on_step(self, step: int, result: Any, seconds: float) -> None:
         pass
 
+    def on_migration(self, report: dict) -> None:
+        pass
+
     def on_checkpoint(self) -> None:
         pass
 
@@ -141,8 +144,8 @@ class MetricsExporter(NullMetrics):
         # on the routing map's device so a GPU step is not synchronised per layer.
         self._load: list[torch.Tensor | None] = [None] * self.num_layers
         self._joint: list[torch.Tensor | None] = [None] * self.num_layers
-        self._hooks = [moe.router.register_forward_hook(self._router_hook(i))
-                       for i, moe in enumerate(engine.model.moe_layers)]
+        self._tap = engine.model.router_tap
+        self._tap.add("exporter", self._on_routing)
         self._ledger: Any = None
         self._prev: dict[str, torch.Tensor] = {}
         self._masks: tuple[torch.Tensor, ...] = ()  # cross, intra, inter of this rank's row
@@ -193,22 +196,17 @@ class MetricsExporter(NullMetrics):
         self.g_eval_items = c("epruntime_eval_items")
 
     # ---- hooks -------------------------------------------------------------------------------
-    def _router_hook(self, layer: int):
-        def record(router: Any, args: Any, output: Any) -> None:
-            routing_map_TE = output[1]
-            load_E = routing_map_TE.sum(0)
-            prev = self._load[layer]
-            self._load[layer] = load_E if prev is None else prev + load_E
-            if self.smoes:
-                from epruntime.model.context import current_modality_T
-
-                modality_T = current_modality_T()
-                if modality_T is not None:
-                    onehot_T2 = torch.nn.functional.one_hot(modality_T.long(), 2).float()
-                    joint = onehot_T2.T @ routing_map_TE.float()
-                    prev_j = self._joint[layer]
-                    self._joint[layer] = joint if prev_j is None else prev_j + joint
-        return record
+    def _on_routing(self, event: Any) -> None:
+        """One router call (epruntime.model.router_tap.RouterEvent)."""
+        layer, routing_map_TE = event.layer, event.routing_map_TE
+        load_E = routing_map_TE.sum(0)
+        prev = self._load[layer]
+        self._load[layer] = load_E if prev is None else prev + load_E
+        if self.smoes and event.modality_T is not None:
+            onehot_T2 = torch.nn.functional.one_hot(event.modality_T.long(), 2).float()
+            joint = onehot_T2.T @ routing_map_TE.float()
+            prev_j = self._joint[layer]
+            self._joint[layer] = joint if prev_j is None else prev_j + joint
 
     # ---- called by the loops -------------------------------------------------------------------
     def on_step(self, step: int, result: Any, seconds: float) -> None:
@@ -221,12 +219,13 @@ class MetricsExporter(NullMetrics):
         self.g_lr.set(result.lr)
         if result.skipped:
             self.c_skipped.inc()
-        if result.migration is not None:
-            self.c_mig.inc()
-            self.c_mig_bytes.inc(result.migration.get("bytes_sent", 0))
-            self.c_mig_s.inc(result.migration.get("seconds", 0.0))
         self._publish_ledger()
         self._publish_routing()
+
+    def on_migration(self, report: dict) -> None:
+        self.c_mig.inc()
+        self.c_mig_bytes.inc(report.get("bytes_sent", 0))
+        self.c_mig_s.inc(report.get("seconds", 0.0))
 
     def on_checkpoint(self) -> None:
         self.c_ckpt.inc()
@@ -244,8 +243,7 @@ class MetricsExporter(NullMetrics):
         self._publish_routing()
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        self._tap.remove("exporter")
         if self.server is not None:
             if self.linger_s > 0:
                 time.sleep(self.linger_s)  # let the scraper see the final values

@@ -3,27 +3,41 @@
 megatron-core 0.16 picks the dispatcher class from `config.moe_token_dispatcher_type` inside
 `MoELayer.__init__`. This subclass takes a `dispatcher_cls` spec parameter instead, so a
 dispatcher (epruntime's dedup dispatcher, a ledger-wrapped megatron one) is swapped the same way
-as the router: by spec, with megatron-core unchanged.
+as the router: by spec, with megatron-core unchanged. With a `runtime` (the layer's
+`epruntime.runtime.LayerRuntime`, one spec per layer) the dispatcher is constructed with it: layer
+index, transport, kernels, observers and the token stream arrive at construction, never by
+attribute writes afterwards.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from epruntime.compat.dispatcher import no_dtoh_stream
+
 
 class SpecMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 dispatcher_cls: type[MoETokenDispatcher] | None = None):
+                 dispatcher_cls: type[MoETokenDispatcher] | None = None,
+                 runtime=None):
         pg_collection = pg_collection or get_default_pg_collection()
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         pg_collection=pg_collection)
+        # MoELayer always builds megatron-core's own alltoall dispatcher first (replaced below);
+        # on CPU it must not create its CUDA side stream.
+        with no_dtoh_stream():
+            super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                             pg_collection=pg_collection)
         if dispatcher_cls is not None:
+            # megatron-core's own dispatcher classes (and subclasses of them a user plugs in)
+            # take no runtime: they count nothing and route contiguously.
+            takes_runtime = "runtime" in inspect.signature(dispatcher_cls).parameters
+            extra = {"runtime": runtime} if runtime is not None and takes_runtime else {}
             self.token_dispatcher = dispatcher_cls(
                 self.num_local_experts, self.local_expert_indices, config=self.config,
-                pg_collection=pg_collection,
+                pg_collection=pg_collection, **extra,
             )
 
 

@@ -7,13 +7,17 @@ dispatcher) without touching megatron-core.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher
 from epruntime.config import Config
 from epruntime.model.moe_layer import SpecMoELayer
 
@@ -50,13 +54,29 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
+def decoder_block_spec(cfg: Config, router: type[TopKRouter] | None,
+                       dispatcher: type[MoETokenDispatcher] | None,
+                       runtimes: list) -> TransformerBlockSubmodules:
+    """One layer spec per decoder layer, each handing its layer's `LayerRuntime` to the
+    dispatcher's constructor (megatron-core sets layer numbers only after building a layer)."""
+    base = moe_layer_spec(cfg, router, dispatcher)
+    layers = []
+    for runtime in runtimes:
+        mlp = base.submodules.mlp
+        if dispatcher is not None:
+            mlp = dataclasses.replace(mlp, params={**mlp.params, "runtime": runtime})
+        layers.append(dataclasses.replace(
+            base, submodules=dataclasses.replace(base.submodules, mlp=mlp)))
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormImpl)
+
+
 def moe_layer_spec(
     cfg: Config,
     router: type[TopKRouter] | None = None,
     dispatcher: type[MoETokenDispatcher] | None = None,
 ) -> ModuleSpec:
     """Layer spec with megatron-core's MoE layer; `router` replaces its TopKRouter class and
-    `dispatcher` its MoEAlltoAllTokenDispatcher (None keeps megatron-core's own).
+    `dispatcher` its MoEAlltoAllTokenDispatcher (None keeps megatron-core's own, CPU-safe).
 
     Experts are megatron-core's SequentialMLP (one MLP per local expert): its grouped-GEMM
     variants need Transformer Engine or the grouped_gemm CUDA extension.
@@ -65,9 +85,10 @@ def moe_layer_spec(
     moe = spec.submodules.mlp
     if router is not None:
         moe.submodules.router = router
-    if dispatcher is not None:
-        # megatron-core's TransformerLayer hands its process groups only to the classes it
-        # knows; SpecMoELayer falls back to the default groups, which is what EP x DP uses.
-        moe.module = SpecMoELayer
-        moe.params = {**(moe.params or {}), "dispatcher_cls": dispatcher}
+    # megatron-core's TransformerLayer hands its process groups only to the classes it knows;
+    # SpecMoELayer falls back to the default groups, which is what EP x DP uses. Without a
+    # dispatcher: megatron-core's alltoall one, through its CPU-safe subclass.
+    moe.module = SpecMoELayer
+    moe.params = {**(moe.params or {}),
+                  "dispatcher_cls": dispatcher or CpuAlltoAllTokenDispatcher}
     return spec

@@ -21,10 +21,13 @@ from torch import nn
 
 from epruntime.config import Config
 from epruntime.fastmmoe import FlopCounter, TokenReducer
-from epruntime.model.context import TEXT, VISION, token_context
+from epruntime.modality import TEXT, VISION
+from epruntime.model.placement_support import PlacementAware, unsupported_reason
+from epruntime.model.router_tap import RouterTap
 from epruntime.model.sharding import to_global_name
 from epruntime.placement import Placement, PlacementError
-from epruntime.model.spec import moe_layer_spec, transformer_config
+from epruntime.model.spec import decoder_block_spec, transformer_config
+from epruntime.runtime import LayerRuntime, layer_runtimes
 from epruntime.smoes.router import build_router
 
 IMAGE_ID = 2  # placeholder token id at vision positions (epruntime.data.Vocab.IMAGE_ID)
@@ -142,6 +145,7 @@ class MoEVLM(nn.Module):
         router_cls: type | None = None,
         dispatcher_cls: type | None = None,
         ranks_per_node: int | None = None,
+        runtimes: list[LayerRuntime] | None = None,
     ):
         super().__init__()
         m = cfg.model
@@ -150,14 +154,19 @@ class MoEVLM(nn.Module):
         self.answer_offset = text_vocab_size
         self.num_answers = num_answers
         self.image_size = m.image_size
+        self.debug_checks = cfg.debug_checks  # validate batches in forward (host syncs)
         self.text_vocab_size = text_vocab_size
         self.vision = PatchProjector(m.patch_size, 3, m.hidden_size)
+        # One runtime per MoE layer (Engine: transport, kernels, observers); all share the token
+        # stream this model writes as its forward pass goes from layer to layer.
+        runtimes = runtimes or layer_runtimes(m.num_layers)
+        self.tokens = runtimes[0].tokens
         attention_modality = None
         if router_cls is None:
-            router_cls, attention_modality = build_router(cfg)
+            router_cls, attention_modality = build_router(cfg, self.tokens)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
-            transformer_layer_spec=moe_layer_spec(cfg, router=router_cls, dispatcher=dispatcher_cls),
+            transformer_layer_spec=decoder_block_spec(cfg, router_cls, dispatcher_cls, runtimes),
             vocab_size=text_vocab_size + num_answers,
             max_sequence_length=self.num_vision_tokens + max_question_len,
             position_embedding_type="learned_absolute",
@@ -173,9 +182,12 @@ class MoEVLM(nn.Module):
                             num_experts=m.num_experts, topk=m.moe_topk,
                             ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
                             patch_dim=3 * m.patch_size ** 2)
-        self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, flops,
-                                    attention_modality)
+        self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
+                                    attention_modality, kernels=runtimes[0].kernels)
         self.reducer.attach(self.gpt.decoder.layers)
+        # After the reducer's hook: observers see the routing that was dispatched.
+        self.router_tap = RouterTap([layer.mlp.router for layer in self.gpt.decoder.layers],
+                                    self.tokens)
 
     @property
     def seq_len(self) -> int:
@@ -209,15 +221,18 @@ class MoEVLM(nn.Module):
         return torch.cat([embedded_SBD[:p] + vision_PBD, embedded_SBD[p:]], dim=0)
 
     def forward(
-        self, images: torch.Tensor, question_ids: torch.Tensor, question_lens: torch.Tensor
+        self, images: torch.Tensor, question_ids: torch.Tensor, question_lens: torch.Tensor,
+        *, check: bool | None = None,
     ) -> torch.Tensor:
-        """images [B, 3, H, W] float, question_ids [B, L] int64, question_lens [B] -> [B, A]."""
-        self.check_batch(images, question_ids, question_lens)
+        """images [B, 3, H, W] float, question_ids [B, L] int64, question_lens [B] -> [B, A].
+        The batch is validated first (InputError) when `check`, by default `debug_checks`."""
+        if self.debug_checks if check is None else check:
+            self.check_batch(images, question_ids, question_lens)
         b, p = images.shape[0], self.num_vision_tokens
         embedded_SBD = self.embed(images, question_ids)
         self.reducer.begin(self.training, question_lens, p, self.seq_len)
         try:
-            with token_context(self.modality(b, images.device)):
+            with self.tokens.forward(self.modality(b, images.device)):
                 logits_BSV = self.gpt(input_ids=None, position_ids=None, attention_mask=None,
                                       decoder_input=embedded_SBD)
         except BaseException:
@@ -242,14 +257,17 @@ class MoEVLM(nn.Module):
                 raise PlacementError(f"layer {layer}: placement for {new.num_experts} experts on "
                                      f"{new.num_ranks} ranks, model has {old.num_experts} on "
                                      f"{old.num_ranks}")
+        reason = self.unsupported_placements(placements)
+        if reason is not None:
+            raise PlacementError(reason)
         self.placements = list(placements)
         for moe, placement in zip(self.moe_layers, placements):
-            set_placement = getattr(moe.token_dispatcher, "set_placement", None)
-            if set_placement is not None:
-                set_placement(placement)
-            elif not placement.is_contiguous:
-                raise PlacementError(f"{type(moe.token_dispatcher).__name__} only supports "
-                                     "megatron-core's contiguous placement; use dispatch.kind=dedup")
+            if isinstance(moe.token_dispatcher, PlacementAware):
+                moe.token_dispatcher.set_placement(placement)
+
+    def unsupported_placements(self, placements: list[Placement]) -> str | None:
+        """Why this model's dispatchers cannot route `placements` (None when they can)."""
+        return unsupported_reason([moe.token_dispatcher for moe in self.moe_layers], placements)
 
     def global_named_parameters(self, ep_rank: int):
         """(global name, parameter) pairs: expert slots named by logical expert (model.sharding)."""

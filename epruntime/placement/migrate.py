@@ -276,13 +276,10 @@ def _local_problems(model, new_placements: Sequence[Placement], world: int) -> s
         plan_moves(model.placements, new_placements)
     except PlacementError as err:
         return str(err)
-    for layer, (p, moe) in enumerate(zip(new_placements, model.moe_layers)):
+    for layer, p in enumerate(new_placements):
         if p.num_ranks != world:
             return f"layer {layer}: placement for {p.num_ranks} ranks, EP group has {world}"
-        if not p.is_contiguous and not hasattr(moe.token_dispatcher, "set_placement"):
-            return (f"layer {layer}: {type(moe.token_dispatcher).__name__} only supports "
-                    "megatron-core's contiguous placement; use dispatch.kind=dedup")
-    return None
+    return model.unsupported_placements(list(new_placements))
 
 
 def migrate_experts(model, optimizer: torch.optim.Optimizer, new_placements: Sequence[Placement],

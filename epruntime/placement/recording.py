@@ -12,7 +12,6 @@ import torch.distributed as dist
 from torch import nn
 
 from epruntime.distributed import host_all_reduce
-
 from epruntime.placement.core import Placement
 from epruntime.placement.strategies import traffic_aware_placement
 
@@ -22,21 +21,22 @@ class CoactivationRecorder:
         routers = [layer.mlp.router for layer in model.gpt.decoder.layers]
         experts = routers[0].config.num_moe_experts
         self.counts_LEE = torch.zeros(len(routers), experts, experts, dtype=torch.float64)
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
+        self.tap = model.router_tap
+        self.tap.add("recording", self.record)
 
-    def _hook(self, layer: int):
-        def record(router, args, output) -> None:
-            routing_TE = output[1].detach().to(torch.float64).cpu()
-            self.counts_LEE[layer] += routing_TE.T @ routing_TE
-        return record
+    def record(self, event) -> None:
+        """One router call (epruntime.model.router_tap.RouterEvent)."""
+        routing_TE = event.routing_map_TE.to(torch.float64)
+        if self.counts_LEE.device != routing_TE.device:  # accumulate where routing runs
+            self.counts_LEE = self.counts_LEE.to(routing_TE.device)
+        self.counts_LEE[event.layer] += routing_TE.T @ routing_TE
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self.tap.remove("recording")
 
     def counts(self, group=None) -> torch.Tensor:
         """[L, E, E] int64 summed over `group` (collective when given)."""
-        counts = self.counts_LEE.clone()
+        counts = self.counts_LEE.to("cpu", copy=True)  # host sync: report time
         if group is not None and dist.get_world_size(group) > 1:
             host_all_reduce(counts, group=group)
         return counts.round().to(torch.int64)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from epruntime.dispatch.plan import routing_map_from_topk, row_plan
 from epruntime.placement.core import Placement, PlacementError
 
 __all__ = [
@@ -380,10 +381,12 @@ def traffic_aware_placement(coact_EE: Tensor, num_ranks: int, ranks_per_node: in
         experts_per_rank += sorted((x for x in ranks if node_E[x[0]] == n), key=min)
     return Placement.from_rank_lists(experts_per_rank, rpn)
 
+
 # ---- evaluation -----------------------------------------------------------------------------
 def evaluate_placement(topk_idx_TK: Tensor, placement: Placement,
                        source_rank_T: Tensor | None = None) -> dict:
-    """Rows each dispatcher would send for `placement` under a recorded routing.
+    """Rows each dispatcher would send for `placement` under a recorded routing, counted with
+    the dispatchers' own row plan (`epruntime.dispatch.plan`).
 
     topk_idx_TK: [T, K] logical expert ids, -1 = no expert (padding, ignored).
     source_rank_T: [T] EP rank each token starts on. None = every token comes from outside the
@@ -408,14 +411,10 @@ def evaluate_placement(topk_idx_TK: Tensor, placement: Placement,
     if not isinstance(placement, Placement):
         raise PlacementError(f"placement must be a Placement, got {type(placement).__name__}")
     idx_TK = _check_topk(topk_idx_TK, placement.num_experts).cpu()
-    T = idx_TK.shape[0]
-    R, N, rpn = placement.num_ranks, placement.num_nodes, placement.ranks_per_node
-    valid_TK = idx_TK >= 0
-    rank_TK = placement.rank_E[idx_TK.clamp(min=0)]
-    node_TK = rank_TK // rpn
+    T, K = idx_TK.shape
+    R = placement.num_ranks
     if source_rank_T is None:
-        remote_TK = valid_TK
-        remote_node_TK = valid_TK
+        src_T = torch.zeros(T, dtype=torch.long)
     else:
         if not isinstance(source_rank_T, Tensor) or tuple(source_rank_T.shape) != (T,) \
                 or source_rank_T.dtype not in _INTEGER_DTYPES:
@@ -424,28 +423,30 @@ def evaluate_placement(topk_idx_TK: Tensor, placement: Placement,
         src_T = source_rank_T.detach().to("cpu", torch.long)
         if T and (int(src_T.min()) < 0 or int(src_T.max()) >= R):
             raise PlacementError(f"source_rank_T must lie in [0, num_ranks={R})")
-        remote_TK = valid_TK & (rank_TK != src_T[:, None])
-        remote_node_TK = valid_TK & (node_TK != (src_T // rpn)[:, None])
-
-    def distinct(dest_TK: Tensor, keep_TK: Tensor, n: int) -> Tensor:
-        """[T, n] bool: token t sends to destination d (some kept pair goes there)."""
-        hit_TD = torch.zeros(T, n + 1, dtype=torch.bool)  # column n collects dropped pairs
-        hit_TD.scatter_(1, torch.where(keep_TK, dest_TK, n), True)
-        return hit_TD[:, :n]
-
-    expert_rows = int(remote_TK.sum())
-    dedup_rows = int(distinct(rank_TK, remote_TK, R).sum())
-    load = torch.bincount(rank_TK[valid_TK], minlength=R)
+    # The node-dedup plan holds all three dispatchers' rows: its routing counts are the
+    # per-expert rows and the rank-dedup floor, its hop 1 the (token, node) rows.
+    plan = row_plan(routing_map_from_topk(idx_TK, placement.num_experts), None, placement,
+                    "node", source_rank=src_T, topk=max(K, 1))
+    r = torch.arange(R)
+    node = r // placement.ranks_per_node
+    if source_rank_T is None:  # every destination is remote
+        remote = inter_node = torch.ones(R, R, dtype=torch.bool)
+    else:
+        remote, inter_node = r[:, None] != r[None, :], node[:, None] != node[None, :]
+    expert_RR, floor_RR = plan.expert_rows_RR, plan.floor_rows_RR
+    expert_rows = int(expert_RR[remote].sum())
+    dedup_rows = int(floor_RR[remote].sum())
+    load = expert_RR.sum(0)
     max_load = int(load.max())
     return {
-        "pairs": int(valid_TK.sum()),
+        "pairs": int(expert_RR.sum()),
         "expert_rows": expert_rows,
         "dedup_rows": dedup_rows,
         "dedup_ratio": dedup_rows / expert_rows if expert_rows else 1.0,
-        "inter_node_expert_rows": int(remote_node_TK.sum()),
-        "inter_node_dedup_rows": int(distinct(rank_TK, remote_node_TK, R).sum()),
-        "node_dedup_rows": int(distinct(node_TK, remote_node_TK, N).sum()),
+        "inter_node_expert_rows": int(expert_RR[inter_node].sum()),
+        "inter_node_dedup_rows": int(floor_RR[inter_node].sum()),
+        "node_dedup_rows": int(plan.hops[0].rows_RR[inter_node].sum()),
         "load_per_rank": load.tolist(),
         "balancedness": float(load.double().mean()) / max_load if max_load else 1.0,
-        "mean_ranks_per_token": float(distinct(rank_TK, valid_TK, R).sum()) / T if T else 0.0,
+        "mean_ranks_per_token": float(floor_RR.sum()) / T if T else 0.0,
     }

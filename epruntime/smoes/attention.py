@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from epruntime.model.context import current_modality_SB
+from epruntime.runtime import TokenStream
 from epruntime.smoes.scores import attention_accumulate, hard_scores
 
 
 class AttentionModality:
-    def __init__(self, detach: bool = True):
+    def __init__(self, tokens: TokenStream, detach: bool = True):
+        self.tokens = tokens  # the model's token stream: M^(0) is its input modality
         self.detach = detach
         self.M_BS2: torch.Tensor | None = None
         self._probs_BSS: torch.Tensor | None = None
@@ -41,10 +42,10 @@ class AttentionModality:
     def _on_layer_input(self, layer, args, kwargs) -> None:
         x_SBH = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if layer.layer_number == 1:  # a new forward pass: M^(0) is the input modality
-            modality_SB = current_modality_SB()
+            modality_SB = self.tokens.modality_SB
             if modality_SB is None:
-                raise RuntimeError("attention modality scores need the token modality: run the "
-                                   "model inside epruntime.model.context.token_context")
+                raise RuntimeError("attention modality scores need the token modality: run them "
+                                   "inside the model's forward (TokenStream.forward)")
             self.M_BS2 = hard_scores(modality_SB.T.reshape(-1)).view(*modality_SB.T.shape, 2)
         self._residual_norm_BS = self._keep(x_SBH.norm(dim=-1).T.float())
 

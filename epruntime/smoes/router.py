@@ -23,7 +23,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import TopKRouter
 
 from epruntime.config import Config, SmoesConfig
-from epruntime.model.context import current_modality_SB
+from epruntime.runtime import TokenStream
 from epruntime.smoes.attention import AttentionModality
 from epruntime.smoes.bins import ExpertModalityCounts, assign_bins, counts_from_routing, text_preference
 from epruntime.smoes.losses import bin_balance_loss, mi_loss
@@ -36,10 +36,11 @@ def _dp_group():
 
 class SMoESRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, *, smoes: SmoesConfig, num_bins: int,
-                 attention: AttentionModality | None = None):
+                 tokens: TokenStream, attention: AttentionModality | None = None):
         super().__init__(config=config, pg_collection=pg_collection)
         experts = config.num_moe_experts
         self.smoes, self.num_bins, self.attention = smoes, num_bins, attention
+        self.tokens = tokens  # the model's token stream: the modality of this layer's tokens
         self.counts = ExpertModalityCounts(experts, smoes.count_beta)
         # Logical bins; before the first re-binning, megatron-core's contiguous placement.
         self.register_buffer("bin_of_expert", torch.arange(experts) // (experts // num_bins))
@@ -70,10 +71,10 @@ class SMoESRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask)
-        modality_SB = current_modality_SB()
+        modality_SB = self.tokens.modality_SB
         if modality_SB is None:
-            raise RuntimeError("SMoESRouter needs the token modality: run the model inside "
-                               "epruntime.model.context.token_context")
+            raise RuntimeError("SMoESRouter needs the token modality: run it inside the model's "
+                               "forward (TokenStream.forward)")
         M_T2 = self.modality_scores(modality_SB)
         if not self.training:
             return probs_TE, routing_map_TE
@@ -106,15 +107,17 @@ class SMoESRouter(TopKRouter):
         return self.bin_of_expert
 
 
-def build_router(cfg: Config) -> tuple[object | None, AttentionModality | None]:
+def build_router(cfg: Config, tokens: TokenStream) -> tuple[object | None,
+                                                         AttentionModality | None]:
     """(router builder for the layer spec, attention tracker to attach to the decoder layers);
-    (None, None) when SMoES is off (megatron-core's TopKRouter)."""
+    (None, None) when SMoES is off (megatron-core's TopKRouter). Both read the modality of the
+    tokens from the model's `tokens` stream."""
     if not cfg.smoes.enabled:
         return None, None
-    attention = (AttentionModality(detach=cfg.smoes.detach_scores)
+    attention = (AttentionModality(tokens, detach=cfg.smoes.detach_scores)
                  if cfg.smoes.score == "attention" else None)
     builder = functools.partial(SMoESRouter, smoes=cfg.smoes, num_bins=cfg.num_bins,
-                                attention=attention)
+                                tokens=tokens, attention=attention)
     return builder, attention
 
 

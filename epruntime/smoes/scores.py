@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from epruntime.model.context import TEXT, VISION  # noqa: F401  (re-exported)
+from epruntime.modality import TEXT, VISION  # noqa: F401  (re-exported)
 
 NUM_MODALITIES = 2
 

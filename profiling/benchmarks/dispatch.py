@@ -107,6 +107,7 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     from epruntime.config import load_config
     from epruntime.datasets import build_datasets
     from epruntime.engine import Engine
+    from epruntime.placement.controller import bin_placements, place
     from epruntime.placement.recording import CoactivationRecorder, traffic_placements
 
     def config(model: str, kind: str, transport: str = "pg"):
@@ -132,7 +133,7 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
                                   "transport": cfg.dispatch.transport}
         if placement != "contiguous":
             if placement == "bins":
-                target = engine.bin_placements()
+                target = bin_placements(engine)
             else:
                 recorder = CoactivationRecorder(engine.model)
                 with torch.no_grad():
@@ -143,7 +144,7 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
                 recorder.close()
                 target = traffic_placements(recorder.counts(dist.group.WORLD), env.ep_size,
                                             engine.ranks_per_node)
-            report = engine.place(target)
+            report = place(engine, target)
             detail["migration_bytes_sent"] = report["bytes_sent"] if report else 0
             detail["migration_s"] = report["seconds"] if report else 0.0
         engine.ledger.reset()

@@ -1,0 +1,110 @@
+"""What one MoE layer needs besides megatron-core's own arguments, as explicit values.
+
+A `LayerRuntime` is built per MoE layer by the Engine *before* megatron-core builds the model and
+reaches the layer's dispatcher (and router) through the ModuleSpec (`SpecMoELayer` passes it to
+the dispatcher's constructor); nothing is written onto megatron-core's objects afterwards.
+
+    LayerRuntime(layer_index, transport, kernels, observers, tokens)
+      observers  the ledger (and later timers) that read what the dispatcher sends; swapped for
+                 evaluation with `Observers.observing(ledger)`, never changing results
+      tokens     the model's per-forward token state (modality of the tokens entering the layer),
+                 set by the model's layer loop: dispatchers and routers read it, nobody else writes
+
+The placement is not here: it changes with live migration and reaches the dispatcher through
+`set_placement` (see `epruntime.model.placement_support`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # no torch / megatron-core import for the row plan's users
+    import torch
+
+    from epruntime.dispatch.ledger import CommLedger
+
+
+class Observers:
+    """The read-only observers of every layer's dispatch and combine (one object per model)."""
+
+    def __init__(self, ledger: "CommLedger | None" = None):
+        self._ledger = ledger
+
+    @property
+    def ledger(self) -> "CommLedger | None":
+        """The CommLedger recording now, or None (ledger off)."""
+        return self._ledger
+
+    @contextlib.contextmanager
+    def observing(self, ledger: "CommLedger | None") -> Iterator["CommLedger | None"]:
+        """Record into `ledger` for the enclosed block, then restore the previous one."""
+        previous, self._ledger = self._ledger, ledger
+        try:
+            yield ledger
+        finally:
+            self._ledger = previous
+
+
+class TokenStream:
+    """The token state of the forward pass in flight, as the layers see it: the modality of every
+    token entering the current layer, [S, B] (0 text, 1 vision), in megatron-core's [S, B] order.
+    The model's layer loop is its only writer (`enter`); routers and dispatchers read it."""
+
+    def __init__(self) -> None:
+        self._modality_SB: "torch.Tensor | None" = None
+        self._scores_SB2: "torch.Tensor | None" = None
+
+    @contextlib.contextmanager
+    def forward(self, modality_SB: "torch.Tensor") -> Iterator[None]:
+        """The enclosed block is one forward pass whose tokens start with `modality_SB`."""
+        saved = self._modality_SB, self._scores_SB2
+        self._modality_SB, self._scores_SB2 = modality_SB, None
+        try:
+            yield
+        finally:
+            self._modality_SB, self._scores_SB2 = saved
+
+    def enter(self, modality_SB: "torch.Tensor", scores_SB2: "torch.Tensor | None" = None) -> None:
+        """The next layer runs on these tokens (after pruning they are fewer)."""
+        self._modality_SB, self._scores_SB2 = modality_SB, scores_SB2
+
+    @property
+    def modality_SB(self) -> "torch.Tensor | None":
+        return self._modality_SB
+
+    @property
+    def modality_T(self) -> "torch.Tensor | None":
+        """[S*B] in the order megatron-core flattens hidden [S, B, H]; None outside a forward."""
+        return None if self._modality_SB is None else self._modality_SB.reshape(-1)
+
+    @property
+    def scores_SB2(self) -> "torch.Tensor | None":
+        """Soft modality scores of the tokens entering the layer (SMoES), when a scorer set them."""
+        return self._scores_SB2
+
+
+@dataclass(frozen=True)
+class LayerRuntime:
+    """Per-layer runtime of one MoE layer (see the module docstring)."""
+
+    layer_index: int = 0
+    transport: Any = None  # epruntime.transport object for the EP group; None: the process group
+    kernels: str | None = None  # epruntime.kernels backend; None: automatic
+    observers: Observers = field(default_factory=Observers)
+    tokens: TokenStream = field(default_factory=TokenStream)
+
+    @property
+    def ledger(self) -> "CommLedger | None":
+        return self.observers.ledger
+
+
+def layer_runtimes(num_layers: int, transport: Any = None, kernels: str | None = None,
+                   observers: Observers | None = None,
+                   tokens: TokenStream | None = None) -> list[LayerRuntime]:
+    """One runtime per MoE layer, sharing the observers and the token stream."""
+    observers = observers or Observers()
+    tokens = tokens or TokenStream()
+    return [LayerRuntime(i, transport, kernels, observers, tokens) for i in range(num_layers)]
