@@ -17,6 +17,7 @@ from epruntime.config import load_config
 from epruntime.dispatch.layout import dedup_send_layout, entries_to_dense, fan_out
 from epruntime.dispatch.plan import COUNT_BYTES
 from epruntime.placement import Placement
+from tests import configs
 from tests.dist import spawn
 
 GLOBAL_BATCH = 8
@@ -31,13 +32,8 @@ DEDUP_VARIANTS = [v for v, (kind, _, _) in VARIANTS.items() if kind != "alltoall
 
 
 def small_config(ep_size: int, kind: str, *extra: str):
-    return load_config(None, [*extra,
-        "data.dataset=synthetic", f"data.global_batch_size={GLOBAL_BATCH}",
-        f"model.hidden_size={HIDDEN}", "model.num_layers=2", "model.num_attention_heads=2",
-        f"model.num_experts={EXPERTS}", f"model.moe_topk={TOPK}", "model.moe_ffn_hidden_size=16",
-        "model.image_size=16", "model.patch_size=4", "model.moe_aux_loss_coeff=0",
-        f"parallel.ep_size={ep_size}", "parallel.timeout_s=60", f"dispatch.kind={kind}",
-    ])
+    return configs.small_config(*extra, "model.moe_aux_loss_coeff=0", f"parallel.ep_size={ep_size}",
+                                f"dispatch.kind={kind}")
 
 
 class RecordingTransport:

@@ -6,20 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epruntime.config import load_config
+from tests import configs
 from tests.dist import spawn
 
 GLOBAL_BATCH = 8
 
 
 def small_config(ep_size: int, aux: float):
-    return load_config(None, [
-        "data.dataset=synthetic", f"data.global_batch_size={GLOBAL_BATCH}",
-        "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
-        "model.num_experts=8", "model.moe_topk=3", "model.moe_ffn_hidden_size=16",
-        "model.image_size=16", "model.patch_size=4", f"model.moe_aux_loss_coeff={aux}",
-        f"parallel.ep_size={ep_size}", "parallel.timeout_s=60",
-    ])
+    return configs.small_config(f"model.moe_aux_loss_coeff={aux}", f"parallel.ep_size={ep_size}")
 
 
 def _grads_worker(rank: int, ep_size: int, aux: float, out: str) -> None:

@@ -16,6 +16,7 @@ from epruntime.fastmmoe.flops import FlopCounter
 from epruntime.fastmmoe.policies import (FastVPolicy, Observation, Text2VisionPolicy,
                                          build_policy, greedy_keep)
 from epruntime.fastmmoe.similarity import cosine_similarity, js_similarity
+from tests import configs
 from tests.dist import spawn
 
 
@@ -150,13 +151,7 @@ P, Q = 16, 6  # visual tokens (16x16 image, 4x4 patches), question length
 
 
 def small_config(kind: str):
-    return load_config(None, [
-        "data.dataset=synthetic", "data.global_batch_size=8", "model.hidden_size=32",
-        "model.num_layers=2", "model.num_attention_heads=2", "model.num_experts=8",
-        "model.moe_topk=3", "model.moe_ffn_hidden_size=16", "model.image_size=16",
-        "model.patch_size=4", "parallel.ep_size=2", "parallel.timeout_s=60",
-        f"dispatch.kind={kind}",
-    ])
+    return configs.small_config("parallel.ep_size=2", f"dispatch.kind={kind}")
 
 
 def _direct(model, images, qids, qlens, keep_BK, k_vision: int):

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from epruntime.checkpoint import saved_placements
-from epruntime.config import load_config
 from epruntime.placement import Placement, PlacementError
 from epruntime.placement.migrate import (
     MigrationError,
@@ -30,6 +29,7 @@ from epruntime.placement.migrate import (
     unpack,
     verify,
 )
+from tests import configs
 from tests.dist import spawn
 
 GLOBAL_BATCH = 8
@@ -133,13 +133,9 @@ def test_saved_placements_fall_back_when_they_do_not_fit():
 
 # ---- real ranks --------------------------------------------------------------------------------
 def config(ep_size: int, out: str):
-    return load_config(None, [
-        "data.dataset=synthetic", f"data.global_batch_size={GLOBAL_BATCH}",
-        "model.hidden_size=32", f"model.num_layers={LAYERS}", "model.num_attention_heads=2",
-        f"model.num_experts={EXPERTS}", "model.moe_topk=2", "model.moe_ffn_hidden_size=16",
-        "model.image_size=16", "model.patch_size=4", f"parallel.ep_size={ep_size}",
-        "parallel.timeout_s=60", f"train.output_dir={out}",
-    ])
+    return configs.small_config(f"model.num_layers={LAYERS}", f"model.num_experts={EXPERTS}",
+                                "model.moe_topk=2", f"parallel.ep_size={ep_size}",
+                                f"train.output_dir={out}")
 
 
 def placement_aware_dispatcher():

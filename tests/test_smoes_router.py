@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from epruntime.config import load_config
+from tests import configs
 from tests.dist import spawn
 
 GLOBAL_BATCH = 8
 
 
 def config(ep_size: int, *extra: str):
-    return load_config(None, [
-        "data.dataset=synthetic", f"data.global_batch_size={GLOBAL_BATCH}",
-        "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
-        "model.num_experts=8", "model.moe_topk=3", "model.moe_ffn_hidden_size=16",
-        "model.image_size=16", "model.patch_size=4", f"parallel.ep_size={ep_size}",
-        "parallel.timeout_s=60", "smoes.rebin_interval=2", *extra,
-    ])
+    return configs.small_config(f"parallel.ep_size={ep_size}", "smoes.rebin_interval=2", *extra)
 
 
 def _train(cfg, env, steps: int):

@@ -123,22 +123,23 @@ class GaussianModalityStats(torch.nn.Module):
                              onehot_T2.T @ x_TD.square()], dim=1)
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(moments, group=group)
+        # On the device, no branch on device values (no host sync): a modality absent from the
+        # batch keeps its stats, one seen for the first time takes the batch's.
         D = self.hidden_size
-        for m in range(NUM_MODALITIES):
-            n = moments[m, 0]
-            if n == 0:
-                continue
-            mean_b = (moments[m, 1:1 + D] / n).to(self.mu.dtype)
-            var_b = (moments[m, 1 + D:] / n - (moments[m, 1:1 + D] / n).square()).clamp_min(0)
-            var_b = var_b.to(self.var.dtype)
-            if not bool(self.initialized[m]):
-                self.mu[m], self.var[m] = mean_b, var_b
-                self.initialized[m] = True
-                continue
-            b = self.beta
-            delta = mean_b - self.mu[m]
-            self.mu[m] = b * self.mu[m] + (1 - b) * mean_b
-            self.var[m] = b * self.var[m] + (1 - b) * var_b + b * (1 - b) * delta.square()
+        n_M1 = moments[:, :1]
+        seen_M1 = n_M1 > 0
+        n_safe = n_M1.clamp_min(1)
+        mean64 = moments[:, 1:1 + D] / n_safe
+        mean_b = mean64.to(self.mu.dtype)
+        var_b = (moments[:, 1 + D:] / n_safe - mean64.square()).clamp_min(0).to(self.var.dtype)
+        b = self.beta
+        delta = mean_b - self.mu
+        mu_ema = b * self.mu + (1 - b) * mean_b
+        var_ema = b * self.var + (1 - b) * var_b + b * (1 - b) * delta.square()
+        was_M1 = self.initialized[:, None]
+        self.mu.copy_(torch.where(seen_M1, torch.where(was_M1, mu_ema, mean_b), self.mu))
+        self.var.copy_(torch.where(seen_M1, torch.where(was_M1, var_ema, var_b), self.var))
+        self.initialized |= seen_M1[:, 0]
 
     def scores(self, x_TD: Tensor, tau: float | None = None) -> Tensor:
         """M_T2 = softmax_m(LL / tau), LL[t, m] = -1/2 sum_d (log var_m + (x - mu_m)^2 / var_m).
