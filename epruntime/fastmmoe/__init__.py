@@ -5,6 +5,6 @@ baselines through the same path, and analytic FLOPs accounting (config section `
 from epruntime.fastmmoe.activation import reduce_topk
 from epruntime.fastmmoe.flops import FlopCounter
 from epruntime.fastmmoe.policies import build_policy
-from epruntime.fastmmoe.reducer import TokenReducer
+from epruntime.fastmmoe.reducer import TokenReducer, TokenState
 
-__all__ = ["FlopCounter", "TokenReducer", "build_policy", "reduce_topk"]
+__all__ = ["FlopCounter", "TokenReducer", "TokenState", "build_policy", "reduce_topk"]

@@ -1,17 +1,18 @@
-"""TokenReducer: reduced visual expert activation and token pruning inside megatron-core's decoder.
+"""TokenReducer: reduced visual expert activation and token pruning between megatron-core's layers.
 
-Everything happens through forward hooks on megatron-core's own modules, so the decoder loop,
-the layers and the dispatchers are unchanged and the shortened sequence simply flows on:
+The model's forward (`MoEVLM.decode`) runs megatron-core's decoder layers one by one on an
+explicit `TokenState` and calls the reducer around each; inside a layer two hooks on
+megatron-core's own modules see what only the layer computes:
 
-    layer l input      (pre-hook)  count attention/router FLOPs for the tokens present
-    attention softmax  (hook)      at an attention-policy pruning layer, keep the head-mean probs
-    router output      (hook)      visual tokens keep their top-k' experts; at a pruning layer the
-                                   policy picks the visual tokens that stay (from this layer's
-                                   routing softmax or attention), and in drop mode the others skip
-                                   this layer's experts; count the expert pairs that run
-    layer l output     (hook)      at a pruning layer: hidden [S, B, H] -> [S', B, H] (drop, or
-                                   merge into the closest kept token); the modality vector, the
-                                   SMoES attention scores and the answer positions shrink with it
+    before layer l     (model loop)  count attention/router FLOPs for the tokens present
+    attention softmax  (hook)        at an attention-policy pruning layer, keep the head-mean probs
+    router output      (hook)        visual tokens keep their top-k' experts; at a pruning layer the
+                                     policy picks the visual tokens that stay (from this layer's
+                                     routing softmax or attention), and in drop mode the others
+                                     skip this layer's experts; count the expert pairs that run
+    after layer l      (model loop)  at a pruning layer: hidden [S, B, H] -> [S', B, H] (drop, or
+                                     merge into the closest kept token); the state's modality, the
+                                     SMoES attention scores and the visual-token count shrink with it
 
 Visual tokens stay first and text tokens are never touched, so the causal mask (built by the
 attention for the current length) and the relative order stay right, and the answer position
@@ -22,6 +23,8 @@ training-free); FLOPs are counted in eval mode whether or not anything is reduce
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from epruntime.config import FastMMoEConfig
@@ -30,6 +33,15 @@ from epruntime.fastmmoe.flops import FlopCounter
 from epruntime.fastmmoe.policies import Observation, build_policy
 from epruntime.modality import TEXT, VISION
 from epruntime.runtime import TokenStream
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """The tokens flowing from one decoder layer to the next."""
+
+    hidden_SBH: torch.Tensor  # [S, B, H]
+    modality_SB: torch.Tensor  # [S, B] (0 text, 1 vision): visual tokens first
+    num_vision: int  # visual tokens per sample (the first num_vision positions)
 
 
 class TokenReducer:
@@ -61,14 +73,13 @@ class TokenReducer:
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, layers) -> None:
-        """Hook every megatron-core TransformerLayer (with an MoE MLP) of the decoder; the hooks
-        read the current configuration, so `configure` takes effect on the next pass."""
+        """Hook the attention softmax and the router of every megatron-core TransformerLayer
+        (with an MoE MLP) of the decoder; the hooks read the current configuration, so
+        `configure` takes effect on the next pass."""
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._layer_input(index))
             softmax = layer.self_attention.core_attention.scale_mask_softmax
             softmax.register_forward_hook(self._attention_probs(index))
             layer.mlp.router.register_forward_hook(self._router_output(index))
-            layer.register_forward_hook(self._layer_output(index))
 
     def begin(self, training: bool, question_lens: torch.Tensor, num_vision: int,
               seq: int) -> None:
@@ -101,12 +112,21 @@ class TokenReducer:
         if self.flops is not None:
             self.flops.reset()
 
+    # ---- between layers (called by the model's layer loop) -----------------------------------
+    def before_layer(self, index: int, modality_SB: torch.Tensor) -> None:
+        if self.active and self.flops is not None:
+            self.flops.on_layer(index, modality_SB)
+
+    def after_layer(self, index: int, state: TokenState) -> TokenState:
+        """At a pruning layer, the state of the kept tokens; else `state` as it is."""
+        if not self.active or not self._prunes(index) or self._selection is None:
+            return state
+        hidden_SBH, modality_SB = self.prune(state.hidden_SBH, *self._selection)
+        self._selection = None
+        self._attention_BSS = None
+        return TokenState(hidden_SBH, modality_SB, self.num_vision)
+
     # ---- hooks -----------------------------------------------------------------------------
-    def _layer_input(self, index: int):
-        def hook(layer, args):
-            if self.active and self.flops is not None:
-                self.flops.on_layer(index, self.tokens.modality_SB)
-        return hook
 
     def _router_output(self, index: int):
         def hook(router, args, output):
@@ -162,22 +182,12 @@ class TokenReducer:
             probs_TE = probs_TE * map_TE
         return probs_TE, map_TE
 
-    def _layer_output(self, index: int):
-        def hook(layer, args, output):
-            if not self.active or not self._prunes(index):
-                return None
-            hidden_SBH, context = output
-            hidden_SBH = self.prune(hidden_SBH, *self._selection)
-            self._selection = None
-            self._attention_BSS = None
-            return hidden_SBH, context
-        return hook
-
     # ---- pruning ---------------------------------------------------------------------------
     def prune(self, hidden_SBH: torch.Tensor, keep: int, keep_BP: torch.Tensor,
-              merge_into_BP: torch.Tensor | None) -> torch.Tensor:
-        """[S, B, H] -> [S', B, H], S' = keep + text: the selected visual tokens (or the means
-        of the groups merged into them) in their order, then the text tokens untouched."""
+              merge_into_BP: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S, B, H] -> ([S', B, H], modality [S', B]), S' = keep + text: the selected visual
+        tokens (or the means of the groups merged into them) in their order, then the text
+        tokens untouched."""
         from epruntime.kernels import compact
 
         p, (s, b, h) = self.num_vision, hidden_SBH.shape
@@ -195,7 +205,7 @@ class TokenReducer:
         dev = hidden_SBH.device
         modality_S = torch.cat([torch.full((keep,), VISION, device=dev),
                                 torch.full((text,), TEXT, device=dev)])
-        self.tokens.enter(modality_S[:, None].expand(keep + text, b))
+        modality_SB = modality_S[:, None].expand(keep + text, b)
         am = self.attention_modality
         if am is not None and am.M_BS2 is not None:
             m_BP2 = am.M_BS2[:, :p]
@@ -203,7 +213,7 @@ class TokenReducer:
                      else m_BP2[keep_BP].view(b, keep, 2))
             am.M_BS2 = torch.cat([m_BK2, am.M_BS2[:, p:]], dim=1)
         self.num_vision = keep
-        return pruned_SBH
+        return pruned_SBH, modality_SB
 
 
 def merge_rows(x_BPC: torch.Tensor, into_BP: torch.Tensor, keep: int) -> torch.Tensor:

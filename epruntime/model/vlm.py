@@ -13,6 +13,7 @@ is an ordinary causal LM trained on one target position, as VLMs fine-tuned on V
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -20,7 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import nn
 
 from epruntime.config import Config
-from epruntime.fastmmoe import FlopCounter, TokenReducer
+from epruntime.fastmmoe import FlopCounter, TokenReducer, TokenState
 from epruntime.modality import TEXT, VISION
 from epruntime.model.placement_support import PlacementAware, unsupported_reason
 from epruntime.model.router_tap import RouterTap
@@ -229,19 +230,33 @@ class MoEVLM(nn.Module):
         if self.debug_checks if check is None else check:
             self.check_batch(images, question_ids, question_lens)
         b, p = images.shape[0], self.num_vision_tokens
-        embedded_SBD = self.embed(images, question_ids)
+        state = TokenState(self.embed(images, question_ids), self.modality(b, images.device), p)
         self.reducer.begin(self.training, question_lens, p, self.seq_len)
         try:
-            with self.tokens.forward(self.modality(b, images.device)):
-                logits_BSV = self.gpt(input_ids=None, position_ids=None, attention_mask=None,
-                                      decoder_input=embedded_SBD)
+            with self.tokens.forward(state.modality_SB):
+                logits_SBV, state = self.decode(state)
         except BaseException:
             self.reducer.abort()
             raise
-        p = self.reducer.end(b, logits_BSV.shape[1])  # visual tokens left after any pruning
-        last = p + question_lens - 1
-        logits_BV = logits_BSV[torch.arange(b, device=last.device), last]
+        self.reducer.end(b, logits_SBV.shape[0])
+        last = state.num_vision + question_lens - 1  # visual tokens left after any pruning
+        logits_BV = logits_SBV[last, torch.arange(b, device=last.device)]
         return logits_BV[:, self.answer_offset :]
+
+    def decode(self, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+        """megatron-core's decoder layers one by one on an explicit token state, the token
+        reducer between them (it may shorten the sequence), then the final norm and the output
+        layer: logits [S', B, V] and the state that reached them. The same computation as
+        GPTModel's decoder for this model (learned absolute positions, no mask, no rotary)."""
+        for index, layer in enumerate(self.gpt.decoder.layers):
+            self.tokens.enter(state.modality_SB)  # what the routers and dispatchers read
+            self.reducer.before_layer(index, state.modality_SB)
+            hidden_SBH, _ = layer(hidden_states=state.hidden_SBH, attention_mask=None)
+            state = self.reducer.after_layer(index, dataclasses.replace(state,
+                                                                        hidden_SBH=hidden_SBH))
+        hidden_SBH = self.gpt.decoder.final_layernorm(state.hidden_SBH)
+        logits_SBV, _ = self.gpt.output_layer(hidden_SBH)
+        return logits_SBV, state
 
     @property
     def moe_layers(self) -> list:
