@@ -206,12 +206,10 @@ class TokenReducer:
         modality_S = torch.cat([torch.full((keep,), VISION, device=dev),
                                 torch.full((text,), TEXT, device=dev)])
         modality_SB = modality_S[:, None].expand(keep + text, b)
-        am = self.attention_modality
-        if am is not None and am.M_BS2 is not None:
-            m_BP2 = am.M_BS2[:, :p]
-            m_BK2 = (merge_rows(m_BP2, merge_into_BP, keep) if merge
-                     else m_BP2[keep_BP].view(b, keep, 2))
-            am.M_BS2 = torch.cat([m_BK2, am.M_BS2[:, p:]], dim=1)
+        if self.attention_modality is not None:  # SMoES scores follow the tokens they score
+            self.attention_modality.keep_vision_tokens(
+                lambda m_BP2: (merge_rows(m_BP2, merge_into_BP, keep) if merge
+                               else m_BP2[keep_BP].view(b, keep, m_BP2.shape[-1])), p)
         self.num_vision = keep
         return pruned_SBH, modality_SB
 

@@ -56,6 +56,14 @@ class AttentionModality:
         x_attn_SBH = output[0] if isinstance(output, tuple) else output
         self._attn_norm_BS = self._keep(x_attn_SBH.norm(dim=-1).T.float())
 
+    def keep_vision_tokens(self, select, num_vision: int) -> None:
+        """Token pruning shortened the sequence: the scores of the first `num_vision` (visual)
+        positions become `select(M_BP2)` [B, K, 2], the text positions' stay."""
+        if self.M_BS2 is None:
+            return
+        self.M_BS2 = torch.cat([select(self.M_BS2[:, :num_vision]), self.M_BS2[:, num_vision:]],
+                               dim=1)
+
     def advance(self) -> torch.Tensor:
         """M after this layer's attention, [S*B, 2] in megatron's token order (s-major)."""
         if self.M_BS2 is None or self._probs_BSS is None:
