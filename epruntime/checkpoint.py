@@ -234,9 +234,9 @@ def _plan_resume(cfg: Config) -> Path | None:
     if (warning := repair_latest(t.output_dir)) is not None:
         _warn(warning)
     step = read_meta(newest)["step"]
-    if t.max_steps <= step:
+    if t.max_steps < step:  # (equal: the run is complete, see epruntime.train)
         raise CheckpointError(
-            f"train.max_steps={t.max_steps} is at or below step {step} of the newest checkpoint "
+            f"train.max_steps={t.max_steps} is below step {step} of the newest checkpoint "
             f"({newest}): nothing to train; raise train.max_steps, choose another "
             "train.output_dir, or start over with train.resume=false train.overwrite=true")
     return newest

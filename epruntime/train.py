@@ -45,6 +45,12 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
     # Before any model is built: output_dir writable on every rank, resume point decided (or a
     # named refusal), leftovers of an interrupted save removed.
     resume_from = checkpoint.prepare_run(cfg)
+    if resume_from is not None and checkpoint.read_meta(resume_from)["step"] == cfg.train.max_steps:
+        if env.is_main:  # a finished run started again (e.g. the README command twice)
+            print(f"epruntime.train: nothing to train: {resume_from} is at train.max_steps="
+                  f"{cfg.train.max_steps}; {cfg.train.output_dir}/summary.json is left as it is "
+                  "(raise train.max_steps to train further)", file=sys.stderr, flush=True)
+        return 0
     train_ds, eval_ds = build_datasets(cfg)
     if len(train_ds) < cfg.data.global_batch_size:
         raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "

@@ -124,6 +124,10 @@ def _empty_trace_refused(out, tmp):
         proc.stderr
 
 
+def _summary_untouched(out, tmp):
+    assert (out / "summary.json").read_bytes() == (tmp / "summary.before").read_bytes()
+
+
 def _output_file(out, tmp):
     (tmp / "afile").write_text("not a directory")
     return sets(train__output_dir=tmp / "afile")
@@ -194,9 +198,13 @@ CASES = [
          prepare=_yaml("train:\n  lr: 0.001\n  lr: 0.1\n")),
     # 5. nothing left to train
     Case("5-max-steps-below-checkpoint", sets(train__max_steps=5), 2,
-         ["epruntime.train: error: train.max_steps=5 is at or below step 10 of the newest "
-          "checkpoint ({ckpt}/step_000010): nothing to train; raise train.max_steps, choose "
-          "another train.output_dir, or start over with train.resume=false train.overwrite=true"]),
+         ["epruntime.train: error: train.max_steps=5 is below step 10 of the newest checkpoint "
+          "({ckpt}/step_000010): nothing to train; raise train.max_steps, choose another "
+          "train.output_dir, or start over with train.resume=false train.overwrite=true"]),
+    Case("5-run-already-complete", sets(train__max_steps=10), 0,
+         ["epruntime.train: nothing to train: {ckpt}/step_000010 is at train.max_steps=10; "
+          "{out}/summary.json is left as it is (raise train.max_steps to train further)"],
+         after=_summary_untouched),
     # 6. empty config file, empty output_dir
     Case("6-empty-config", [], 2,
          ["epruntime.train: error: --config {tmp}/cfg.yaml: the file is empty (expected sections "
@@ -268,6 +276,7 @@ def _run_case(case: Case, trained: Path, tmp_path: Path, out: Path | None = None
         shutil.copytree(trained, out)
     extra = case.prepare(out, tmp_path)
     before, summary = checkpoint_hashes(out), (out / "summary.json").read_bytes()
+    (tmp_path / "summary.before").write_bytes(summary)
     steps_before = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     launch_env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **case.env}
     proc = run(_command(case, out, extra), timeout=TIMEOUT, extra_env=launch_env)
