@@ -177,7 +177,15 @@ def _direct(model, images, qids, qlens, keep_BK, k_vision: int):
     return h, logits.transpose(0, 1)[torch.arange(b), last][:, model.answer_offset:]
 
 
-def _model_worker(rank: int) -> None:
+KINDS = ("dedup", "alltoall")
+POLICIES = ("fastmmoe", "fastv", "text2vision")
+IDENTITY_CASES = [(p, m) for p in POLICIES for m in (("drop", "merge") if p == "fastmmoe"
+                                                     else ("drop",))]
+
+
+def _model_worker(rank: int, out: str) -> None:
+    """Both dispatchers, every policy, on two ranks holding different batch sizes; records what
+    the property tests below assert (one spawn for the module)."""
     from epruntime import distributed
     from epruntime.data import SyntheticVQA
     from epruntime.engine import Engine
@@ -187,22 +195,22 @@ def _model_worker(rank: int) -> None:
     n = 3 if rank == 0 else 5  # ranks prune different numbers of tokens
     batch = ds.batch(torch.arange(rank * 8, rank * 8 + n))
     args = (batch.images, batch.question_ids, batch.question_lens)
-    for kind in ("dedup", "alltoall"):
+    results = {"n": n}
+    for kind in KINDS:
         distributed.seed_all(0)
         engine = Engine(small_config(kind), env, len(ds.vocab), ds.num_answers, ds.max_question_len)
         model = engine.model.eval()
         reducer = model.reducer
+        r = results[kind] = {"identity": {}, "pruned": {}}
         with torch.no_grad():
             reducer.configure(FastMMoEConfig())
             full = model(*args)
-            for policy in ("fastmmoe", "fastv", "text2vision"):
-                modes = ("drop", "merge") if policy == "fastmmoe" else ("drop",)
-                for mode in modes:  # k' = k and retention 1: bit-identical
-                    reducer.configure(FastMMoEConfig(enabled=True, policy=policy, mode=mode,
-                                                     retention=1.0, vision_topk=3))
-                    assert torch.equal(model(*args), full), (kind, policy, mode)
+            for policy, mode in IDENTITY_CASES:  # k' = k and retention 1
+                reducer.configure(FastMMoEConfig(enabled=True, policy=policy, mode=mode,
+                                                 retention=1.0, vision_topk=3))
+                r["identity"][policy, mode] = torch.equal(model(*args), full)
 
-            for policy in ("fastmmoe", "fastv", "text2vision"):
+            for policy in POLICIES:
                 cfg = FastMMoEConfig(enabled=True, policy=policy, retention=0.5, vision_topk=2,
                                      similarity="js" if kind == "alltoall" else "cosine")
                 reducer.configure(cfg)
@@ -212,39 +220,93 @@ def _model_worker(rank: int) -> None:
                 pruned = model(*args)
                 hook.remove()
                 keep_BK = reducer.last_kept[0]
-                assert keep_BK.shape == (n, P // 2) and reducer.num_vision == P // 2
-                assert (keep_BK.diff(dim=1) > 0).all()
-                assert seen["h"].shape[0] == P // 2 + Q  # every text token is still there
+                num_vision = reducer.num_vision
                 kept_h, direct = _direct(model, *args, keep_BK, 2)
-                assert torch.equal(seen["h"], kept_h), (kind, policy)
-                torch.testing.assert_close(pruned, direct, rtol=1e-5, atol=1e-6,
-                                           msg=f"{kind} {policy}")
-                assert not torch.equal(pruned, full)
+                r["pruned"][policy] = {
+                    "keep_shape": tuple(keep_BK.shape), "num_vision": num_vision,
+                    "ascending": bool((keep_BK.diff(dim=1) > 0).all()),
+                    "layer1_rows": seen["h"].shape[0], "layer1_input": seen["h"],
+                    "direct_input": kept_h, "logits": pruned, "direct_logits": direct,
+                    "changed": not torch.equal(pruned, full)}
 
             reducer.configure(FastMMoEConfig(enabled=True, policy="fastmmoe", mode="merge",
                                              retention=0.25))
             merged = model(*args)
-            assert merged.shape == full.shape and torch.isfinite(merged).all()
-            assert reducer.num_vision == P // 4
+            r["merge"] = {"same_shape": merged.shape == full.shape,
+                          "finite": bool(torch.isfinite(merged).all()),
+                          "num_vision": reducer.num_vision}
 
             # Reduced activation: fewer (token, expert) pairs reach the dispatcher and the FLOPs.
             engine.ledger.reset()
             reducer.reset_stats()
             reducer.configure(FastMMoEConfig(enabled=True, vision_topk=1))
             model(*args)
-            pairs = sum(engine.comm_summary()["load_per_rank"])  # both layers, both ranks
-            total_tokens = 8  # 3 + 5 samples
-            assert pairs == 2 * total_tokens * (Q * 3 + P * 1), kind
-            flops = reducer.flops.summary()
-            d, f = 32, 16
-            for layer in flops["per_layer"]:
-                assert layer["experts"]["vision"] == total_tokens * P * 1 * 4 * d * f
-                assert layer["experts"]["text"] == total_tokens * Q * 3 * 4 * d * f
-            assert flops["ratio"] < 1
+            r["pairs"] = sum(engine.comm_summary()["load_per_rank"])  # both layers and ranks
+            r["flops"] = reducer.flops.summary()
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
-def test_reduction_on_two_ranks_matches_direct_runs():
-    spawn(_model_worker, 2)
+@pytest.fixture(scope="module")
+def reduction(tmp_path_factory):
+    """[rank] -> the worker's results, from one spawn of two ranks."""
+    out = tmp_path_factory.mktemp("fastmmoe")
+    spawn(_model_worker, 2, str(out))
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy, mode", IDENTITY_CASES)
+def test_full_retention_with_k_unchanged_is_bit_identical(reduction, kind, policy, mode):
+    for rank in range(2):
+        assert reduction[rank][kind]["identity"][policy, mode], rank
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pruning_keeps_half_the_visual_tokens_of_every_sample(reduction, kind, policy):
+    for rank in range(2):
+        r, n = reduction[rank][kind]["pruned"][policy], reduction[rank]["n"]
+        assert r["keep_shape"] == (n, P // 2) and r["num_vision"] == P // 2
+        assert r["ascending"]  # kept tokens stay in their order
+        assert r["layer1_rows"] == P // 2 + Q  # every text token is still there
+        assert r["changed"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pruned_layer_input_equals_the_kept_rows_of_a_direct_run(reduction, kind, policy):
+    for rank in range(2):
+        r = reduction[rank][kind]["pruned"][policy]
+        assert torch.equal(r["layer1_input"], r["direct_input"]), rank
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pruned_logits_equal_layers_called_on_the_kept_tokens(reduction, kind, policy):
+    for rank in range(2):
+        r = reduction[rank][kind]["pruned"][policy]
+        torch.testing.assert_close(r["logits"], r["direct_logits"], rtol=1e-5, atol=1e-6,
+                                   msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_mode_keeps_a_quarter(reduction, kind):
+    for rank in range(2):
+        r = reduction[rank][kind]["merge"]
+        assert r["same_shape"] and r["finite"] and r["num_vision"] == P // 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reduced_activation_dispatches_fewer_pairs_and_counts_their_flops(reduction, kind):
+    total_tokens = 8  # 3 + 5 samples
+    d, f = 32, 16
+    for rank in range(2):
+        r = reduction[rank][kind]
+        assert r["pairs"] == 2 * total_tokens * (Q * 3 + P * 1)
+        for layer in r["flops"]["per_layer"]:
+            assert layer["experts"]["vision"] == total_tokens * P * 1 * 4 * d * f
+            assert layer["experts"]["text"] == total_tokens * Q * 3 * 4 * d * f
+        assert r["flops"]["ratio"] < 1
 
 
 # ---- the benchmark and the inference entry point ------------------------------------------------
