@@ -1,12 +1,13 @@
 """TokenReducer: reduced visual expert activation and token pruning between megatron-core's layers.
 
 The model's forward (`MoEVLM.decode`) runs megatron-core's decoder layers one by one on an
-explicit `TokenState` and calls the reducer around each; inside a layer two hooks on
-megatron-core's own modules see what only the layer computes:
+explicit `TokenState` and calls the reducer around each; inside a layer, a hook on megatron-core's
+attention softmax and the layer's router (a reducing subclass, epruntime.fastmmoe.router) hand it
+what only the layer computes:
 
     before layer l     (model loop)  count attention/router FLOPs for the tokens present
     attention softmax  (hook)        at an attention-policy pruning layer, keep the head-mean probs
-    router output      (hook)        visual tokens keep their top-k' experts; at a pruning layer the
+    routing            (router)      visual tokens keep their top-k' experts; at a pruning layer the
                                      policy picks the visual tokens that stay (from this layer's
                                      routing softmax or attention), and in drop mode the others
                                      skip this layer's experts; count the expert pairs that run
@@ -73,13 +74,12 @@ class TokenReducer:
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, layers) -> None:
-        """Hook the attention softmax and the router of every megatron-core TransformerLayer
-        (with an MoE MLP) of the decoder; the hooks read the current configuration, so
-        `configure` takes effect on the next pass."""
+        """Hook the attention softmax of every megatron-core TransformerLayer of the decoder (the
+        routers reach the reducer themselves: epruntime.fastmmoe.router); the hook reads the
+        current configuration, so `configure` takes effect on the next pass."""
         for index, layer in enumerate(layers):
             softmax = layer.self_attention.core_attention.scale_mask_softmax
             softmax.register_forward_hook(self._attention_probs(index))
-            layer.mlp.router.register_forward_hook(self._router_output(index))
 
     def begin(self, training: bool, question_lens: torch.Tensor, num_vision: int,
               seq: int) -> None:
@@ -128,26 +128,26 @@ class TokenReducer:
 
     # ---- hooks -----------------------------------------------------------------------------
 
-    def _router_output(self, index: int):
-        def hook(router, args, output):
-            if not self.active:
-                return None
-            probs_TE, map_TE = output
-            modality_T = self.tokens.modality_T.to(map_TE.device)
-            if self.cfg.enabled:
-                k_reduced = self.cfg.vision_topk_at(index, self.topk)
-                if k_reduced < self.topk:
-                    probs_TE, map_TE = reduce_topk(probs_TE, map_TE, modality_T == VISION,
-                                                   k_reduced)
-                if self._prunes(index):
-                    probs_TE, map_TE = self._select(router, args[0], self.cfg.retention_at(index),
-                                                    probs_TE, map_TE)
-            if self.flops is not None:  # host sync (eval only): FLOPs are counted on the host
-                pairs_M = torch.zeros(2, dtype=torch.float64)
-                pairs_M.index_add_(0, modality_T.cpu(), map_TE.sum(1).cpu().double())
-                self.flops.on_experts(index, pairs_M)
+    def on_routing(self, index: int, router, hidden_SBH: torch.Tensor, probs_TE: torch.Tensor,
+                   map_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing of layer `index` as it is dispatched (called by the reducing router): in
+        eval mode, visual tokens keep their top-k' experts, and at a pruning layer the policy
+        picks the visual tokens that stay; FLOPs of the (token, expert) pairs that run."""
+        if not self.active:
             return probs_TE, map_TE
-        return hook
+        modality_T = self.tokens.modality_T.to(map_TE.device)
+        if self.cfg.enabled:
+            k_reduced = self.cfg.vision_topk_at(index, self.topk)
+            if k_reduced < self.topk:
+                probs_TE, map_TE = reduce_topk(probs_TE, map_TE, modality_T == VISION, k_reduced)
+            if self._prunes(index):
+                probs_TE, map_TE = self._select(router, hidden_SBH, self.cfg.retention_at(index),
+                                                probs_TE, map_TE)
+        if self.flops is not None:  # host sync (eval only): FLOPs are counted on the host
+            pairs_M = torch.zeros(2, dtype=torch.float64)
+            pairs_M.index_add_(0, modality_T.cpu(), map_TE.sum(1).cpu().double())
+            self.flops.on_experts(index, pairs_M)
+        return probs_TE, map_TE
 
     def _attention_probs(self, index: int):
         def hook(module, args, probs_BNSS):

@@ -18,10 +18,12 @@ import hashlib
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
 from epruntime.config import Config
 from epruntime.fastmmoe import FlopCounter, TokenReducer, TokenState
+from epruntime.fastmmoe.router import reducing_router
 from epruntime.modality import TEXT, VISION
 from epruntime.model.placement_support import PlacementAware, unsupported_reason
 from epruntime.model.router_tap import RouterTap
@@ -165,6 +167,15 @@ class MoEVLM(nn.Module):
         attention_modality = None
         if router_cls is None:
             router_cls, attention_modality = build_router(cfg, self.tokens)
+        # FastMMoE-style reduction at inference (off unless fastmmoe.enabled) and FLOPs counting;
+        # the routers hand it their routing (a reducing subclass of whichever router is used).
+        flops = FlopCounter(hidden=m.hidden_size, num_layers=m.num_layers,
+                            num_experts=m.num_experts, topk=m.moe_topk,
+                            ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
+                            patch_dim=3 * m.patch_size ** 2)
+        self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
+                                    attention_modality, kernels=runtimes[0].kernels)
+        router_cls = reducing_router(router_cls or TopKRouter, self.reducer)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
             transformer_layer_spec=decoder_block_spec(cfg, router_cls, dispatcher_cls, runtimes),
@@ -178,15 +189,8 @@ class MoEVLM(nn.Module):
         self.set_placements(self.placements)
         if attention_modality is not None:
             attention_modality.attach(self.gpt.decoder.layers)
-        # FastMMoE-style reduction at inference (off unless fastmmoe.enabled) and FLOPs counting.
-        flops = FlopCounter(hidden=m.hidden_size, num_layers=m.num_layers,
-                            num_experts=m.num_experts, topk=m.moe_topk,
-                            ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
-                            patch_dim=3 * m.patch_size ** 2)
-        self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
-                                    attention_modality, kernels=runtimes[0].kernels)
         self.reducer.attach(self.gpt.decoder.layers)
-        # After the reducer's hook: observers see the routing that was dispatched.
+        # On the reducing routers' output: observers see the routing that was dispatched.
         self.router_tap = RouterTap([layer.mlp.router for layer in self.gpt.decoder.layers],
                                     self.tokens)
 
