@@ -123,14 +123,19 @@ def _record_exit(code: int, line: str) -> None:
         pass  # the launcher falls back to torchrun's own code
 
 
-def fail(prog: str, message: str, code: int, publish: bool = True) -> None:
-    """Print one named line, tell the other ranks and the launcher, exit with `code`."""
-    line = f"{prog}: error: {message}"
-    print(line, file=sys.stderr, flush=True)
+def _announce(line: str, code: int, publish: bool) -> None:
+    """Tell the other ranks (rendezvous store) and the launcher ($EPRUNTIME_EXIT_DIR)."""
     dist_mod = _dist()
     if publish and dist_mod is not None:
         dist_mod.publish_failure(line)
     _record_exit(code, line)
+
+
+def fail(prog: str, message: str, code: int, publish: bool = True) -> None:
+    """Print one named line, tell the other ranks and the launcher, exit with `code`."""
+    line = f"{prog}: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    _announce(line, code, publish)
     sys.exit(code)
 
 
@@ -148,10 +153,7 @@ def run(main: Callable[[], int | None], prog: str) -> None:
         message = collective_failure(err) if isinstance(err, RuntimeError) else None
         if message is None:  # a bug: the traceback follows; the other ranks and launcher learn
             line = f"{prog}: unexpected error: {type(err).__name__}: {err}".splitlines()[0]
-            dist_mod = _dist()
-            if dist_mod is not None:
-                dist_mod.publish_failure(line)
-            _record_exit(EXIT_FAILURE, line)
+            _announce(line, EXIT_FAILURE, publish=True)
             raise
         fail(prog, message, EXIT_COLLECTIVE, publish=False)
     sys.exit(code or 0)
