@@ -70,6 +70,12 @@ def rank_tier_seconds(bytes_RR: Tensor, ranks_per_node: int, preset: LinkPreset
     return out[0], out[1]
 
 
+def _moves(bytes_RR: Tensor) -> bool:
+    """Whether any rank sends another rank a byte (a rank's own rows stay in its memory)."""
+    off_diag = ~torch.eye(bytes_RR.shape[0], dtype=torch.bool, device=bytes_RR.device)
+    return bool((bytes_RR[off_diag] > 0).any())
+
+
 def _combine_tiers(intra_R: Tensor, inter_R: Tensor, preset: LinkPreset) -> Tensor:
     return torch.maximum(intra_R, inter_R) if preset.concurrent_tiers else intra_R + inter_R
 
@@ -78,7 +84,7 @@ def collective_seconds(bytes_RR: Tensor, ranks_per_node: int, preset: LinkPreset
                        phase: str = "dispatch") -> float:
     """Seconds of one all-to-all: the preset's latency plus its slowest rank (0 if no bytes)."""
     intra_R, inter_R = rank_tier_seconds(bytes_RR, ranks_per_node, preset)
-    if not bool((bytes_RR > 0).any()):
+    if not _moves(bytes_RR):
         return 0.0
     return _latency(preset, phase, ranks_per_node) \
         + float(_combine_tiers(intra_R, inter_R, preset).max())
@@ -105,7 +111,7 @@ def phase_seconds(collectives: list[Tensor], ranks_per_node: int, preset: LinkPr
         a, e = rank_tier_seconds(c, ranks_per_node, preset)
         intra_R = a if intra_R is None else intra_R + a
         inter_R = e if inter_R is None else inter_R + e
-    if not any(bool((c > 0).any()) for c in collectives):
+    if not any(_moves(c) for c in collectives):
         return 0.0
     return _latency(preset, phase, ranks_per_node) \
         + float(_combine_tiers(intra_R, inter_R, preset).max())
