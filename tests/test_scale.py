@@ -210,3 +210,29 @@ def test_calibration_bad_alltoall_json_exits_2(python_env, tmp_path):
                            "--quick", "--normal-tokens", "8", "--alltoall-json", str(bad)],
                           env=python_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "bad.json" in proc.stderr
+
+
+def test_gumbel_routing_draws_distinct_experts_within_the_node_limit():
+    from epruntime.scale.project import gumbel_routing
+
+    pop = torch.softmax(torch.randn(2, 256, generator=torch.Generator().manual_seed(0)), 1)
+    group = torch.arange(4000) % 2
+    experts = gumbel_routing(pop, group, 8, 8, 4, seed=3)
+    assert experts.shape == (4000, 8)
+    assert all(len(set(row)) == 8 for row in experts.tolist())
+    nodes = torch.stack([(experts // 32 == n).any(1) for n in range(8)], 1).sum(1)
+    assert int(nodes.max()) <= 4
+    # Popular experts are drawn more often (Gumbel top-k samples in proportion to load).
+    counts = torch.bincount(experts[group == 0].flatten(), minlength=256).double()
+    assert torch.corrcoef(torch.stack([counts, pop[0]]))[0, 1] > 0.5
+
+
+def test_olmoe_popularity_keeps_the_measured_skew():
+    from epruntime.scale.project import OLMOE_SUBDIR, olmoe_popularity, shared_data_dir
+
+    if not (shared_data_dir() / OLMOE_SUBDIR).is_dir():
+        pytest.skip("shared/data (OLMoE routing loads) is not beside this checkout")
+    pop = olmoe_popularity(256)
+    assert pop.shape == (3, 256) and torch.allclose(pop.sum(1), torch.ones(3, dtype=pop.dtype))
+    skew = (pop.max(1).values / pop.mean(1)).tolist()  # shared/data README: 2.5-7.8x per layer
+    assert all(1.5 < s < 8.5 for s in skew)

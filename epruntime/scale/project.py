@@ -27,6 +27,7 @@ Placements and replicas are fitted on one sample of the routing and scored on an
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,18 @@ __all__ = ["VARIANTS", "Scenario", "assign_copies", "gumbel_routing", "olmoe_pop
            "project", "replicate", "variant_layer"]
 
 ROOT = Path(__file__).resolve().parents[2]
-OLMOE_DIR = ROOT.parent / "shared" / "data" / "olmoe-routing" / "olmoe-1b-7b"
+
+
+def shared_data_dir() -> Path:
+    """The project's shared/data: $EPRUNTIME_SHARED_DATA, else shared/data inside the checkout,
+    else beside it (../shared/data, where CI and the main checkout keep it)."""
+    if os.environ.get("EPRUNTIME_SHARED_DATA"):
+        return Path(os.environ["EPRUNTIME_SHARED_DATA"])
+    inside = ROOT / "shared" / "data"
+    return inside if inside.is_dir() else ROOT.parent / "shared" / "data"
+
+
+OLMOE_SUBDIR = Path("olmoe-routing") / "olmoe-1b-7b"
 OLMOE_DOMAINS = ("arxiv", "c4", "github")
 # variant -> (dispatch kind of epruntime.simulate, placement, replica slots per rank)
 VARIANTS = {
@@ -74,15 +86,17 @@ class Scenario:
 
 # ---- routing -------------------------------------------------------------------------------
 def olmoe_popularity(num_experts: int, layer: str = "7", seed: int = 0,
-                     data_dir: Path = OLMOE_DIR) -> torch.Tensor:
+                     data_dir: Path | None = None) -> torch.Tensor:
     """[3, E] expert popularity per OLMoE domain (arxiv, c4, github); E a multiple of 64."""
+    data_dir = data_dir or shared_data_dir() / OLMOE_SUBDIR
     if num_experts % 64:
         raise ValueError(f"olmoe routing needs a multiple of 64 experts, got {num_experts}")
     rows = []
     for d in OLMOE_DOMAINS:
         path = data_dir / f"{d}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: OLMoE routing loads missing (shared/data)")
+            raise FileNotFoundError(f"{path}: OLMoE routing loads missing (shared/data beside "
+                                    "the checkout, or set EPRUNTIME_SHARED_DATA)")
         usage = json.loads(path.read_text())["expert_usage_by_layer"][layer]
         rows.append(torch.tensor([float(usage[str(e)]) for e in range(64)]))
     split = num_experts // 64
