@@ -180,6 +180,8 @@ def replicate(placement: Placement, load_E: torch.Tensor, extra_per_rank: int
             options = [r for r in range(len(ranks)) if free[r] and e not in ranks[r]]
             if options:
                 break
+        else:
+            raise ValueError("replicate: every free slot's rank already holds every expert")
         copies[e] += 1
         r = min(options, key=rank_load)
         ranks[r].append(e)
