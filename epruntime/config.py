@@ -305,6 +305,10 @@ class TraceConfig(Section):
     enabled: bool = False
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of tokens kept (seeded)")
     path: Path | None = Field(None, description="default: <train/infer output_dir>/traces")
+    format: Literal["npz", "megatron-jsonl"] = Field(
+        "npz", description="npz: epruntime's rank*.npz; megatron-jsonl: rank*.jsonl records in "
+        "megatron-core 0.19's router-trace schema (plus token_idx), read by epruntime.plan and "
+        "epruntime.simulate alike")
 
     @field_validator("path", mode="before")
     @classmethod

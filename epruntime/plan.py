@@ -141,7 +141,7 @@ def load_routing(path: str | Path, num_experts: int | None = None) -> Routing:
     path = Path(path)
     if not path.exists():
         raise PlanError(f"{path}: no such file or directory")
-    if path.is_dir() or path.read_bytes()[:4] == b"PK\x03\x04":  # epruntime trace (.npz)
+    if path.is_dir() or path.read_bytes()[:4] == b"PK\x03\x04":  # trace directory or .npz
         return _from_trace(path, num_experts)
     if path.read_bytes()[:6] == b"\x93NUMPY":
         return _from_npy(path, num_experts)
@@ -161,22 +161,17 @@ def load_routing(path: str | Path, num_experts: int | None = None) -> Routing:
         obj = json.loads(first)
     except json.JSONDecodeError as err:
         raise PlanError(f"{path}:1: not JSON ({err.msg})") from None
-    if isinstance(obj, dict) and "top_indices" in obj:
-        return _from_megatron(path, num_experts)
-    if isinstance(obj, dict) and "experts" in obj:
-        return _from_trace(path, num_experts, jsonl=True)
+    if isinstance(obj, dict) and ("top_indices" in obj or "experts" in obj):
+        return _from_trace(path, num_experts)
     raise PlanError(f"{path}:1: neither a megatron-core router-trace record (field "
                     "'top_indices') nor an epruntime JSONL record (field 'experts'), nor a loads "
                     "file (field 'expert_usage_by_layer')")
 
 
-def _from_trace(path: Path, num_experts: int | None, jsonl: bool = False) -> Routing:
+def _from_trace(path: Path, num_experts: int | None) -> Routing:
+    """epruntime traces (npz or JSONL) and megatron-core router traces (epruntime.traces)."""
     try:
-        if jsonl:
-            from epruntime.traces import load_jsonl
-            trace = load_jsonl(path, num_experts=num_experts)
-        else:
-            trace = load_trace(path)
+        trace = load_trace(path, num_experts=num_experts)
     except TraceError as err:
         raise PlanError(str(err)) from None
     h = trace.header
@@ -192,62 +187,6 @@ def _from_trace(path: Path, num_experts: int | None, jsonl: bool = False) -> Rou
         records[layer] = (keys, trace.experts_NK[m], trace.rank_N[m])
     return _aligned(records, layers, h.topk, num_experts or h.num_experts,
                     f"epruntime trace {path}", path, h.ep_size)
-
-
-def _int_list(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-
-
-def _from_megatron(path: Path, num_experts: int | None) -> Routing:
-    """megatron-core router-trace JSONL -> Routing (token identity from token_idx/positions)."""
-    records: dict[int, tuple[list, list, list]] = {}
-    k_max, ranks = 0, set()
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PlanError(f"{where}: not JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise PlanError(f"{where}: expected an object")
-            for key in ("step", "layer", "rank", "num_tokens", "topk", "top_indices"):
-                if key not in obj:
-                    raise PlanError(f"{where}: missing field {key!r}")
-            for key in ("step", "layer", "rank", "num_tokens", "topk"):
-                v = obj[key]
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise PlanError(f"{where}: field {key!r} must be an int >= 0, got {v!r}")
-            t, k = obj["num_tokens"], obj["topk"]
-            top = obj["top_indices"]
-            if _int_list(top) and len(top) == t * k:  # flat [num_tokens * topk]
-                top = [top[i * k:(i + 1) * k] for i in range(t)]
-            if not isinstance(top, list) or len(top) != t or not all(
-                    _int_list(row) and len(row) == k for row in top):
-                raise PlanError(f"{where}: field 'top_indices' must be num_tokens={t} lists of "
-                                f"topk={k} expert ids")
-            if any(x < -1 for row in top for x in row):
-                raise PlanError(f"{where}: field 'top_indices' holds an id < -1")
-            ident = obj.get("token_idx", obj.get("positions"))
-            if ident is None:
-                ident = list(range(t))
-            elif not _int_list(ident) or len(ident) != t:
-                name = "token_idx" if "token_idx" in obj else "positions"
-                raise PlanError(f"{where}: field {name!r} must be num_tokens={t} ints")
-            call = (obj["step"], str(obj.get("stage", "")), obj.get("block", 0), obj["rank"])
-            keys, ex, rk = records.setdefault(obj["layer"], ([], [], []))
-            keys += [(*call, i) for i in ident]
-            ex += [row + [-1] * 0 for row in top]
-            rk += [obj["rank"]] * t
-            k_max, _ = max(k_max, k), ranks.add(obj["rank"])
-    if not records:
-        raise PlanError(f"{path}: no records")
-    for layer, (keys, ex, rk) in records.items():
-        records[layer] = (keys, [row + [-1] * (k_max - len(row)) for row in ex], rk)
-    return _aligned(records, sorted(records), k_max, num_experts,
-                    f"megatron-core router trace {path}", path, max(ranks) + 1)
 
 
 def _from_npy(path: Path, num_experts: int | None) -> Routing:
