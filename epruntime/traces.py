@@ -222,7 +222,7 @@ def finish_recording(recorder: TraceRecorder | None, cfg, env, output_dir) -> Pa
         return None
     recorder.close()
     path = recorder.save(cfg.trace.path or Path(output_dir) / "traces", env.rank,
-                         cfg.trace.format)
+                         getattr(cfg.trace, "format", "npz"))
     warning = empty_trace_warning(recorder, path)
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)

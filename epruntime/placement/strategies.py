@@ -134,6 +134,7 @@ def coactivation_counts(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
 # where torch's per-op overhead would dominate. W_EE: symmetric co-activation, zero diagonal;
 # load_E: float64 loads; group_E: int64 group (rank or node) of each expert.
 _TOL = 1 + 1e-12  # float slack on load caps
+_KL_FULL = 128  # up to this many items, Kernighan-Lin runs full passes from both starts
 
 
 def _group_loads(group_E: np.ndarray, load_E: np.ndarray, parts: int) -> np.ndarray:
@@ -247,10 +248,13 @@ def _kernighan_lin(W_EE, load_E, group_E, parts: int, cap: float,
     A_EP, L_P = _affinity(W_EE, group_E, parts), _group_loads(group_E, load_E, parts)
     d_EE = load_E[None, :] - load_E[:, None]  # load change of a's group if a and b swap
     eps = 1e-9 * max(1.0, float(W_EE.sum()))
+    steps = E // 2
+    if E > _KL_FULL:  # each step is O(E^2): bound the search for hundreds of items
+        steps, max_passes = min(steps, 24), min(max_passes, 6)
     for _ in range(max_passes):
         unlocked = np.ones(E, dtype=bool)
         done, total, best, best_len = [], 0.0, 0.0, 0
-        for _ in range(E // 2):
+        for _ in range(steps):
             La_E = L_P[group_E]
             ok = ((group_E[:, None] != group_E[None, :]) & unlocked[:, None] & unlocked[None, :]
                   & (La_E[:, None] + d_EE <= cap * _TOL) & (La_E[None, :] - d_EE <= cap * _TOL))
@@ -293,6 +297,9 @@ def _partition(W_EE: np.ndarray, load_E: np.ndarray, parts: int, cap: float) -> 
     if _group_loads(greedy, load_E, parts).max() <= cap * _TOL:
         starts.insert(0, greedy)
     # Refine both starts (cheap at E = 64) and keep the better; ties go to the greedy one.
+    # Beyond _KL_FULL items only the start with more intra-group weight is refined.
+    if load_E.size > _KL_FULL:
+        starts = [max(starts, key=lambda g: _intra_weight(W_EE, g))]
     results = [_kernighan_lin(W_EE, load_E, g, parts, cap) for g in starts]
     return max(results, key=lambda g: _intra_weight(W_EE, g))
 
