@@ -337,13 +337,17 @@ def plan(fit: Routing, score: Routing, ep: int, rpn: int, redundant: int, max_im
         per_layer, layer_rows = [], []
         try:
             for li, layer in enumerate(fit.layers):
+                t0 = time.perf_counter()
                 coact = (coactivation_counts(fit.experts_LTK[li], fit.num_experts)
                          if fit.has_tokens and strategy != "eplb" else None)
                 p = fit_layer(strategy, fit, li, ep, rpn, red, max_imbalance, coact)
+                t1 = time.perf_counter()
                 per_layer.append(p)
                 layer_rows.append({"strategy": strategy, "layer": layer, "redundant": red,
                                    "scored_on": scored_on,
-                                   **score_layer(p, score, li, src, hidden, dtype_bytes)})
+                                   **score_layer(p, score, li, src, hidden, dtype_bytes),
+                                   "fit_seconds": t1 - t0,
+                                   "score_seconds": time.perf_counter() - t1})
         except PlacementError as err:
             skipped.append(f"{strategy} redundant={red}: {err}")
             continue
