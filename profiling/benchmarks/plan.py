@@ -38,7 +38,7 @@ DATA = Path(os.environ.get("EPRUNTIME_SHARED_DATA", ROOT.parent / "shared" / "da
 FINE = ["model.num_experts=64", "model.moe_topk=6", "model.moe_ffn_hidden_size=32",
         "smoes.enabled=true", "smoes.score=gaussian"]
 FULL = dict(sections="switch,olmoe,fine,scale", fine_trace=None, fine_run=None, fine_steps=600,
-            fine_redundant="0,4,8,12", scale_tokens=8192, scale_layers=4, scale_redundant=32,
+            fine_redundant="0,8,16,32,64", scale_tokens=8192, scale_layers=4, scale_redundant=32,
             workdir=None)
 QUICK = dict(sections="switch,olmoe,scale", fine_trace=None, fine_run=None, fine_steps=4,
              fine_redundant="0,4", scale_tokens=512, scale_layers=1, scale_redundant=32,
@@ -55,7 +55,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fine-steps", dest="fine_steps", type=int,
                         help="training steps when the fine model must be trained (default 600)")
     parser.add_argument("--fine-redundant", dest="fine_redundant",
-                        help="redundant slots tried on the fine shape (default 0,4,8,12)")
+                        help="redundant slots tried on the fine shape (default 0,8,16,32,64)")
     parser.add_argument("--scale-tokens", dest="scale_tokens", type=int)
     parser.add_argument("--scale-layers", dest="scale_layers", type=int)
     parser.add_argument("--scale-redundant", dest="scale_redundant", type=int,
