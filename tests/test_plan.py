@@ -315,3 +315,16 @@ def test_simulate_scores_replicated_placement_file(tmp_path):
     assert trace.num_records == 32
     with pytest.raises(TraceError):
         load_trace(tmp_path / "missing")
+
+
+def test_bench_plan_quick_writes_the_schema(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "profiling/bench.py", "plan", "--quick", "--sections",
+                           "scale", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["name"] == "plan" and result["rows"]
+    assert {"goal", "strategy", "layer", "redundant", "balancedness", "overload",
+            "rows_per_token", "dedup_rows_per_token", "inter_node_rows"} <= set(result["rows"][0])
+    assert result["ratios"]["scale_redundant_used"] == 64  # 256 + 32 does not fill 64 ranks
