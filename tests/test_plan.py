@@ -328,3 +328,18 @@ def test_bench_plan_quick_writes_the_schema(tmp_path):
     assert {"goal", "strategy", "layer", "redundant", "balancedness", "overload",
             "rows_per_token", "dedup_rows_per_token", "inter_node_rows"} <= set(result["rows"][0])
     assert result["ratios"]["scale_redundant_used"] == 64  # 256 + 32 does not fill 64 ranks
+
+
+def test_dispatch_placement_spec_is_checked_by_name():
+    from pydantic import ValidationError
+
+    from epruntime.config import DispatchConfig
+    assert DispatchConfig(kind="dedup", placement="file:p.json").placement == "file:p.json"
+    for bad in ("foo", "file:", "file:  "):
+        with pytest.raises(ValidationError, match="dispatch.placement"):
+            DispatchConfig(kind="dedup", placement=bad)
+
+
+def test_missing_placement_file_named(tmp_path):
+    with pytest.raises(PlacementError, match="placement file .*missing.json"):
+        load_placements(tmp_path / "missing.json")
