@@ -255,8 +255,9 @@ class DispatchConfig(Section):
     # row per (token, destination node) across nodes, forwarded inside the node.
     kind: Literal["alltoall", "dedup", "dedup-hier"] = "alltoall"
     # contiguous: expert e on rank e // n_local. bins: SMoES bin k on EP rank k, re-placed (experts
-    # and their optimizer state migrated) whenever the bins change.
-    placement: Literal["contiguous", "bins"] = "contiguous"
+    # and their optimizer state migrated) whenever the bins change. file:PATH: the per-layer
+    # placements of a placement file (`python -m epruntime.plan`), migrated to at start.
+    placement: str = "contiguous"
     # EP ranks per node; None takes it from torchrun (LOCAL_WORLD_SIZE).
     ranks_per_node: int | None = Field(None, ge=1)
     # Count exact bytes of every dispatch and combine (summary.json `comm`).
@@ -272,6 +273,14 @@ class DispatchConfig(Section):
         64, ge=1, description="MiB of /dev/shm receive buffer per rank with transport=shm; each "
         "of the node's other ranks gets shm_mib / (2 * (ranks_per_node - 1)) MiB of it "
         "(double-buffered), the largest message one rank can send another per all-to-all")
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_spec(cls, value: str) -> str:
+        if value in ("contiguous", "bins") or (value.startswith("file:") and value[5:].strip()):
+            return value
+        raise ValueError(f"dispatch.placement={value!r}: expected contiguous, bins or file:PATH "
+                         "(a placement file written by python -m epruntime.plan)")
 
     @model_validator(mode="after")
     def _transport_fits_kind(self) -> "DispatchConfig":
@@ -296,6 +305,10 @@ class TraceConfig(Section):
     enabled: bool = False
     sample_rate: float = Field(1.0, gt=0, le=1, description="fraction of tokens kept (seeded)")
     path: Path | None = Field(None, description="default: <train/infer output_dir>/traces")
+    format: Literal["npz", "megatron-jsonl"] = Field(
+        "npz", description="npz: epruntime's rank*.npz; megatron-jsonl: rank*.jsonl records in "
+        "megatron-core 0.19's router-trace schema (plus token_idx), read by epruntime.plan and "
+        "epruntime.simulate alike")
 
     @field_validator("path", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from epruntime.config import apply_overrides, config_from_dict, load_config
 from epruntime.datasets import build_datasets
 from epruntime.engine import Engine
 from epruntime.metrics import metrics_for
+from epruntime.placement.controller import PlacementController
 from epruntime.summary import report
 
 
@@ -44,6 +45,7 @@ def _infer(cfg, env, path) -> int:
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
     mx = metrics_for(cfg, engine)  # Prometheus /metrics; no-op unless metrics.enabled
     meta = checkpoint.load_checkpoint(engine, path, restore_training_state=False)
+    PlacementController(engine).start()  # dispatch.placement=file:PATH moves the experts there
     recorder = traces.start_recording(cfg, engine, env)  # None unless trace.enabled
     t = time.perf_counter()
     metrics = engine.evaluate(eval_ds)

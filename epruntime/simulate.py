@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from epruntime.dispatch.ledger import CommLedger
 from epruntime.dispatch.plan import COUNT_BYTES, META_BYTES, routing_map_from_topk, row_plan
 from epruntime.placement import Placement
+from epruntime.placement.replicas import physical_view, resolve_copies
 from epruntime.traces import RoutingTrace, load_trace
 
 KINDS = ("alltoall", "dedup", "dedup-hier")
@@ -160,6 +161,9 @@ def layer_exchanges(kind: str, experts_NK: torch.Tensor, src_N: torch.Tensor,
     """
     if kind not in KINDS:
         raise ValueError(f"dispatch kind {kind!r}: expected one of {KINDS}")
+    if placement.is_replicated:  # each pair to one copy; then route slot by slot
+        experts_NK = resolve_copies(experts_NK, placement, src_N)
+        placement = physical_view(placement)
     routing_NE = routing_map_from_topk(experts_NK, placement.num_experts)
     plan = row_plan(routing_NE, None, placement, PLAN_KINDS[kind], source_rank=src_N, topk=topk,
                     hidden_size=hidden, hidden_bytes=hidden_bytes, prob_bytes=prob_bytes,
@@ -218,6 +222,11 @@ def placements_for(trace: RoutingTrace, spec: PlacementSpec | list[Placement], e
     """One Placement per layer: contiguous, traffic-aware from the trace's co-activations, the
     trace's recorded ones, or the given list."""
     h = trace.header
+    if isinstance(spec, str) and spec.startswith("file:"):
+        from epruntime.placement.file import check_fits, load_placements
+        spec_list, _ = load_placements(spec[len("file:"):], ranks_per_node)
+        check_fits(spec_list, h.num_layers, h.num_experts, ep_size, spec)
+        spec = spec_list
     if isinstance(spec, list):
         if len(spec) != h.num_layers:
             raise ValueError(f"{len(spec)} placements for {h.num_layers} layers")
@@ -260,12 +269,14 @@ def simulate(trace: RoutingTrace, kind: str, ep_size: int, ranks_per_node: int |
     check_has_tokens(trace)
     h = trace.header
     per_node = ranks_per_node or ep_size
-    if h.num_experts % ep_size:
-        raise ValueError(f"ep_size={ep_size} does not divide the trace's {h.num_experts} experts")
     if ep_size % per_node:
         raise ValueError(f"ranks_per_node={per_node} does not divide ep_size={ep_size}")
     link = link or PRESETS["nvlink-ib"]
     hidden, hb = hidden or h.hidden, hidden_dtype_bytes or h.hidden_dtype_bytes
+    if h.num_experts % ep_size and not (isinstance(placements, list) or (
+            isinstance(placements, str) and placements.startswith("file:"))):
+        raise ValueError(f"ep_size={ep_size} does not divide the trace's {h.num_experts} experts "
+                         "(a placement file with copies can hold them)")
     plist = placements_for(trace, placements, ep_size, per_node)
     src_N = source_ranks(trace, ep_size)
     ledger = CommLedger(h.num_layers, ep_size, 0, per_node)
@@ -293,7 +304,8 @@ def sweep(trace: RoutingTrace, ep_sizes: list[int], node_counts: list[int],
     results, skipped = [], []
     for ep in ep_sizes:
         for nodes in node_counts:
-            if trace.header.num_experts % ep or nodes > ep or ep % nodes:
+            uneven = trace.header.num_experts % ep and not str(placements).startswith("file:")
+            if uneven or nodes > ep or ep % nodes:
                 skipped.append({"ep_size": ep, "num_nodes": nodes})
                 continue
             for kind in kinds:
@@ -332,13 +344,50 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
+def _placement_spec(text: str) -> str:
+    if text in ("contiguous", "traffic", "trace") or (text.startswith("file:") and text[5:]):
+        return text
+    raise argparse.ArgumentTypeError(f"expected contiguous, traffic, trace or file:PATH, got "
+                                     f"{text!r}")
+
+
+def is_jsonl(path: str | Path) -> bool:
+    """Whether `path` is a JSON-lines file, by its first bytes (a directory or .npz is not)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    return head.startswith(b"{")
+
+
+def check_expert_ids(trace: RoutingTrace, num_experts: int | None, where: str) -> None:
+    """ValueError when the trace's expert ids do not fit --num-experts (either way: ids beyond
+    it, or a count that would invent experts that never appear in the trace's header)."""
+    if num_experts is None:
+        return
+    top = int(trace.experts_NK.max()) if trace.num_records else -1
+    if top >= num_experts:
+        raise ValueError(f"{where}: expert id {top} >= --num-experts={num_experts}")
+    if trace.header.num_experts != num_experts:
+        raise ValueError(f"{where}: the trace has {trace.header.num_experts} experts, "
+                         f"--num-experts={num_experts}")
+    seen = int(trace.experts_NK[trace.experts_NK >= 0].unique().numel())
+    if seen < num_experts:  # not an error (cold experts exist), but say it plainly
+        print(f"epruntime.simulate: warning: {where}: {num_experts - seen} of --num-experts="
+              f"{num_experts} never routed in the trace (ids seen: {seen}, largest {top})",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("epruntime.simulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", required=True, help="trace directory, rank*.npz file or .jsonl")
     p.add_argument("--ep", type=_int_list, default=None, help="EP sizes (default: the trace's)")
     p.add_argument("--nodes", type=_int_list, default=[1], help="node counts")
     p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--placement", choices=["contiguous", "traffic", "trace"], default="contiguous")
+    p.add_argument("--placement", type=_placement_spec, default="contiguous",
+                   help="contiguous, traffic (in-sample), trace, or file:PATH (a placement file "
+                   "from python -m epruntime.plan, copies included)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="nvlink-ib")
     p.add_argument("--hidden", type=int, default=None, help="price rows at this hidden size")
     p.add_argument("--hidden-bytes", type=int, default=None, help="hidden dtype size (2 = bf16)")
@@ -346,17 +395,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the full results here")
     args = p.parse_args(argv)
     try:
-        opts = {"num_experts": args.num_experts} if args.trace.endswith(".jsonl") else {}
-        trace = load_trace(args.trace, **opts)
+        if args.num_experts is not None and args.num_experts < 1:
+            raise ValueError(f"--num-experts must be >= 1, got {args.num_experts}")
+        jsonl = is_jsonl(args.trace)
+        opts = {"num_experts": args.num_experts} if jsonl else {}
+        trace = load_trace(args.trace, jsonl=jsonl, **opts)
         check_has_tokens(trace, args.trace)
+        check_expert_ids(trace, args.num_experts, args.trace)
         kinds = [k for k in args.kinds.split(",") if k]
         bad = [k for k in kinds if k not in KINDS]
         if bad:
             raise ValueError(f"--kinds: unknown {bad}, expected some of {list(KINDS)}")
         out = sweep(trace, args.ep or [trace.header.ep_size], args.nodes, kinds, args.placement,
                     PRESETS[args.preset], args.hidden, args.hidden_bytes)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # TraceError and PlacementError are ValueErrors
         print(f"epruntime.simulate: {err}", file=sys.stderr)
+        return 2
+    if not out["results"]:
+        tried = ", ".join(f"EP{s['ep_size']}x{s['num_nodes']}" for s in out["skipped"])
+        print(f"epruntime.simulate: nothing to simulate: every (EP, nodes) was invalid ({tried}); "
+              f"EP must divide the trace's {trace.header.num_experts} experts (or use a placement "
+              "file with copies) and the node count must divide EP", file=sys.stderr)
         return 2
     print(format_table(out))
     if out["skipped"]:

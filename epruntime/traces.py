@@ -180,11 +180,22 @@ class TraceRecorder:
         out["tokens_seen"] = np.asarray(self.tokens_seen_L, np.int64)
         return out
 
-    def save(self, directory: str | Path, world_rank: int | None = None) -> Path:
-        """Write `<directory>/rank<world rank>.npz`; returns its path."""
+    def save(self, directory: str | Path, world_rank: int | None = None,
+             fmt: str = "npz") -> Path:
+        """Write `<directory>/rank<world rank>.npz` (or `.jsonl` in megatron-core's router-trace
+        schema with fmt="megatron-jsonl"); returns its path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         rank = self.ep_rank if world_rank is None else world_rank
+        if fmt == "megatron-jsonl":
+            path = directory / f"rank{rank:05d}.jsonl"
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                for chunk in self._chunks:
+                    for record in megatron_records(chunk, self.topk):
+                        f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            tmp.replace(path)
+            return path
         path = directory / f"rank{rank:05d}.npz"
         header = np.frombuffer(self.header().model_dump_json().encode(), dtype=np.uint8)
         tmp = path.with_suffix(".tmp.npz")
@@ -210,7 +221,8 @@ def finish_recording(recorder: TraceRecorder | None, cfg, env, output_dir) -> Pa
     if recorder is None:
         return None
     recorder.close()
-    path = recorder.save(cfg.trace.path or Path(output_dir) / "traces", env.rank)
+    path = recorder.save(cfg.trace.path or Path(output_dir) / "traces", env.rank,
+                         getattr(cfg.trace, "format", "npz"))
     warning = empty_trace_warning(recorder, path)
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
@@ -234,14 +246,20 @@ def empty_trace_warning(recorder: TraceRecorder, path: str | Path) -> str | None
 _ARRAYS = ("layer", "call", "token", "rank", "modality", "experts", "weights")
 
 
-def load_trace(path: str | Path, **jsonl_options) -> RoutingTrace:
-    """A trace directory (rank*.npz), one `.npz`, or a foreign `.jsonl` file."""
+def load_trace(path: str | Path, jsonl: bool | None = None, **jsonl_options) -> RoutingTrace:
+    """A trace directory (rank*.npz), one `.npz`, or a foreign JSON-lines file (detected by
+    content: a file whose first non-blank byte is `{`, whatever its suffix)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("rank*.npz"))
         if not files:
-            raise TraceError(f"{path}: no rank*.npz trace files")
-    elif path.suffix == ".jsonl":
+            jsonl_files = sorted(path.glob("rank*.jsonl"))
+            if jsonl_files:  # trace.format=megatron-jsonl
+                return load_megatron_jsonl(jsonl_files, jsonl_options.get("num_experts"))
+            raise TraceError(f"{path}: no rank*.npz or rank*.jsonl trace files")
+    elif path.is_file() and (jsonl if jsonl is not None else _starts_with_brace(path)):
+        if _first_record(path).get("top_indices") is not None:
+            return load_megatron_jsonl([path], jsonl_options.get("num_experts"))
         return load_jsonl(path, **jsonl_options)
     elif path.is_file():
         files = [path]
@@ -250,9 +268,29 @@ def load_trace(path: str | Path, **jsonl_options) -> RoutingTrace:
     return _merge([_load_npz(f) for f in files], files)
 
 
+def _starts_with_brace(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(64).lstrip().startswith(b"{")
+
+
+def _first_record(path: Path) -> dict:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return {}
+                return obj if isinstance(obj, dict) else {}
+    return {}
+
+
 def _load_npz(path: Path) -> tuple[TraceHeader, dict[str, np.ndarray]]:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise TraceError(f"{path}: not a trace .npz (no zip header) nor a JSON-lines trace")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             data = {name: z[name] for name in z.files}
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same error to the user
         raise TraceError(f"{path}: not a trace .npz ({err})") from None
@@ -369,3 +407,111 @@ def load_jsonl(path: str | Path, num_experts: int | None = None, hidden: int = 4
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ---- megatron-core router-trace schema -----------------------------------------------------------
+MEGATRON_FIELDS = ("step", "stage", "block", "layer", "rank", "num_tokens", "topk", "top_indices")
+
+
+def megatron_records(chunk: dict[str, np.ndarray], topk: int, stage: str = "forward"
+                     ) -> list[dict]:
+    """One recorder chunk (one router call of one layer) as megatron-core 0.19 router-trace
+    records (`--moe-routing-trace-path` schema), plus `token_idx` (the kept tokens' index in
+    the call, so sampled or dropped tokens keep their identity across layers) and `top_probs`.
+    `step` is the forward call index, `block` 0."""
+    n = len(chunk["token"])
+    experts = chunk["experts"].astype(np.int64)
+    if n == 0:
+        return []
+    return [{"step": int(chunk["call"][0]), "stage": stage, "block": 0,
+             "layer": int(chunk["layer"][0]), "rank": int(chunk["rank"][0]), "num_tokens": n,
+             "topk": topk, "top_indices": experts.tolist(),
+             "token_idx": chunk["token"].astype(np.int64).tolist(),
+             "top_probs": [[round(float(w), 5) for w in row] for row in chunk["weights"]]}]
+
+
+def load_megatron_jsonl(paths, num_experts: int | None = None, hidden: int = 4096,
+                        hidden_dtype_bytes: int = 2) -> RoutingTrace:
+    """megatron-core router-trace JSONL files -> RoutingTrace.
+
+    Each record is one (step, stage, block, layer, rank) router call with `num_tokens`, `topk`
+    and `top_indices` [num_tokens][topk] (or flat). A token's identity is (step, stage, block,
+    rank) + its `token_idx` (or `positions`) entry, else its row in the record: collectors that
+    drop tokens must give token_idx, and then a token keeps its identity across layers."""
+    rows_l, rows_c, rows_t, rows_r, rows_e, rows_w = [], [], [], [], [], []
+    calls: dict[tuple, int] = {}
+    k_max = 0
+    for path in map(Path, paths):
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise TraceError(f"{path}: {err}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TraceError(f"{where}: not JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise TraceError(f"{where}: expected an object, got {type(obj).__name__}")
+            for key in ("step", "layer", "rank", "num_tokens", "topk", "top_indices"):
+                if key not in obj:
+                    raise TraceError(f"{where}: missing field {key!r}")
+            for key in ("step", "layer", "rank", "num_tokens", "topk"):
+                if not _is_int(obj[key]) or obj[key] < 0:
+                    raise TraceError(f"{where}: field {key!r} must be an int >= 0, got "
+                                     f"{obj[key]!r}")
+            t, k, top = obj["num_tokens"], obj["topk"], obj["top_indices"]
+            if isinstance(top, list) and len(top) == t * k and all(_is_int(x) for x in top):
+                top = [top[i * k:(i + 1) * k] for i in range(t)]  # flat form
+            if not isinstance(top, list) or len(top) != t or not all(
+                    isinstance(r, list) and len(r) == k and all(_is_int(x) and x >= -1 for x in r)
+                    for r in top):
+                raise TraceError(f"{where}: field 'top_indices' must be num_tokens={t} lists of "
+                                 f"topk={k} expert ids >= -1")
+            name = "token_idx" if "token_idx" in obj else "positions"
+            ident = obj.get(name)
+            if ident is None:
+                ident = list(range(t))
+            elif not isinstance(ident, list) or len(ident) != t or not all(
+                    _is_int(x) and x >= 0 for x in ident):
+                raise TraceError(f"{where}: field {name!r} must be num_tokens={t} ints >= 0")
+            if len(set(ident)) != t:
+                raise TraceError(f"{where}: field {name!r} repeats a token")
+            probs = obj.get("top_probs")
+            if probs is not None and (not isinstance(probs, list) or len(probs) != t):
+                raise TraceError(f"{where}: field 'top_probs' must be num_tokens={t} lists")
+            key = (obj["step"], str(obj.get("stage", "")), obj.get("block", 0))
+            call = calls.setdefault(key, len(calls))
+            k_max = max(k_max, k)
+            rows_l += [obj["layer"]] * t
+            rows_c += [call] * t
+            rows_t += ident
+            rows_r += [obj["rank"]] * t
+            rows_e += top
+            rows_w += probs if probs is not None else [[1.0 / max(k, 1)] * k] * t
+    if not rows_l:
+        raise TraceError(f"{', '.join(map(str, paths))}: no records")
+    N = len(rows_l)
+    experts = torch.full((N, k_max), -1, dtype=torch.int64)
+    weights = torch.zeros(N, k_max)
+    for i, (e, w) in enumerate(zip(rows_e, rows_w)):
+        experts[i, :len(e)] = torch.tensor(e, dtype=torch.int64)
+        weights[i, :len(w)] = torch.tensor(w, dtype=torch.float32)
+    top = int(experts.max())
+    e = num_experts if num_experts is not None else top + 1
+    if top >= e:
+        raise TraceError(f"{paths[0]}: expert id {top} >= num_experts={e}")
+    layer_N = torch.tensor(rows_l)
+    num_layers = int(layer_N.max()) + 1
+    rank_N = torch.tensor(rows_r)
+    header = TraceHeader(num_experts=e, topk=max(k_max, 1), num_layers=num_layers,
+                         ep_size=int(rank_N.max()) + 1, hidden=hidden,
+                         hidden_dtype_bytes=hidden_dtype_bytes,
+                         source=f"megatron-jsonl:{Path(paths[0]).name}")
+    return RoutingTrace(header, layer_N, torch.tensor(rows_c), torch.tensor(rows_t), rank_N,
+                        torch.full((N,), UNKNOWN_MODALITY), experts, weights,
+                        torch.full((num_layers,), len(calls), dtype=torch.int64),
+                        torch.bincount(layer_N, minlength=num_layers))

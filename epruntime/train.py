@@ -74,6 +74,8 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
         step = meta["step"]
 
     placement = PlacementController(engine)  # re-binning and expert migration between steps
+    if resume_from is None:  # a resumed run keeps the checkpoint's placement
+        placement.start()  # dispatch.placement=file:PATH moves the experts there
     recorder = traces.start_recording(cfg, engine, env)  # None unless trace.enabled
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (env.is_main and cfg.train.progress),
                desc="train", unit="step", dynamic_ncols=True)

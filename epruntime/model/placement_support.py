@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from epruntime.placement import Placement
+from epruntime.placement.core import not_yet_routed
 
 
 @runtime_checkable
@@ -30,6 +31,8 @@ def supports(dispatcher, placement: Placement) -> bool:
 def unsupported_reason(dispatchers, placements) -> str | None:
     """Why these per-layer placements cannot be routed by these dispatchers (None if they can)."""
     for layer, (dispatcher, placement) in enumerate(zip(dispatchers, placements)):
+        if placement.is_replicated:  # no dispatcher routes copies yet, megatron-core's never
+            return not_yet_routed(f"layer {layer}: the placement for {type(dispatcher).__name__}")
         if not supports(dispatcher, placement):
             return (f"layer {layer}: {type(dispatcher).__name__} cannot route a non-contiguous "
                     "expert placement (megatron-core's alltoall dispatcher assumes expert e on "

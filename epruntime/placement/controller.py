@@ -9,7 +9,8 @@ takes the step, so a benchmark or a test can step without ever moving an expert.
 
 from __future__ import annotations
 
-from epruntime.placement.core import Placement
+from epruntime.placement.core import Placement, PlacementError, not_yet_routed
+from epruntime.placement.file import check_fits, file_spec_path, load_placements
 from epruntime.placement.migrate import migrate_experts
 from epruntime.placement.strategies import placement_from_bins
 from epruntime.smoes.bins import text_preference
@@ -22,6 +23,12 @@ class PlacementController:
         cfg = engine.cfg
         self.rebin_interval = cfg.smoes.rebin_interval if cfg.smoes.enabled else None
         self.follow_bins = cfg.smoes.enabled and cfg.dispatch.placement == "bins"
+
+    def start(self) -> dict | None:
+        """Before the first step: with dispatch.placement=file:PATH, move the experts to the
+        file's placements (collective over EP). Returns the migration report, or None."""
+        placements = file_placements(self.engine)
+        return None if placements is None else place(self.engine, placements)
 
     def after_step(self, step: int) -> dict | None:
         """After optimizer step `step` (0-based): re-bin when due and, with bins placement, move
@@ -49,3 +56,21 @@ def place(engine, placements: list[Placement]) -> dict | None:
         return None
     return migrate_experts(engine.model, engine.optimizer, placements,
                            timeout=engine.cfg.parallel.timeout_s).to_dict()
+
+
+def file_placements(engine) -> list[Placement] | None:
+    """The placements of dispatch.placement=file:PATH checked against the model (layers, experts,
+    EP size); None for any other placement spec. Replicated placements are refused by name: the
+    runtime's dispatchers route one copy per logical expert."""
+    path = file_spec_path(engine.cfg.dispatch.placement)
+    if path is None:
+        return None
+    placements, _ = load_placements(path, engine.ranks_per_node)
+    current = engine.model.placements
+    check_fits(placements, len(current), current[0].num_experts, current[0].num_ranks,
+               f"dispatch.placement=file:{path}")
+    for layer, p in enumerate(placements):
+        if p.is_replicated:
+            raise PlacementError(not_yet_routed(
+                f"dispatch.placement=file:{path} layer {layer} ({p.num_redundant} redundant slots)"))
+    return placements

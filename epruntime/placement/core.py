@@ -1,10 +1,17 @@
-"""Where each logical expert lives: logical expert -> (node, rank, local slot), per MoE layer.
+"""Where each logical expert lives: physical slot -> logical expert, per MoE layer.
 
-The router always speaks logical expert ids (columns of its routing map). A `Placement` maps them
-to physical positions: EP rank `rank_of_expert[e]`, slot `slot_of_expert[e]` among that rank's
-`num_local` expert modules (megatron-core's SequentialMLP `local_experts[slot]`), and node
-`rank // ranks_per_node`. Every rank holds the same number of experts, because megatron-core's
+The router always speaks logical expert ids (columns of its routing map). A `Placement` maps
+physical slots to them (`phy2log`, EPLB's name): EP rank r holds the `num_local` slots
+r * num_local ... (r + 1) * num_local - 1 (megatron-core's SequentialMLP `local_experts[slot]`),
+on node r // ranks_per_node. Every rank holds the same number of slots, because megatron-core's
 expert module has a fixed `num_local_experts`.
+
+A placement may hold several copies of a logical expert (replicated hot experts, DeepSeek's
+EPLB): then it has more physical slots than logical experts, and EP may exceed the number of
+logical experts. `log2phy` [E, max copies] and `logcnt` [E] are the reverse maps. Each logical
+expert has at least one copy and at most one per rank. The runtime dispatchers route one copy
+per logical expert only, for now: `rank_of_expert` and friends refuse a replicated placement
+with `ReplicatedPlacementError`; the planner and the simulator score replicated placements.
 
 Contiguous placement (expert e on rank e // num_local, slot e % num_local) is megatron-core's own
 and the default. Placements are immutable and JSON-able; they go into checkpoints.
@@ -22,59 +29,79 @@ class PlacementError(ValueError):
     """A placement that does not describe a valid expert layout."""
 
 
+class ReplicatedPlacementError(PlacementError):
+    """A replicated placement reached code that routes one copy per logical expert."""
+
+
+def not_yet_routed(what: str) -> str:
+    return (f"{what} is replicated (several physical copies of a logical expert); replicated "
+            "placements are not yet routed by the runtime (its dispatchers, migration and "
+            "checkpoints place one copy per logical expert): score it with epruntime.plan or "
+            "epruntime.simulate, or plan with --redundant 0 for training and inference")
+
+
 @dataclass(frozen=True)
 class Placement:
-    rank_of_expert: tuple[int, ...]  # [E]
-    slot_of_expert: tuple[int, ...]  # [E]
+    phy2log: tuple[int, ...]  # [P]: logical expert in physical slot p (rank p // num_local)
     num_ranks: int
     ranks_per_node: int
 
     def __post_init__(self):
-        e, r = len(self.rank_of_expert), self.num_ranks
-        if len(self.slot_of_expert) != e:
-            raise PlacementError(f"slot_of_expert has {len(self.slot_of_expert)} entries, "
-                                 f"rank_of_expert {e}")
-        if r < 1 or e % r:
-            raise PlacementError(f"{e} experts do not split evenly over num_ranks={r}")
-        if self.ranks_per_node < 1 or r % self.ranks_per_node:
+        p, r = len(self.phy2log), self.num_ranks
+        if not isinstance(r, int) or r < 1:
+            raise PlacementError(f"num_ranks must be a positive int, got {r!r}")
+        if p == 0 or p % r:
+            raise PlacementError(f"phy2log has {p} physical slots, which do not split evenly "
+                                 f"over num_ranks={r}")
+        if not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1 \
+                or r % self.ranks_per_node:
             raise PlacementError(f"ranks_per_node={self.ranks_per_node} does not divide "
                                  f"num_ranks={r}")
-        seen = set()
-        for expert, (rank, slot) in enumerate(zip(self.rank_of_expert, self.slot_of_expert)):
-            if not (0 <= rank < r and 0 <= slot < e // r):
-                raise PlacementError(f"expert {expert} at (rank {rank}, slot {slot}) is outside "
-                                     f"{r} ranks x {e // r} slots")
-            if (rank, slot) in seen:
-                raise PlacementError(f"two experts share (rank {rank}, slot {slot})")
-            seen.add((rank, slot))
+        bad = [x for x in self.phy2log if not isinstance(x, int) or isinstance(x, bool) or x < 0]
+        if bad:
+            raise PlacementError(f"phy2log holds {bad[0]!r}: logical expert ids must be ints >= 0")
+        e = max(self.phy2log) + 1
+        missing = sorted(set(range(e)) - set(self.phy2log))
+        if missing:
+            raise PlacementError(f"phy2log: logical expert {missing[0]} has no physical slot "
+                                 f"(ids must cover 0..{e - 1}; {len(missing)} missing)")
+        n = p // r
+        for rank in range(r):
+            on_rank = self.phy2log[rank * n:(rank + 1) * n]
+            if len(set(on_rank)) != n:
+                twice = next(x for x in on_rank if on_rank.count(x) > 1)
+                raise PlacementError(f"phy2log: logical expert {twice} has two copies on rank "
+                                     f"{rank} (copies must sit on different ranks)")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def contiguous(cls, num_experts: int, num_ranks: int, ranks_per_node: int | None = None):
         """megatron-core's layout: expert e on rank e // n_local, slot e % n_local."""
-        if num_ranks < 1 or num_experts % num_ranks:
+        if not isinstance(num_ranks, int) or num_ranks < 1 or num_experts % num_ranks:
             raise PlacementError(f"{num_experts} experts do not split evenly over "
                                  f"num_ranks={num_ranks}")
-        n_local = num_experts // num_ranks
-        return cls(tuple(e // n_local for e in range(num_experts)),
-                   tuple(e % n_local for e in range(num_experts)),
-                   num_ranks, ranks_per_node or num_ranks)
+        return cls(tuple(range(num_experts)), num_ranks, ranks_per_node or num_ranks)
 
     @classmethod
     def from_rank_lists(cls, experts_per_rank: list[list[int]], ranks_per_node: int | None = None):
-        """experts_per_rank[r] = logical experts on rank r, in slot order."""
-        num_experts = sum(len(x) for x in experts_per_rank)
-        rank_of, slot_of = [-1] * num_experts, [-1] * num_experts
-        for rank, experts in enumerate(experts_per_rank):
-            for slot, e in enumerate(experts):
-                if not 0 <= e < num_experts or rank_of[e] != -1:
-                    raise PlacementError(f"expert {e} on rank {rank} is out of range or placed twice")
-                rank_of[e], slot_of[e] = rank, slot
-        r = len(experts_per_rank)
+        """experts_per_rank[r] = logical experts on rank r, in slot order (an expert may appear
+        on several ranks: copies)."""
+        if not isinstance(experts_per_rank, (list, tuple)) or not experts_per_rank or not all(
+                isinstance(x, (list, tuple)) for x in experts_per_rank):
+            raise PlacementError("experts_per_rank must be a non-empty list of per-rank lists")
         if len({len(x) for x in experts_per_rank}) != 1:
             raise PlacementError("every rank must hold the same number of experts, got "
                                  f"{[len(x) for x in experts_per_rank]}")
-        return cls(tuple(rank_of), tuple(slot_of), r, ranks_per_node or r)
+        r = len(experts_per_rank)
+        return cls(tuple(e for experts in experts_per_rank for e in experts), r,
+                   ranks_per_node or r)
+
+    @classmethod
+    def from_phy2log(cls, phy2log, num_ranks: int, ranks_per_node: int | None = None):
+        """phy2log: [P] sequence or int tensor, logical expert of each physical slot."""
+        if isinstance(phy2log, torch.Tensor):
+            phy2log = phy2log.tolist()
+        return cls(tuple(int(x) for x in phy2log), num_ranks, ranks_per_node or num_ranks)
 
     def to_dict(self) -> dict:
         return {"experts_per_rank": self.experts_per_rank(), "ranks_per_node": self.ranks_per_node}
@@ -84,13 +111,28 @@ class Placement:
         return cls.from_rank_lists(d["experts_per_rank"], d["ranks_per_node"])
 
     # ---- queries ------------------------------------------------------------------------
-    @property
+    @cached_property
     def num_experts(self) -> int:
-        return len(self.rank_of_expert)
+        """Logical experts."""
+        return max(self.phy2log) + 1
+
+    @property
+    def num_physical(self) -> int:
+        return len(self.phy2log)
+
+    @property
+    def num_redundant(self) -> int:
+        """Physical slots beyond one per logical expert (EPLB's redundant experts)."""
+        return self.num_physical - self.num_experts
+
+    @property
+    def is_replicated(self) -> bool:
+        return self.num_physical > self.num_experts
 
     @property
     def num_local(self) -> int:
-        return self.num_experts // self.num_ranks
+        """Physical slots (expert modules) per rank."""
+        return self.num_physical // self.num_ranks
 
     @property
     def num_nodes(self) -> int:
@@ -100,17 +142,59 @@ class Placement:
         return rank // self.ranks_per_node
 
     def experts_per_rank(self) -> list[list[int]]:
-        out = [[-1] * self.num_local for _ in range(self.num_ranks)]
-        for e, (r, s) in enumerate(zip(self.rank_of_expert, self.slot_of_expert)):
-            out[r][s] = e
-        return out
+        n = self.num_local
+        return [list(self.phy2log[r * n:(r + 1) * n]) for r in range(self.num_ranks)]
 
     def expert_at(self, rank: int, slot: int) -> int:
-        return self.experts_per_rank()[rank][slot]
+        return self.phy2log[rank * self.num_local + slot]
 
     @property
     def is_contiguous(self) -> bool:
-        return self == Placement.contiguous(self.num_experts, self.num_ranks, self.ranks_per_node)
+        return self.phy2log == tuple(range(self.num_experts)) and not self.is_replicated
+
+    @cached_property
+    def phy2log_P(self) -> torch.Tensor:
+        """[P] int64: logical expert of each physical slot."""
+        return torch.tensor(self.phy2log, dtype=torch.long)
+
+    @cached_property
+    def logcnt_E(self) -> torch.Tensor:
+        """[E] int64: copies of each logical expert (EPLB's logcnt)."""
+        return torch.bincount(self.phy2log_P, minlength=self.num_experts)
+
+    @cached_property
+    def log2phy_EC(self) -> torch.Tensor:
+        """[E, max copies] int64: physical slots of each logical expert in slot order, -1 padded
+        (EPLB's log2phy)."""
+        out = torch.full((self.num_experts, int(self.logcnt_E.max())), -1, dtype=torch.long)
+        fill = [0] * self.num_experts
+        for p, e in enumerate(self.phy2log):
+            out[e, fill[e]] = p
+            fill[e] += 1
+        return out
+
+    # ---- one copy per logical expert (what the runtime routes today) ----------------------
+    def _single(self, what: str) -> None:
+        if self.is_replicated:
+            raise ReplicatedPlacementError(not_yet_routed(f"this placement ({what} asked)"))
+
+    @cached_property
+    def rank_of_expert(self) -> tuple[int, ...]:
+        """[E]: EP rank of each logical expert (non-replicated placements only)."""
+        self._single("rank_of_expert")
+        rank = [0] * self.num_experts
+        for p, e in enumerate(self.phy2log):
+            rank[e] = p // self.num_local
+        return tuple(rank)
+
+    @cached_property
+    def slot_of_expert(self) -> tuple[int, ...]:
+        """[E]: local slot of each logical expert on its rank (non-replicated placements only)."""
+        self._single("slot_of_expert")
+        slot = [0] * self.num_experts
+        for p, e in enumerate(self.phy2log):
+            slot[e] = p % self.num_local
+        return tuple(slot)
 
     @cached_property
     def rank_E(self) -> torch.Tensor:

@@ -134,6 +134,7 @@ def coactivation_counts(topk_idx_TK: Tensor, num_experts: int) -> Tensor:
 # where torch's per-op overhead would dominate. W_EE: symmetric co-activation, zero diagonal;
 # load_E: float64 loads; group_E: int64 group (rank or node) of each expert.
 _TOL = 1 + 1e-12  # float slack on load caps
+_KL_FULL = 128  # up to this many items, Kernighan-Lin runs full passes from both starts
 
 
 def _group_loads(group_E: np.ndarray, load_E: np.ndarray, parts: int) -> np.ndarray:
@@ -247,10 +248,13 @@ def _kernighan_lin(W_EE, load_E, group_E, parts: int, cap: float,
     A_EP, L_P = _affinity(W_EE, group_E, parts), _group_loads(group_E, load_E, parts)
     d_EE = load_E[None, :] - load_E[:, None]  # load change of a's group if a and b swap
     eps = 1e-9 * max(1.0, float(W_EE.sum()))
+    steps = E // 2
+    if E > _KL_FULL:  # each step is O(E^2): bound the search for hundreds of items
+        steps, max_passes = min(steps, 24), min(max_passes, 6)
     for _ in range(max_passes):
         unlocked = np.ones(E, dtype=bool)
         done, total, best, best_len = [], 0.0, 0.0, 0
-        for _ in range(E // 2):
+        for _ in range(steps):
             La_E = L_P[group_E]
             ok = ((group_E[:, None] != group_E[None, :]) & unlocked[:, None] & unlocked[None, :]
                   & (La_E[:, None] + d_EE <= cap * _TOL) & (La_E[None, :] - d_EE <= cap * _TOL))
@@ -293,6 +297,9 @@ def _partition(W_EE: np.ndarray, load_E: np.ndarray, parts: int, cap: float) -> 
     if _group_loads(greedy, load_E, parts).max() <= cap * _TOL:
         starts.insert(0, greedy)
     # Refine both starts (cheap at E = 64) and keep the better; ties go to the greedy one.
+    # Beyond _KL_FULL items only the start with more intra-group weight is refined.
+    if load_E.size > _KL_FULL:
+        starts = [max(starts, key=lambda g: _intra_weight(W_EE, g))]
     results = [_kernighan_lin(W_EE, load_E, g, parts, cap) for g in starts]
     return max(results, key=lambda g: _intra_weight(W_EE, g))
 
@@ -348,38 +355,68 @@ def traffic_aware_placement(coact_EE: Tensor, num_ranks: int, ranks_per_node: in
 
     W = (C + C.T) / 2
     np.fill_diagonal(W, 0.0)
-    perm = torch.randperm(E, generator=torch.Generator().manual_seed(int(seed))).numpy()
-    Wp, lp = W[np.ix_(perm, perm)], load[perm]
-    num_nodes = num_ranks // rpn
-    rank_cap = _reference(Wp, lp, num_ranks, max_imbalance * lp.sum() / num_ranks)[1]
-
-    if num_nodes == 1:
-        rank_p = _partition(Wp, lp, num_ranks, rank_cap)
-        node_p = np.zeros(E, dtype=np.int64)
-    else:
-        node_p = _partition(Wp, lp, num_nodes, max_imbalance * lp.sum() / num_nodes)
-        rank_p = np.empty(E, dtype=np.int64)
-        for n in range(num_nodes):
-            idx = np.flatnonzero(node_p == n)
-            rank_p[idx] = n * rpn + _partition(Wp[np.ix_(idx, idx)], lp[idx], rpn, rank_cap)
-        if _group_loads(rank_p, lp, num_ranks).max() > rank_cap * _TOL:
-            # Flat fallback: ranks first (meets rank_cap), then ranks -> nodes by the
-            # co-activation between ranks; equal-size ranks, so any grouping has equal counts.
-            rank_p = _partition(Wp, lp, num_ranks, rank_cap)
-            onehot = np.eye(num_ranks)[rank_p]
-            W_RR = onehot.T @ Wp @ onehot
-            np.fill_diagonal(W_RR, 0.0)
-            L_R = _group_loads(rank_p, lp, num_ranks)
-            node_p = _partition(W_RR, L_R, num_nodes, max_imbalance * L_R.sum() / num_nodes)[rank_p]
-
-    # Back to original expert labels, then canonical numbering (by smallest expert id).
-    rank_E, node_E = np.empty(E, dtype=np.int64), np.empty(E, dtype=np.int64)
-    rank_E[perm], node_E[perm] = rank_p, node_p
+    rank_E, node_E = partition_items(W, load, num_ranks, rpn, max_imbalance, seed)
+    # Canonical numbering: ranks and nodes by their smallest expert id, slots by expert id.
     ranks = [np.flatnonzero(rank_E == r).tolist() for r in range(num_ranks)]
     experts_per_rank = []
-    for n in sorted(range(num_nodes), key=lambda n: int(np.flatnonzero(node_E == n)[0])):
+    for n in sorted(range(num_ranks // rpn), key=lambda n: int(np.flatnonzero(node_E == n)[0])):
         experts_per_rank += sorted((x for x in ranks if node_E[x[0]] == n), key=min)
     return Placement.from_rank_lists(experts_per_rank, rpn)
+
+
+def partition_items(W_II: np.ndarray, load_I: np.ndarray, num_ranks: int, ranks_per_node: int,
+                    max_imbalance: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """([I] rank, [I] node) of I items (experts, or physical copies of experts) in equal-size
+    rank groups: intra-rank weight W (symmetric, zero diagonal; negative = keep apart) made
+    large, every rank's load within max(max_imbalance * mean, the load-first reference's
+    heaviest rank), and heavy weight kept inside nodes. See `traffic_aware_placement`.
+
+    Without any weight (loads only) there is nothing to trade balance for: the load-first
+    reference is polished toward the mean instead of stopping at the cap."""
+    I = load_I.size
+    rpn = ranks_per_node
+    perm = torch.randperm(I, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    Wp, lp = W_II[np.ix_(perm, perm)], load_I[perm]
+    num_nodes = num_ranks // rpn
+    if not Wp.any():  # loads only: best balance, then nodes by the same rule
+        rank_p = _reference(Wp, lp, num_ranks, lp.sum() / num_ranks)[0]
+        L_R = _group_loads(rank_p, lp, num_ranks)
+        node_R = (_reference(np.zeros((num_ranks, num_ranks)), L_R, num_nodes,
+                             L_R.sum() / num_nodes)[0] if num_nodes > 1
+                  else np.zeros(num_ranks, dtype=np.int64))
+        node_p = node_R[rank_p]
+    else:
+        rank_cap = _reference(Wp, lp, num_ranks, max_imbalance * lp.sum() / num_ranks)[1]
+        if num_nodes == 1:
+            rank_p = _partition(Wp, lp, num_ranks, rank_cap)
+            node_p = np.zeros(I, dtype=np.int64)
+        else:
+            node_p = _partition(Wp, lp, num_nodes, max_imbalance * lp.sum() / num_nodes)
+            rank_p = np.empty(I, dtype=np.int64)
+            for n in range(num_nodes):
+                idx = np.flatnonzero(node_p == n)
+                rank_p[idx] = n * rpn + _partition(Wp[np.ix_(idx, idx)], lp[idx], rpn, rank_cap)
+            if _group_loads(rank_p, lp, num_ranks).max() > rank_cap * _TOL:
+                # Flat fallback: ranks first (meets rank_cap), then ranks -> nodes by the
+                # weight between ranks; equal-size ranks, so any grouping has equal counts.
+                rank_p = _partition(Wp, lp, num_ranks, rank_cap)
+                onehot = np.eye(num_ranks)[rank_p]
+                W_RR = onehot.T @ Wp @ onehot
+                np.fill_diagonal(W_RR, 0.0)
+                L_R = _group_loads(rank_p, lp, num_ranks)
+                node_p = _partition(W_RR, L_R, num_nodes,
+                                    max_imbalance * L_R.sum() / num_nodes)[rank_p]
+    # Node labels must be consistent with ranks: rank r on node r // rpn. Renumber ranks so
+    # each node's ranks are consecutive.
+    rank_I, node_I = np.empty(I, dtype=np.int64), np.empty(I, dtype=np.int64)
+    rank_I[perm], node_I[perm] = rank_p, node_p
+    node_of_rank = np.zeros(num_ranks, dtype=np.int64)
+    node_of_rank[rank_I] = node_I
+    order = np.argsort(node_of_rank, kind="stable")  # new rank i = old rank order[i]
+    new_of_old = np.empty(num_ranks, dtype=np.int64)
+    new_of_old[order] = np.arange(num_ranks)
+    rank_I = new_of_old[rank_I]
+    return rank_I, rank_I // rpn
 
 
 # ---- evaluation -----------------------------------------------------------------------------
