@@ -87,6 +87,12 @@ def test_predictions_are_identical_at_ep_1_2_and_4(trained, tmp_path):
     assert s1["eval_accuracy"] == pytest.approx(
         sum(x["answer"] == x["reference"] for x in answered) / len(answered))
     assert Path(s1["predictions"]).name == "predictions.jsonl"
+    # the vocabulary the predictions decoded with is the one saved with the checkpoint
+    step = trained[0] / "checkpoints" / "step_000012"
+    vocab = json.loads((step / "meta.json").read_text())["data_vocab"]
+    assert vocab["answers"] == sorted(answers) and vocab["words"][:3] == ["<pad>", "<unk>",
+                                                                         "<image>"]
+    assert "big" not in vocab["words"] and vocab["max_question_len"] == 6
 
 
 def test_a_pruned_run_writes_the_same_format(trained, tmp_path):
@@ -139,3 +145,19 @@ def test_occlusion_depends_only_on_the_row():
         torch.testing.assert_close(a[i, :, y * 4, x * 4], mean)
     assert not torch.equal(a[0], occlude(images, torch.tensor([5, 6, 7]), 0.25, 4, seed=2)[0])
     assert torch.equal(occlude(images, torch.tensor([0, 1, 2]), 0.0, 4, seed=1), images)
+
+
+def test_random_policy_keeps_a_seeded_sorted_subset():
+    from epruntime.config import load_config
+    from epruntime.fastmmoe.policies import Observation, RandomPolicy, build_policy
+
+    obs = Observation(10, torch.ones(3, 14, dtype=torch.bool))
+    keep = RandomPolicy(0).select(obs, 4).keep_BK
+    assert keep.shape == (3, 4)
+    for row in keep.tolist():
+        assert row == sorted(set(row)) and all(0 <= t < 10 for t in row)
+    assert torch.equal(keep, RandomPolicy(0).select(obs, 4).keep_BK)
+    assert not torch.equal(keep, RandomPolicy(1).select(obs, 4).keep_BK)
+    assert RandomPolicy(0).select(obs, 0).keep_BK.shape == (3, 0)
+    assert isinstance(build_policy("random"), RandomPolicy)
+    assert load_config(None, ["fastmmoe.policy=random"]).fastmmoe.policy == "random"
