@@ -282,14 +282,15 @@ def _save_rank_file(payload: dict, path: Path) -> None:
     os.replace(part, path)
 
 
-def save_checkpoint(engine, step: int, data_state: dict) -> Path:
+def save_checkpoint(engine, step: int, data_state: dict, extra_meta: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
     Every rank writes its file into `step_N.tmp/`; only when all have succeeded does rank 0 write
     meta.json and rename the directory, then move `latest`. A failure on any rank (disk full,
     read-only file system) removes the `.tmp` directory and raises CheckpointError on every rank,
     naming the rank and the cause; the previous checkpoint stays as it was. An existing
-    `step_N` is never replaced."""
+    `step_N` is never replaced. `extra_meta` adds named entries to meta.json (train.py: the
+    data vocabulary, `data_vocab`)."""
     cfg, env = engine.cfg, engine.env
     root = checkpoint_root(cfg.train.output_dir)
     final = root / f"step_{step:06d}"
@@ -332,7 +333,8 @@ def save_checkpoint(engine, step: int, data_state: dict) -> Path:
                 meta = {"step": step, "world_size": env.world_size, "ep_size": env.ep_size,
                         "epruntime_version": __version__, "data": data_state,
                         "config": json.loads(cfg.canonical_json()),
-                        "placements": [p.to_dict() for p in engine.model.placements]}
+                        "placements": [p.to_dict() for p in engine.model.placements],
+                        **(extra_meta or {})}
                 _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
                 _fsync_dir(tmp)
                 os.rename(tmp, final)  # a directory: fails rather than replace a non-empty one

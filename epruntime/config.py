@@ -98,13 +98,41 @@ class ParallelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["easy-vqa", "synthetic"] = "easy-vqa"
+    # The data source: easy-vqa (its PyPI package), synthetic, or jsonl (the user's own images
+    # and questions: epruntime.data.jsonl; train_jsonl / eval_jsonl / image_root below).
+    dataset: Literal["easy-vqa", "synthetic", "jsonl"] = "easy-vqa"
     global_batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     max_train_items: int | None = Field(None, gt=0, description="first N training questions")
     max_eval_items: int | None = Field(None, gt=0, description="first N test questions")
     synthetic_items: int = Field(4096, gt=0)
     synthetic_question_len: int = Field(8, gt=1)
+    train_jsonl: Path | None = Field(None, description="jsonl: the training split")
+    eval_jsonl: Path | None = Field(None, description="jsonl: the evaluation split")
+    # Image paths in the JSONL files are relative to this folder (default: each file's own).
+    image_root: Path | None = None
+    # Question length the model is built for (default: the longest question of the splits).
+    max_question_len: int | None = Field(None, gt=0)
+
+    @field_validator("train_jsonl", "eval_jsonl", "image_root", mode="before")
+    @classmethod
+    def _paths_given(cls, value: Any, info) -> Any:
+        if value is None:
+            return None
+        return _non_empty_path(f"data.{info.field_name}", value,
+                               "name a file or folder, or leave it out (null)")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataConfig":
+        jsonl_fields = [f for f in ("train_jsonl", "eval_jsonl", "image_root", "max_question_len")
+                        if getattr(self, f) is not None]
+        if self.dataset != "jsonl" and jsonl_fields:
+            raise ValueError(f"data.{jsonl_fields[0]} is set but data.dataset={self.dataset}: it "
+                             "applies to data.dataset=jsonl only")
+        if self.dataset == "jsonl" and self.train_jsonl is None:
+            raise ValueError("data.dataset=jsonl needs data.train_jsonl (a JSONL file of "
+                             '{"image": ..., "question": ..., "answer": ...} lines)')
+        return self
 
 
 class TrainConfig(Section):
@@ -150,6 +178,11 @@ class TrainConfig(Section):
 
 class InferConfig(Section):
     output_dir: Path = Path("runs/infer")
+    # Fraction of each image's patches (model.patch_size squares) painted over with the image's
+    # mean colour before the model sees it, chosen at random per example (seeded by the row, so
+    # the same at any EP size): how much the answers depend on the image. 0 leaves images alone.
+    occlude_vision: float = Field(0.0, ge=0, le=1)
+    occlude_seed: int = 0
 
     @field_validator("output_dir", mode="before")
     @classmethod
@@ -187,8 +220,9 @@ class FastMMoEConfig(Section):
     # k' for visual tokens: one value for every layer or one per layer; None keeps the model's k.
     vision_topk: int | list[int] | None = Field(None, description="experts per visual token")
     # Which tokens to prune: none (reduced activation only), fastmmoe (routing redundancy),
-    # fastv (least attention received), text2vision (least text-to-vision attention).
-    policy: Literal["none", "fastmmoe", "fastv", "text2vision"] = "none"
+    # fastv (least attention received), text2vision (least text-to-vision attention), random
+    # (a seeded uniform choice: the control).
+    policy: Literal["none", "fastmmoe", "fastv", "text2vision", "random"] = "none"
     layers: list[int] = Field([0], description="prune after these decoder layers (0-based)")
     # Fraction of the visual tokens entering each pruning layer that stay (one value or one per
     # entry of `layers`); the count kept is round(retention * visual tokens), same per sample.
@@ -367,6 +401,14 @@ class Config(Section):
                                          "dispatch.ranks_per_node")
             if message:
                 raise ValueError(message)
+        return self
+
+    @model_validator(mode="after")
+    def _eval_split_given(self) -> "Config":
+        if self.data.dataset == "jsonl" and self.data.eval_jsonl is None and self.train.eval_at_end:
+            raise ValueError("data.dataset=jsonl with train.eval_at_end=true needs "
+                             "data.eval_jsonl (the split to evaluate on); name one or set "
+                             "train.eval_at_end=false")
         return self
 
     @property

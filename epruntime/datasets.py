@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from epruntime.config import Config
 from epruntime.data import SyntheticVQA, load_easy_vqa
+from epruntime.data.jsonl import load_jsonl_splits
 
 
 def build_datasets(cfg: Config):
-    """(train, eval) datasets with the same vocabulary, answers and question length."""
+    """(train, eval) datasets with the same vocabulary, answers and question length (eval is
+    None for a jsonl source without data.eval_jsonl)."""
     d = cfg.data
     if d.dataset == "easy-vqa":
         return load_easy_vqa("train", d.max_train_items), load_easy_vqa("test", d.max_eval_items)
+    if d.dataset == "jsonl":  # images resized to the size the model takes
+        return load_jsonl_splits(d.train_jsonl, d.eval_jsonl, cfg.model.image_size,
+                                 image_root=d.image_root, max_train_items=d.max_train_items,
+                                 max_eval_items=d.max_eval_items,
+                                 max_question_len=d.max_question_len)
 
     def synthetic(n: int, seed: int) -> SyntheticVQA:
         return SyntheticVQA(n, image_size=cfg.model.image_size, question_len=d.synthetic_question_len,

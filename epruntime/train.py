@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg, env, fault: faults.Fault | None = None) -> int:
     from epruntime import checkpoint, traces
     from epruntime.data import ShardedBatchIterator
+    from epruntime.data.jsonl import DataVocab
     from epruntime.datasets import build_datasets
     from epruntime.engine import Engine
     from epruntime.metrics import metrics_for
@@ -57,6 +58,9 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                           f"{len(train_ds)} training items (data.max_train_items="
                           f"{cfg.data.max_train_items}); lower the batch or use more items")
     engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
+    # The words and answers the model's ids mean travel with every checkpoint (epruntime.infer
+    # --data and epruntime.predict encode new questions with them).
+    vocab_meta = {"data_vocab": DataVocab.of_dataset(train_ds).to_dict()}
     mx = metrics_for(cfg, engine)  # Prometheus /metrics; no-op unless metrics.enabled
     batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, env.dp_rank, env.dp_size,
                                    seed=cfg.train.seed)
@@ -116,7 +120,7 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                             **{k.removesuffix("_loss"): f"{v:.3g}" for k, v in result.aux_losses.items()})
         bar.update(1)
         if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.max_steps:
-            checkpoint.save_checkpoint(engine, step, batches.state_dict())
+            checkpoint.save_checkpoint(engine, step, batches.state_dict(), vocab_meta)
             mx.on_checkpoint()
     bar.close()
     traces.finish_recording(recorder, cfg, env, cfg.train.output_dir)  # training steps only
@@ -127,7 +131,7 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                "resumed_from_step": meta["step"] if resume_from is not None else None,
                "skipped_steps": skipped,
                "aux_losses": result.aux_losses if result is not None else {},
-               "majority_baseline": eval_ds.majority_baseline(),
+               "majority_baseline": eval_ds.majority_baseline() if eval_ds is not None else None,
                "comm": engine.comm_summary(),
                "migrations": migrations,  # this rank's; bins placement moves experts on rebin
                "placements": [p.to_dict() for p in engine.model.placements]}

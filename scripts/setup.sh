@@ -25,4 +25,20 @@ if torch.version.cuda is not None:
 PY
 fi
 python -m pip install -q -e ".[test]"
+# The scenes workload (python -m epruntime.data.scenes) composes real product photos from
+# Debian's dataset-fashion-mnist package; as root with apt-get, install it when it is absent.
+FASHION_MNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FASHION_MNIST" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+      || true
+  fi
+  if [ ! -f "$FASHION_MNIST" ]; then
+    echo "note: Debian's dataset-fashion-mnist is not installed (needs root and apt-get:" \
+         "apt-get install dataset-fashion-mnist); the scenes generator and its tests need it," \
+         "and those tests skip without it"
+  fi
+fi
 python -c "import epruntime, torch, megatron.core; print('epruntime', epruntime.__version__, 'torch', torch.__version__, 'megatron-core', megatron.core.__version__)"

@@ -124,7 +124,7 @@ def test_config_names_the_bad_field():
     with pytest.raises(ConfigError, match="fastmmoe.mode=merge"):
         load_config(None, ["fastmmoe.policy=fastv", "fastmmoe.mode=merge"])
     with pytest.raises(ConfigError, match="fastmmoe.policy"):
-        load_config(None, ["fastmmoe.policy=random"])
+        load_config(None, ["fastmmoe.policy=bogus"])
     assert FastMMoEConfig(vision_topk=[1, 9]).vision_topk_at(1, 4) == 4
 
 

@@ -12,6 +12,7 @@ modality vector and answer positions), so policies differ only in how they rank 
   (mean over heads and over the non-padding query tokens) at the pruning layer.
 - `text2vision` (LearnPruner's second stage): keep the visual tokens with the most attention
   from the question's (non-padding) text tokens at the pruning layer.
+- `random`: keep a uniformly random subset (seeded), the control any ranking has to beat.
 """
 
 from __future__ import annotations
@@ -128,14 +129,26 @@ class Text2VisionPolicy(Policy):
         return Selection(top_scores(score_BP, keep))
 
 
+class RandomPolicy(Policy):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def select(self, obs: Observation, keep: int, merge: bool = False) -> Selection:
+        b = obs.query_valid_BS.shape[0]
+        score_BP = torch.rand(b, obs.num_vision, generator=self.generator)
+        return Selection(top_scores(score_BP, keep).to(obs.query_valid_BS.device))
+
+
 def build_policy(name: str, similarity: str = "cosine") -> Policy | None:
     """`fastmmoe.policy` -> Policy (None for "none")."""
     if name == "none":
         return None
     if name == "fastmmoe":
         return FastMMoEPolicy(similarity)
-    policies = {"fastv": FastVPolicy, "text2vision": Text2VisionPolicy}
+    policies = {"fastv": FastVPolicy, "text2vision": Text2VisionPolicy, "random": RandomPolicy}
     if name not in policies:
-        raise ValueError(f"fastmmoe.policy={name!r}: expected none, fastmmoe, fastv or "
-                         "text2vision")
+        raise ValueError(f"fastmmoe.policy={name!r}: expected none, fastmmoe, fastv, "
+                         "text2vision or random")
     return policies[name]()
