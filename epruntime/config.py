@@ -279,6 +279,12 @@ class DispatchConfig(Section):
         "of the node's other ranks gets shm_mib / (2 * (ranks_per_node - 1)) MiB of it "
         "(double-buffered), the largest message one rank can send another per all-to-all")
 
+    @field_validator("timing", mode="before")
+    @classmethod
+    def _timing_yaml_bool(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as a bool: take it as the mode it spells."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _transport_fits_kind(self) -> "DispatchConfig":
         if self.transport == "shm" and self.kind == "alltoall":
