@@ -153,10 +153,20 @@ class PhaseTimer:
 
     def reset(self) -> None:
         self._pending: list[tuple] = []
-        # [layer, direction, phase, part] seconds; calls [layer, direction, phase]
+        # [layer, direction, phase, part] seconds (settled); calls [layer, direction, phase].
+        # Marks go to a plain list and counts to a dict: tensor indexing per mark would cost
+        # more than the mark (tens of microseconds on a busy CPU).
         self.seconds = torch.zeros(self.num_layers, len(DIRECTIONS), len(PHASES), len(PARTS),
                                    dtype=torch.float64)
-        self.calls = torch.zeros(self.num_layers, len(DIRECTIONS), len(PHASES), dtype=torch.int64)
+        self._calls: dict[tuple[int, int, int], int] = {}
+
+    @property
+    def calls(self) -> torch.Tensor:
+        """[layer, direction, phase] int64: phase calls (counted by each phase's first method)."""
+        out = torch.zeros(self.num_layers, len(DIRECTIONS), len(PHASES), dtype=torch.int64)
+        for index, n in self._calls.items():
+            out[index] = n
+        return out
 
     def _token(self) -> torch.Tensor:
         if self._barrier_token is None:
@@ -167,7 +177,7 @@ class PhaseTimer:
         """Laps of one phase method; `first`: the phase's first method (counts a call)."""
         index = (layer, DIRECTIONS.index(direction), PHASES.index(phase))
         if first:
-            self.calls[index] += 1
+            self._calls[index] = self._calls.get(index, 0) + 1
         return Laps(self, index)
 
     def backward_span(self, layer: int, phase: str, part: str, inp: torch.Tensor,
@@ -200,15 +210,17 @@ class PhaseTimer:
         if not self._pending:
             return
         self.clock.settle()
-        seconds = self.seconds
+        shape = self.seconds.shape
+        acc = [0.0] * self.seconds.numel()
         wait = PARTS.index("wait")
         for (layer, d, p), part, start, end, wait_s in self._pending:
             s = self.clock.seconds(start, end)
             wait_s = min(max(wait_s, 0.0), s)
-            seconds[layer, d, p, part] += s - wait_s
-            if wait_s:
-                seconds[layer, d, p, wait] += wait_s
+            cell = ((layer * shape[1] + d) * shape[2] + p) * shape[3]
+            acc[cell + part] += s - wait_s
+            acc[cell + wait] += wait_s
         self._pending.clear()
+        self.seconds += torch.tensor(acc, dtype=torch.float64).view(shape)
 
     def total_seconds(self) -> float:
         """This rank's communication seconds (all layers, directions, phases, parts)."""
