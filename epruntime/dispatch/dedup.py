@@ -33,6 +33,10 @@ Everything else stays on the device: the plan, the ledger's counters, the send b
 is the sum of those host counts). tests/test_host_syncs.py counts this. Not counted there: the
 fan-out's data-dependent sizes (`nonzero` on the received slots; on CUDA megatron-core's experts
 sync on `tokens_per_expert` anyway).
+
+Timing (`dispatch.timing`, epruntime.dispatch.timing): each phase method marks its parts into the
+runtime's PhaseTimer; no host sync on CPU (perf_counter), and on CUDA the events are resolved once
+per step by the engine, not here. Off, every mark is `NULL_LAPS`.
 """
 
 from __future__ import annotations
