@@ -40,7 +40,6 @@ step in `settle()` (one named host sync per step; none on CPU). Both behind `Clo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -279,13 +278,3 @@ def timing_summary(per_rank: torch.Tensor, calls: torch.Tensor, clock: str,
                       for layer in range(per_rank.shape[1])],
     }
 
-
-def laps_of(timer: PhaseTimer | None) -> Callable[[int, str, str], Any]:
-    """timer.laps, or a function returning NULL_LAPS when timing is off."""
-    if timer is None or not timer.enabled:
-        return _null_laps
-    return timer.laps
-
-
-def _null_laps(layer: int, direction: str, phase: str, first: bool = False) -> _NullLaps:
-    return NULL_LAPS
