@@ -303,10 +303,22 @@ class DispatchConfig(Section):
         "pg", description="how the dedup dispatchers' row all-to-alls move bytes: pg = the process "
         "group's all_to_all_single; shm = shared memory between ranks of one node "
         "(epruntime.transport.shm), the process group only to other nodes")
+    timing: Literal["off", "on", "barrier"] = Field(
+        "off", description="time every dispatch and combine phase per layer and rank, forward and "
+        "backward (summary.json comm_time, Prometheus, epruntime.dispatch.timing): on = barrier-"
+        "free (the wait for the slowest peer is the split-count exchange, or the shm transport's "
+        "arrival stamps); barrier = a timed 1-element all_reduce before every collective as the "
+        "wait (one extra collective per phase)")
     shm_mib: int = Field(
         64, ge=1, description="MiB of /dev/shm receive buffer per rank with transport=shm; each "
         "of the node's other ranks gets shm_mib / (2 * (ranks_per_node - 1)) MiB of it "
         "(double-buffered), the largest message one rank can send another per all-to-all")
+
+    @field_validator("timing", mode="before")
+    @classmethod
+    def _timing_yaml_bool(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as a bool: take it as the mode it spells."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("placement")
     @classmethod

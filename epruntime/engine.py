@@ -24,6 +24,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from epruntime import kernels, optim
 from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
+from epruntime.dispatch.timing import PhaseTimer, clock_for
 from epruntime.distributed import DistEnv, host_all_reduce
 from epruntime.model.vlm import MoEVLM, init_weights_
 from epruntime.routing_stats import RoutingRecorder
@@ -67,7 +68,9 @@ class Engine:
         # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`);
         # the dispatchers see it through the observers of their runtime.
         self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank, per_node)
-        self.observers = Observers(self.ledger if cfg.dispatch.ledger else None)
+        # Seconds of every dispatch/combine phase (summary's `comm_time`), dispatch.timing.
+        self.timer = self._new_timer()
+        self.observers = Observers(self.ledger if cfg.dispatch.ledger else None, self.timer)
         runtimes = layer_runtimes(cfg.model.num_layers, self.transport, backend, self.observers)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
                             dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node,
@@ -78,6 +81,12 @@ class Engine:
                       env.ep_rank)
         self.dense, self.expert = optim.split_params(self.model)
         self.optimizer = optim.build_optimizer(self.model, cfg.train)
+
+    def _new_timer(self) -> PhaseTimer | None:
+        if self.cfg.dispatch.timing == "off":
+            return None
+        return PhaseTimer(self.cfg.model.num_layers, clock_for(self.env.device),
+                          barrier=self.cfg.dispatch.timing == "barrier", device=self.env.device)
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters under their global names."""
@@ -134,6 +143,8 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.timer is not None:
+            self.timer.settle()  # CUDA: the one host sync of phase timing, once per step
         aux = {name: entry["values"].mean().item()  # host sync: logged figures
                for name, entry in get_moe_layer_wise_logging_tracker().items()}
         return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux)
@@ -160,13 +171,14 @@ class Engine:
     def observing(self, ledger):
         """Record the dispatchers' bytes into `ledger` for the enclosed block (and report it as
         `comm_summary`), then return to the training ledger. Results never change."""
-        previous = self.ledger
-        self.ledger = ledger
+        previous = self.ledger, self.timer
+        self.ledger, self.timer = ledger, self._new_timer()
         try:
-            with self.observers.observing(ledger if self.cfg.dispatch.ledger else None):
+            with self.observers.observing(ledger if self.cfg.dispatch.ledger else None,
+                                          self.timer):
                 yield ledger
         finally:
-            self.ledger = previous
+            self.ledger, self.timer = previous
 
     def _evaluate(self, dataset, batch_size, recorder) -> dict:
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
@@ -195,6 +207,7 @@ class Engine:
         prefill = self._prefill_summary(forward_s)
         recorder.close()
         eval_comm = self.comm_summary()
+        eval_time = self.comm_time_summary()
         # Padding repeats of item 0 are routed too; at most one batch per rank, so they are
         # left in the routing statistics.
         return {"eval_accuracy": counts[0].item() / counts[1].item(),
@@ -202,7 +215,7 @@ class Engine:
                 "eval_items": int(counts[1].item()),
                 **recorder.summary(ps.get_data_parallel_group()),
                 **prefill,
-                "comm": eval_comm}
+                "comm": eval_comm, "comm_time": eval_time}
 
     def _prefill_summary(self, forward_s: float) -> dict:
         """FLOPs (as run and for the full model), prompt tokens per second of forward time
@@ -219,6 +232,13 @@ class Engine:
                 "prefill_seconds": slowest.item(),
                 "vision_tokens": self.model.num_vision_tokens,
                 "vision_tokens_kept": sums[1].item() / max(samples, 1)}
+
+    def comm_time_summary(self) -> dict | None:
+        """The phase timer's figures gathered over all ranks (collective), or None when
+        dispatch.timing is off."""
+        if self.timer is None:
+            return None
+        return self.timer.summary(dist.group.WORLD)
 
     def comm_summary(self) -> dict | None:
         """The ledger summed over all ranks (collective), or None when the ledger is off."""

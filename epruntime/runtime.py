@@ -5,8 +5,9 @@ reaches the layer's dispatcher (and router) through the ModuleSpec (`SpecMoELaye
 the dispatcher's constructor); nothing is written onto megatron-core's objects afterwards.
 
     LayerRuntime(layer_index, transport, kernels, observers, tokens)
-      observers  the ledger (and later timers) that read what the dispatcher sends; swapped for
-                 evaluation with `Observers.observing(ledger)`, never changing results
+      observers  the ledger (bytes) and the phase timer (seconds, `dispatch.timing`) that read what
+                 the dispatcher sends; the ledger is swapped for evaluation with
+                 `Observers.observing(ledger)`; neither changes results
       tokens     the model's per-forward token state (modality of the tokens entering the layer),
                  set by the model's layer loop: dispatchers and routers read it, nobody else writes
 
@@ -25,13 +26,20 @@ if TYPE_CHECKING:  # no torch / megatron-core import for the row plan's users
     import torch
 
     from epruntime.dispatch.ledger import CommLedger
+    from epruntime.dispatch.timing import PhaseTimer
 
 
 class Observers:
     """The read-only observers of every layer's dispatch and combine (one object per model)."""
 
-    def __init__(self, ledger: "CommLedger | None" = None):
+    def __init__(self, ledger: "CommLedger | None" = None, timer: "PhaseTimer | None" = None):
         self._ledger = ledger
+        self._timer = timer
+
+    @property
+    def timer(self) -> "PhaseTimer | None":
+        """The PhaseTimer timing every dispatch and combine phase, or None (timing off)."""
+        return self._timer
 
     @property
     def ledger(self) -> "CommLedger | None":
@@ -39,13 +47,18 @@ class Observers:
         return self._ledger
 
     @contextlib.contextmanager
-    def observing(self, ledger: "CommLedger | None") -> Iterator["CommLedger | None"]:
-        """Record into `ledger` for the enclosed block, then restore the previous one."""
-        previous, self._ledger = self._ledger, ledger
+    def observing(self, ledger: "CommLedger | None", timer: Any = ...
+                  ) -> Iterator["CommLedger | None"]:
+        """Record into `ledger` (and time into `timer`, when given) for the enclosed block, then
+        restore the previous ones."""
+        previous = self._ledger, self._timer
+        self._ledger = ledger
+        if timer is not ...:
+            self._timer = timer
         try:
             yield ledger
         finally:
-            self._ledger = previous
+            self._ledger, self._timer = previous
 
 
 class TokenStream:
@@ -99,6 +112,10 @@ class LayerRuntime:
     @property
     def ledger(self) -> "CommLedger | None":
         return self.observers.ledger
+
+    @property
+    def timer(self) -> "PhaseTimer | None":
+        return self.observers.timer
 
 
 def layer_runtimes(num_layers: int, transport: Any = None, kernels: str | None = None,

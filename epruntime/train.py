@@ -133,12 +133,14 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                "aux_losses": result.aux_losses if result is not None else {},
                "majority_baseline": eval_ds.majority_baseline() if eval_ds is not None else None,
                "comm": engine.comm_summary(),
+               "comm_time": engine.comm_time_summary(),  # None unless dispatch.timing
                "migrations": migrations,  # this rank's; bins placement moves experts on rebin
                "placements": [p.to_dict() for p in engine.model.placements]}
     if cfg.train.eval_at_end:
         metrics = engine.evaluate(eval_ds)
         mx.on_eval(metrics)
         metrics["eval_comm"] = metrics.pop("comm")
+        metrics["eval_comm_time"] = metrics.pop("comm_time")
         summary.update(metrics)
     summary["seconds"] = time.perf_counter() - t0
     report(env.is_main, cfg.train.output_dir, summary)

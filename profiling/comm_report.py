@@ -42,6 +42,9 @@ RUN_DEFAULTS = {"train.max_steps": "20", "train.checkpoint_interval": "20",
                 "data.max_eval_items": "256", "data.global_batch_size": "32"}
 # Ledgers a summary.json can hold: training forwards and train's evaluation (infer: `comm`).
 LEDGERS = ("comm", "eval_comm")
+# The phase timer's figures beside them (dispatch.timing=on|barrier; absent or null when off).
+TIMINGS = ("comm_time", "eval_comm_time")
+TIME_PARTS = ("layout", "wait", "permute", "collective", "combine")
 TABLE_COLUMNS = ("cross_rank_bytes", "intra_node_bytes", "inter_node_bytes", "local_bytes",
                  "control_bytes", "payload_bytes", "meta_bytes", "dispatch_cross_rank_bytes",
                  "combine_cross_rank_bytes", "rows_sent", "inter_node_rows", "expert_rows",
@@ -177,6 +180,36 @@ def comparison(runs: dict[str, dict]) -> Figure:
     return fig
 
 
+def phase_time_bars(runs: dict[str, dict]) -> Figure:
+    """Seconds of the slowest rank in each (direction, phase), parts stacked, one bar per run."""
+    names = [n for n in runs if runs[n].get("comm_time")]
+    groups = [(d, p) for d in ("forward", "backward") for p in ("dispatch", "combine")]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * len(names) + 2), 4.2), dpi=DPI)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(groups))
+    for i, name in enumerate(names):
+        parts = runs[name]["comm_time"]["parts"]
+        pos = x + (i - (len(names) - 1) / 2) * width
+        bottom = np.zeros(len(groups))
+        for k, part in enumerate(TIME_PARTS):
+            v = np.array([parts[d][p][part] for d, p in groups]) * 1e3
+            ax.bar(pos, v, width, bottom=bottom, color=f"C{k}", edgecolor="white", linewidth=0.5,
+                   label=part if i == 0 else None)
+            bottom += v
+        for xp, (d, p) in zip(pos, groups):
+            ax.text(xp, parts[d][p]["total"] * 1e3, name, ha="center", va="bottom", fontsize=7,
+                    rotation=90)
+    ax.set_xticks(x, [f"{d}\n{p}" for d, p in groups])
+    ax.set_xlabel("direction and phase")
+    ax.set_ylabel("seconds of the slowest rank (ms), all layers")
+    ax.set_title("All-to-all phase time by part (comm_time)")
+    ax.margins(y=0.3)
+    ax.legend(fontsize=8, title="part")
+    fig.tight_layout()
+    return fig
+
+
 def expert_modality_heatmap(routing_per_layer: list[dict], title: str) -> Figure:
     """[modality][expert] routed (token, expert) pairs, one row of panels per layer."""
     L = len(routing_per_layer)
@@ -239,7 +272,7 @@ def run_record(run_dir: Path, summary: dict) -> dict:
     """What report.json keeps of a run: its ledgers and routing, verbatim."""
     rec = {"run_dir": str(Path(run_dir).resolve()), "steps": summary.get("steps"),
            "ep_size": summary.get("ep_size"), "world_size": summary.get("world_size")}
-    for key in LEDGERS:
+    for key in LEDGERS + TIMINGS:
         if summary.get(key):
             rec[key] = copy.deepcopy(summary[key])
     if summary.get("routing_per_layer"):
@@ -259,6 +292,9 @@ def figures(runs: dict[str, dict]) -> list[tuple[str, str, Figure]]:
                     comparison(runs)))
     out.append(("per_layer_bytes.png", "Cross-rank bytes per layer", per_layer_bars(runs)))
     out.append(("load_per_rank.png", "Expert load per rank", load_per_rank(runs)))
+    if any(rec.get("comm_time") for rec in runs.values()):
+        out.append(("phase_time.png", "All-to-all phase time by part (slowest rank)",
+                    phase_time_bars(runs)))
     for name, rec in runs.items():
         comm = rec["comm"]
         out.append((f"{_fname(name)}_bytes_total.png",
@@ -319,6 +355,24 @@ def render_html(report: dict, images: list[tuple[str, str, bytes]]) -> str:
             parts.append(f"<h3>{html.escape(name)}: per layer ({html.escape(key)})</h3>")
             parts.append(_table([(f"layer {i + 1}", p) for i, p in enumerate(ledger["per_layer"])],
                                 TABLE_COLUMNS, f"per-layer {key} run-{name}"))
+    for key in TIMINGS:
+        have = [(n, r[key]) for n, r in runs.items() if r.get(key)]
+        if not have:
+            continue
+        parts.append(f"<h2>{html.escape(key)}: seconds by phase and part (slowest rank)</h2>")
+        parts.append("<p>Wall time of the dispatch and combine phases (dispatch.timing): "
+                     "seconds beside the bytes above. wait = for the slowest peer.</p>")
+        rows = []
+        for name, t in have:
+            rows.append((f"{name} (all)", {"seconds": t["seconds"],
+                                           "forward_seconds": t["forward_seconds"],
+                                           "backward_seconds": t["backward_seconds"],
+                                           "clock": t["clock"], "wait": t["wait"]}))
+        parts.append(_table(rows, ("seconds", "forward_seconds", "backward_seconds", "clock",
+                                   "wait"), f"time-totals {key}"))
+        rows = [(f"{name} {d} {p}", t["parts"][d][p]) for name, t in have
+                for d in ("forward", "backward") for p in ("dispatch", "combine")]
+        parts.append(_table(rows, (*TIME_PARTS, "total"), f"time-parts {key}"))
     parts.append("<h2>Plots</h2>")
     for fname, caption, png in images:
         data = base64.b64encode(png).decode("ascii")

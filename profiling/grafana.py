@@ -97,6 +97,30 @@ SECTIONS: list[tuple[str, list[Panel]]] = [
         ("MoE tokens/s by modality", "timeseries", "short",
          [(_rate("epruntime_moe_tokens_total", "modality"), "{{modality}}")], ""),
     ]),
+    ("All-to-all time (dispatch.timing=on|barrier; empty while off)", [
+        ("All-to-all share of wall time by part", "timeseries", "percentunit",
+         [(f"{_rate('epruntime_alltoall_phase_seconds_sum', 'part')} / scalar(count(count by "
+           f"(rank) (epruntime_alltoall_phase_seconds_count{{{R}}})))", "{{part}}")],
+         "Seconds per second each part of the dispatch/combine phases took, forward + backward, "
+         "mean over ranks. wait: for the slowest peer."),
+        ("All-to-all seconds per step by phase", "timeseries", "s",
+         [(f"{_rate('epruntime_alltoall_phase_seconds_sum', 'direction, phase')} / scalar(sum("
+           f"rate(epruntime_step_duration_seconds_count{{{R}}}[{RI}])))",
+           "{{direction}} {{phase}}")],
+         "Mean seconds of one training step per rank in each phase, all layers and parts."),
+        ("Part time per step (p50, p90)", "timeseries", "s",
+         [(f"histogram_quantile(0.5, sum by (le, part) (rate("
+           f"epruntime_alltoall_phase_seconds_bucket{{{R}}}[{RI}])))", "p50 {{part}}"),
+          (f"histogram_quantile(0.9, sum by (le, part) (rate("
+           f"epruntime_alltoall_phase_seconds_bucket{{{R}}}[{RI}])))", "p90 {{part}}")],
+         "Per (rank, step, direction, phase) samples of each part."),
+        ("All-to-all seconds/s by layer", "timeseries", "percentunit",
+         [(_rate("epruntime_alltoall_seconds_total", "layer"), "layer {{layer}}")],
+         "Summed over ranks, directions and phases."),
+        ("Waiting for the slowest peer, per rank", "timeseries", "percentunit",
+         [(_rate("epruntime_alltoall_phase_seconds_sum", "rank", 'part="wait"'),
+           "rank {{rank}}")], "A rank that waits least is the one the others wait for."),
+    ]),
     ("Routing and load", [
         ("Expert load (last step, all ranks)", "bargauge", "short",
          [(f"sum by (layer, expert) (epruntime_expert_load_tokens{{{R}}})",

@@ -109,3 +109,31 @@ def test_dispatch_quick_compares_dispatchers_and_placements(python_env, tmp_path
     ref = rows["megatron-alltoall"]
     assert result["ratios"]["dedup/megatron-alltoall_cross_rank_bytes"] == pytest.approx(
         rows["dedup"]["cross_rank_bytes"] / ref["cross_rank_bytes"])
+    # Communication time (dispatch.timing): forward + backward, slowest rank, parts that add up.
+    for name, row in rows.items():
+        timing = row["detail"]["comm_time"]
+        assert 0 < row["comm_seconds_min"] <= row["comm_seconds"] < row["step_time_s"]
+        assert len(row["comm_samples"]) == result["params"]["repeats"]
+        # The slowest rank's total: at most the slowest forward plus the slowest backward.
+        assert max(timing["forward_seconds"], timing["backward_seconds"]) <= timing["seconds"] \
+            <= timing["forward_seconds"] + timing["backward_seconds"] + 1e-12
+        for d in ("forward", "backward"):
+            for p in ("dispatch", "combine"):
+                parts = timing["parts"][d][p]
+                assert parts["collective"] > 0, (name, d, p)
+                assert parts["total"] == pytest.approx(sum(v for k, v in parts.items()
+                                                           if k != "total"))
+    assert result["ratios"]["dedup+traffic+shm/megatron-alltoall_comm_seconds"] == pytest.approx(
+        rows["dedup+traffic+shm"]["comm_seconds"] / ref["comm_seconds"])
+
+
+def test_phase_timing_quick_pairs_timer_off_and_on(python_env, tmp_path):
+    out = tmp_path / "phase_timing.json"
+    proc = bench("phase-timing", "--quick", "--json", str(out), env=python_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rows"]] == ["alltoall", "dedup", "dedup+shm"]
+    for row in result["rows"]:
+        assert len(row["samples_off"]) == len(row["samples_on"]) == result["params"]["pairs"]
+        assert 0 < row["comm_seconds"] < row["step_time_on_s"]
+        assert result["ratios"][f"{row['variant']}:on/off_paired"] == row["on/off_paired"] > 0

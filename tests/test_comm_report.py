@@ -21,7 +21,8 @@ from tests.launch import check, run, summary
 CLI = str(ROOT / "profiling/comm_report.py")
 SMALL = ["--set", "model.num_layers=1", "--set", "train.max_steps=8",
          "--set", "train.checkpoint_interval=8", "--set", "data.max_train_items=1024",
-         "--set", "data.max_eval_items=256", "--set", "data.global_batch_size=32"]
+         "--set", "data.max_eval_items=256", "--set", "data.global_batch_size=32",
+         "--set", "dispatch.timing=on"]
 RUNS = ("baseline", "epruntime")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -83,6 +84,8 @@ def test_report_json_equals_the_ledger(report_dir):
     for name in RUNS:
         s, rec = summary(report_dir / "runs" / name), report["runs"][name]
         assert rec["comm"] == s["comm"] and rec["eval_comm"] == s["eval_comm"]
+        assert rec["comm_time"] == s["comm_time"] and rec["eval_comm_time"] == s["eval_comm_time"]
+        assert rec["comm_time"]["seconds"] > 0 and rec["comm_time"]["calls"] > 0
         assert rec["routing_per_layer"] == s["routing_per_layer"]
         assert len(rec["comm"]["per_layer"]) == 1 and rec["steps"] == 8
     # The runs are what they claim: megatron-core sends one row per (token, expert), dedup one
@@ -116,6 +119,16 @@ def test_html_tables_equal_the_ledger(report_dir):
                 cells = layers[f"layer {i + 1}"]
                 assert "cross_rank_bytes" in cells and "floor_rows" in cells
                 assert {k: _parse(v) for k, v in cells.items()} == {k: fig[k] for k in cells}
+    for key in ("comm_time", "eval_comm_time"):
+        parts = tables.tables[f"time-parts {key}"]
+        for name in RUNS:
+            timing = summary(report_dir / "runs" / name)[key]
+            for d in ("forward", "backward"):
+                for p in ("dispatch", "combine"):
+                    cells = parts[f"{name} {d} {p}"]
+                    assert "collective" in cells and "total" in cells
+                    assert {k: _parse(v) for k, v in cells.items()} == \
+                        {k: timing["parts"][d][p][k] for k in cells}
 
 
 def test_every_png_is_real_and_embedded(report_dir):
@@ -123,7 +136,8 @@ def test_every_png_is_real_and_embedded(report_dir):
     files = [p["file"] for p in report["plots"]]
     expected = {f"{n}_{kind}.png" for n in RUNS
                 for kind in ("bytes_total", "bytes_layer1", "expert_modality")}
-    assert expected | {"per_layer_bytes.png", "comparison.png", "load_per_rank.png"} == set(files)
+    assert expected | {"per_layer_bytes.png", "comparison.png", "load_per_rank.png",
+                       "phase_time.png"} == set(files)
     assert sorted(p.name for p in report_dir.glob("*.png")) == sorted(files)
     page = (report_dir / "report.html").read_text()
     for f in files:
@@ -174,7 +188,7 @@ def test_html_renders_in_headless_chromium(report_dir, chromium, tmp_path):
 
 
 # ---- (c) plots are readable ---------------------------------------------------------------------
-UNITS = ("MiB", "KiB", "(B)", "count", "pairs")
+UNITS = ("MiB", "KiB", "(B)", "count", "pairs", "(ms)")
 
 
 def test_every_plot_has_title_labels_and_units(report_dir):

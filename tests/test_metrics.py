@@ -138,6 +138,39 @@ def test_exporter_feeds_ledger_deltas_and_routing():
     assert s[f'epruntime_smoes_msi_ratio{{layer="0",{r}}}'] == 0.0  # SMoES off: 0
 
 
+def test_exporter_feeds_phase_seconds_per_step():
+    from epruntime.dispatch.timing import PARTS, HostClock, PhaseTimer
+    from epruntime.metrics import catalog
+
+    assert catalog.PARTS == PARTS  # the labels are the timer's parts
+    engine, _ = fake_engine()
+    engine.timer = PhaseTimer(2, HostClock())
+    mx = MetricsExporter(engine, serve=False)
+    try:
+        wait, coll = PARTS.index("wait"), PARTS.index("collective")
+        engine.timer.seconds[1, 0, 0, coll] = 0.003  # layer 1, forward dispatch
+        engine.timer.seconds[0, 1, 1, wait] = 0.0005  # layer 0, backward combine
+        mx.on_step(0, StepResult(2.0, 1.0, 1e-3, 6, {}), 0.5)
+        engine.timer.seconds[1, 0, 0, coll] += 0.002  # the next step: the delta is observed
+        mx.on_step(1, StepResult(2.0, 1.0, 1e-3, 6, {}), 0.5)
+        s = samples(mx.exposition().decode())
+    finally:
+        mx.close()
+    r = 'rank="0"'
+    h = "epruntime_alltoall_phase_seconds"
+    fwd = f'direction="forward",part="collective",phase="dispatch",{r}'
+    assert s[f"{h}_count{{{fwd}}}"] == 2
+    assert s[f"{h}_sum{{{fwd}}}"] == pytest.approx(0.005)
+    le = f'direction="forward",le="0.0025",part="collective",phase="dispatch",{r}'
+    assert s[f"{h}_bucket{{{le}}}"] == 1  # 0.003 then 0.002: one sample under 2.5 ms
+    bwd = f'direction="backward",part="wait",phase="combine",{r}'
+    assert s[f"{h}_sum{{{bwd}}}"] == pytest.approx(0.0005)
+    total = "epruntime_alltoall_seconds_total"
+    assert s[f'{total}{{direction="forward",layer="1",phase="dispatch",{r}}}'] == pytest.approx(
+        0.005)
+    assert s[f'{total}{{direction="forward",layer="0",phase="dispatch",{r}}}'] == 0
+
+
 def test_exporter_serves_only_our_metrics_on_loopback():
     engine, _ = fake_engine()
     mx = MetricsExporter(engine, port=0)  # port 0: any free port
@@ -264,6 +297,7 @@ def test_prometheus_scrapes_every_metric_of_a_training_run(prometheus, tmp_path)
                   data__global_batch_size=64, model__num_layers=2,
                   smoes__enabled="true", smoes__rebin_interval=8, dispatch__kind="dedup",
                   dispatch__placement="bins",
+                  dispatch__timing="on",
                   metrics__enabled="true", metrics__port=base, metrics__linger_s=3)
     start = time.time()
     check(run(torchrun_cmd("epruntime.train", 2, "--config", TINY, *sets(**fields))))
@@ -287,6 +321,11 @@ def test_prometheus_scrapes_every_metric_of_a_training_run(prometheus, tmp_path)
     assert all(v > 0 for v in per_rank("epruntime_tokens_processed_total").values())
     assert all(v > 0 for v in per_rank("max by (rank) (epruntime_smoes_msi_ratio)").values())
     assert per_rank("epruntime_flops_ratio") == {"0": 1, "1": 1}
+    # dispatch.timing=on: 32 steps x 2 directions x 2 phases x 5 parts samples, some time in each
+    assert per_rank("sum by (rank) (epruntime_alltoall_phase_seconds_count)") == {
+        "0": 32 * 20, "1": 32 * 20}
+    assert all(v > 0 for v in per_rank(
+        'sum by (rank) (epruntime_alltoall_phase_seconds_sum{part="collective"})').values())
 
     board = json.loads((ROOT / "docker" / grafana.DASHBOARD).read_text())
     empty = []

@@ -3,6 +3,9 @@
 Rows go through the dispatcher's transport when it has one (dispatch.transport=shm: shared
 memory between the ranks of a node, see epruntime.transport) or, by default, the process
 group's all_to_all_single. The tiny counts exchange always uses the process group.
+
+Timing (`epruntime.dispatch.timing`): the dispatcher times the forward call; the backward times
+itself when given `timing` = (PhaseTimer, layer, phase).
 """
 
 from __future__ import annotations
@@ -14,15 +17,29 @@ import torch.distributed as dist
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
-                transport):
+                transport, timing):
         ctx.splits, ctx.group, ctx.transport = (send_splits, recv_splits), group, transport
+        ctx.timing = timing
         return exchange(x.contiguous(), send_splits, recv_splits, group, transport)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         send_splits, recv_splits = ctx.splits
+        laps = None
+        if ctx.timing is not None:
+            timer, layer, phase = ctx.timing
+            laps = timer.laps(layer, "backward", phase)
+            laps.barrier(ctx.group)
         back = exchange(grad.contiguous(), recv_splits, send_splits, ctx.group, ctx.transport)
-        return back, None, None, None, None
+        if laps is not None:
+            laps.lap("collective", last_wait_s(ctx.transport))
+        return back, None, None, None, None, None
+
+
+def last_wait_s(transport) -> float:
+    """Seconds the transport's last call waited for its slowest peer, when it can tell (the
+    shared-memory transport); 0.0 otherwise."""
+    return getattr(transport, "last_wait_s", 0.0) if transport is not None else 0.0
 
 
 def exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
@@ -40,9 +57,10 @@ def exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], gr
 
 
 def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
-               transport=None) -> torch.Tensor:
-    """Differentiable `exchange`: the backward sends gradients the reverse way."""
-    return _AllToAll.apply(x, send_splits, recv_splits, group, transport)
+               transport=None, timing=None) -> torch.Tensor:
+    """Differentiable `exchange`: the backward sends gradients the reverse way (and times itself
+    with timing = (PhaseTimer, layer, phase))."""
+    return _AllToAll.apply(x, send_splits, recv_splits, group, transport, timing)
 
 
 def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:

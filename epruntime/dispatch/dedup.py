@@ -33,6 +33,10 @@ Everything else stays on the device: the plan, the ledger's counters, the send b
 is the sum of those host counts). tests/test_host_syncs.py counts this. Not counted there: the
 fan-out's data-dependent sizes (`nonzero` on the received slots; on CUDA megatron-core's experts
 sync on `tokens_per_expert` anyway).
+
+Timing (`dispatch.timing`, epruntime.dispatch.timing): each phase method marks its parts into the
+runtime's PhaseTimer; no host sync on CPU (perf_counter), and on CUDA the events are resolved once
+per step by the engine, not here. Off, every mark is `NULL_LAPS`.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ from megatron.core import utils
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from epruntime import kernels
-from epruntime.dispatch.collective import all_to_all, exchange_counts
+from epruntime.dispatch.collective import all_to_all, exchange_counts, last_wait_s
 from epruntime.dispatch.layout import FanOut, fan_out
 from epruntime.dispatch.plan import Hop, RowPlan, row_plan
+from epruntime.dispatch.timing import NULL_LAPS
 from epruntime.placement import Placement, PlacementError
 from epruntime.runtime import LayerRuntime
 
@@ -126,10 +131,33 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         ledger = self.runtime.ledger
         return ledger if ledger is not None and ledger.enabled else None
 
+    def _timer(self):
+        """The PhaseTimer timing now, or None."""
+        timer = self.runtime.timer
+        return timer if timer is not None and timer.enabled else None
+
+    def _laps(self, phase: str, first: bool = False):
+        """Forward laps of `phase` (epruntime.dispatch.timing); NULL_LAPS when timing is off.
+        `first`: the phase's first method."""
+        timer = self._timer()
+        return NULL_LAPS if timer is None else timer.laps(self.runtime.layer_index, "forward",
+                                                          phase, first)
+
+    def _time_backward(self, phase: str, part: str, inp, out) -> None:
+        timer = self._timer()
+        if timer is not None:
+            timer.backward_span(self.runtime.layer_index, phase, part, inp, out)
+
+    def _timing(self, phase: str):
+        """(timer, layer, phase) for the all-to-all's backward, None when timing is off."""
+        timer = self._timer()
+        return None if timer is None else (timer, self.runtime.layer_index, phase)
+
     # ---- dispatch ------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         """hidden [S, B, H] (or [T, H]), routing_map [T, E] bool, probs [T, E] -> (x [T, H],
         probs [T, E]); the row plan goes into the handle (device only, no communication)."""
+        laps = self._laps("dispatch", first=True)
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         ledger = self._ledger()
         plan = row_plan(routing_map, probs, self.placement, self.plan_kind,
@@ -143,30 +171,37 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             ledger.record_routing(self.runtime.layer_index, plan.expert_rows_RR,
                                   plan.floor_rows_RR, modality_T, plan.num_tokens)
         self._handle = DispatchHandle(plan, hidden_states.shape, modality_T)
+        laps.lap("layout")
         return x_TH, probs
 
     def token_dispatch(self, x_TH, probs):
         """Rows [N, H] and their metadata [N, 2M] (weights, then slots as floats) to the ranks
         of their experts; returns what this rank receives."""
+        laps = self._laps("dispatch")
         h = self._handle
-        rows, meta, sent = self._send_hop(x_TH, h.plan.hops[0], h.modality_T)
+        rows, meta, sent = self._send_hop(x_TH, h.plan.hops[0], h.modality_T, laps)
         self._handle = dataclasses.replace(h, sent=(sent,))
         return rows, meta
 
-    def _send_hop(self, x_TH: torch.Tensor, hop: Hop, modality_T: torch.Tensor | None):
+    def _send_hop(self, x_TH: torch.Tensor, hop: Hop, modality_T: torch.Tensor | None,
+                  laps=NULL_LAPS):
         """One hop of the plan: exchange the counts, gather the rows (one per (token, rank) of
-        x_TH's rows) with their entries, hand both to the all-to-all. -> (rows, meta, SentHop)."""
+        x_TH's rows) with their entries, hand both to the all-to-all. -> (rows, meta, SentHop).
+        `laps` times its parts: wait (the counts), permute, collective."""
         ledger, layer = self._ledger(), self.runtime.layer_index
+        laps.barrier(self.ep_group)
         recv_R = exchange_counts(hop.splits_R, self.ep_group)
         if ledger is not None:
             ledger.record_control(layer, hop.control_bytes_RR)
         # host sync: the all-to-all needs the split sizes on the host
         send_splits, recv_splits = torch.stack([hop.splits_R, recv_R]).tolist()
+        laps.lap_first_collective()
         num_rows = sum(send_splits)
         token_N, dest_N = hop.rows(num_rows=num_rows)
         layout = kernels.Layout.of_rows(hop.sends_TR, hop.splits_R,
                                         hop.used_TGQ.sum(0).reshape(-1), num_rows, token_N)
         rows_NH = kernels.permute_differentiable(x_TH, layout, self.runtime.kernels)
+        self._time_backward("dispatch", "permute", x_TH, rows_NH)
         slot_NM, prob_NM = hop.entries(token_N, dest_N)
         columns = [prob_NM.float(), slot_NM.float()]
         if hop.modality_column:  # node dedup: the gateway counts its rows by modality
@@ -180,59 +215,81 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             ledger.record_rows(layer, "dispatch", hop.rows_RR, hop.payload_row_bytes,
                                hop.meta_row_bytes, modality_rows)
         sent = SentHop(hop, tuple(send_splits), tuple(recv_splits), recv_R, layout, modality_rows)
-        rows_XH, meta_XC = self._exchange_rows(rows_NH, meta_NC, sent)
+        if hop.packed:
+            payload = torch.cat([rows_NH, meta_NC], dim=1)
+            laps.lap("permute")
+            packed, wait_s = self._exchange(payload, sent, "dispatch")
+            rows_XH, meta_XC = packed.split([rows_NH.shape[1], meta_NC.shape[1]], dim=1)
+        else:  # rows and metadata differ in dtype: two collectives
+            laps.lap("permute")
+            rows_XH, wait_s = self._exchange(rows_NH, sent, "dispatch")
+            meta_XC, wait2_s = self._exchange(meta_NC, sent, "dispatch")
+            wait_s += wait2_s
+        laps.lap("collective", wait_s)
         return rows_XH, meta_XC, sent
 
-    def _exchange_rows(self, rows_NH, meta_NC, sent: SentHop):
-        """Rows and their metadata to their destination ranks: one collective when the plan
-        packs them (both float32: fewer latency-bound calls each way), else two."""
-        send, recv, group, transport = (list(sent.send_splits), list(sent.recv_splits),
-                                        self.ep_group, self.runtime.transport)
-        if sent.hop.packed:
-            packed = all_to_all(torch.cat([rows_NH, meta_NC], dim=1), send, recv, group,
-                                transport)
-            return packed.split([rows_NH.shape[1], meta_NC.shape[1]], dim=1)
-        return (all_to_all(rows_NH, send, recv, group, transport),
-                all_to_all(meta_NC, send, recv, group, transport))
+    def _exchange(self, x_NC, sent: SentHop, phase: str, back: bool = False):
+        """x_NC to the destination ranks of `sent` (back: from them, the reverse splits). ->
+        (received rows, seconds the transport waited for its slowest peer, 0 if it can't tell).
+        """
+        send, recv = list(sent.send_splits), list(sent.recv_splits)
+        if back:
+            send, recv = recv, send
+        transport = self.runtime.transport
+        out = all_to_all(x_NC, send, recv, self.ep_group, transport, self._timing(phase))
+        return out, last_wait_s(transport)
 
     def dispatch_postprocess(self, rows_XH, meta_XC):
         """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights
         [K]."""
+        laps = self._laps("dispatch")
         m = self._handle.sent[-1].hop.max_entries
         prob_XM, slot_XM = meta_XC[:, :m], meta_XC[:, m:2 * m].detach().long()
         fan = fan_out(slot_XM, self.num_local_experts)
         self._handle = dataclasses.replace(self._handle, fan=fan)
         x_KH = rows_XH.index_select(0, fan.row_K)
         probs_K = prob_XM.reshape(-1).index_select(0, fan.entry_K)
+        self._time_backward("dispatch", "permute", rows_XH, x_KH)
+        laps.lap("permute")
         return x_KH, fan.tokens_per_slot, probs_K
 
     # ---- combine ---------------------------------------------------------------------------
     def combine_preprocess(self, out_KH):
         """Weighted expert outputs [K, H] -> one row per received row [X, H] (sum over slots)."""
+        laps = self._laps("combine", first=True)
         h = self._handle
-        return out_KH.new_zeros(h.num_received, out_KH.shape[-1]).index_add(0, h.fan.row_K,
-                                                                              out_KH)
+        rows_XH = out_KH.new_zeros(h.num_received, out_KH.shape[-1]).index_add(0, h.fan.row_K,
+                                                                                out_KH)
+        self._time_backward("combine", "combine", out_KH, rows_XH)
+        laps.lap("combine")
+        return rows_XH
 
     def token_combine(self, rows_XH):
         """Every received row goes back to its sender."""
-        return self._return_hop(rows_XH, self._handle.sent[0])
+        laps = self._laps("combine")
+        return self._return_hop(rows_XH, self._handle.sent[0], laps)
 
-    def _return_hop(self, rows_XH, sent: SentHop):
+    def _return_hop(self, rows_XH, sent: SentHop, laps=NULL_LAPS):
         """The reverse of one hop: rows_XH [X, H] (one per received row) -> [N, H] (one per sent
         row)."""
         ledger, layer = self._ledger(), self.runtime.layer_index
         if ledger is not None:
             ledger.record_rows(layer, "combine", sent.recv_R, sent.hop.payload_row_bytes)
-        back = all_to_all(rows_XH, list(sent.recv_splits), list(sent.send_splits), self.ep_group,
-                          self.runtime.transport)
+        laps.lap("combine")
+        laps.barrier(self.ep_group)
+        back, wait_s = self._exchange(rows_XH, sent, "combine", back=True)
         if ledger is not None and sent.modality_rows is not None:
             ledger.record_combine_modality(layer, sent.modality_rows)
+        laps.lap("collective", wait_s)
         return back
 
     def combine_postprocess(self, back_NH):
         """One row per (token, rank) [N, H] -> per token sum (ascending rank order), in the
         input's shape."""
+        laps = self._laps("combine")
         h = self._handle
         out = kernels.unpermute_combine_differentiable(back_NH, h.sent[0].layout,
                                                        backend=self.runtime.kernels)
+        self._time_backward("combine", "combine", back_NH, out)
+        laps.lap("combine")
         return out.view(h.hidden_shape)

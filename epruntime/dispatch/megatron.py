@@ -7,6 +7,11 @@ bytes (megatron-core's all-gather of [E] int64 counts) and the rows by modality 
 row plan (`epruntime.dispatch.plan`, kind "expert"), which is built only while the ledger
 records. Its placement is megatron-core's contiguous one. The base is the CPU-safe alltoall
 dispatcher (`epruntime.compat.dispatcher`), megatron-core's own on CUDA.
+
+The PhaseTimer (`epruntime.dispatch.timing`) times each phase method around megatron-core's
+code: its `preprocess` (the all-gather of the routing counts, the first blocking collective) is
+the `wait`, the permutes and sorts `permute`, the all-to-alls `collective`, the unpermute
+`combine`; the backward through tensor hooks.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from megatron.core import utils
 from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher
 from epruntime.dispatch.ledger import row_bytes
 from epruntime.dispatch.plan import RowPlan, row_plan
+from epruntime.dispatch.timing import NULL_LAPS
 from epruntime.placement import Placement, PlacementError
 from epruntime.runtime import LayerRuntime
 
@@ -38,6 +44,7 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
                          pg_collection=pg_collection)
         self.runtime = runtime if runtime is not None else LayerRuntime()
         self._handle: LedgerHandle | None = None  # set while the ledger records
+        self._laps = NULL_LAPS  # the forward laps of dispatch_preprocess, while it runs
 
     def supports(self, placement: Placement) -> bool:
         """megatron-core places experts contiguously."""
@@ -52,8 +59,40 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
         ledger = self.runtime.ledger
         return ledger if ledger is not None and ledger.enabled else None
 
+    def _timer(self):
+        timer = self.runtime.timer
+        return timer if timer is not None and timer.enabled else None
+
+    def _laps_of(self, phase: str, first: bool = False):
+        timer = self._timer()
+        return NULL_LAPS if timer is None else timer.laps(self.runtime.layer_index, "forward",
+                                                          phase, first)
+
+    def _time_backward(self, phase: str, part: str, inp, out, collective: bool = False) -> None:
+        timer = self._timer()
+        if timer is not None:
+            timer.backward_span(self.runtime.layer_index, phase, part, inp, out,
+                                self.ep_group if collective else None)
+
+    def preprocess(self, routing_map):
+        """megatron-core's; its all-gather of the routing counts is this phase's `wait`."""
+        self._laps.lap("layout")
+        out = super().preprocess(routing_map)
+        self._laps.lap("wait")
+        return out
+
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        out = super().dispatch_preprocess(hidden_states, routing_map, probs)
+        self._laps = laps = self._laps_of("dispatch", first=True)
+        if self._timer() is not None and hidden_states.requires_grad:
+            # The layer's input also feeds the router: time the permute's backward from an
+            # alias only it consumes, not until the router's backward is done as well.
+            hidden_states = hidden_states.view_as(hidden_states)
+        try:
+            out = super().dispatch_preprocess(hidden_states, routing_map, probs)
+        finally:
+            self._laps = NULL_LAPS
+        self._time_backward("dispatch", "permute", hidden_states, out[0])
+        laps.lap("permute")
         ledger, self._handle = self._ledger(), None
         if ledger is not None:
             plan = row_plan(routing_map, None,
@@ -73,6 +112,7 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
             ledger.record_routing(layer, plan.expert_rows_RR, plan.floor_rows_RR, modality_T,
                                   plan.num_tokens)
             self._handle = LedgerHandle(plan, modality_rows)
+        laps.lap("layout")  # the ledger's row plan, while it records (not megatron-core's cost)
         return out
 
     @staticmethod
@@ -81,22 +121,53 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
         return [rows] if splits is None else [int(s) for s in splits]
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+        laps = self._laps_of("dispatch")
+        laps.barrier(self.ep_group)
         out = super().token_dispatch(permutated_local_input_tokens, permuted_probs)
+        self._time_backward("dispatch", "collective", permutated_local_input_tokens, out[0],
+                            collective=True)
+        self._time_backward("dispatch", "collective", permuted_probs, out[1])
         ledger, h = self._ledger(), self._handle
         if ledger is not None and h is not None:  # host splits only after megatron-core's sync
             tokens, probs = permutated_local_input_tokens, permuted_probs
             ledger.record_rows(self.runtime.layer_index, "dispatch",
                                self._splits(self.input_splits, tokens.shape[0]),
                                row_bytes(tokens), row_bytes(probs), h.modality_rows)
+        laps.lap("collective")
+        return out
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        laps = self._laps_of("dispatch")
+        out = super().dispatch_postprocess(global_input_tokens, global_probs)
+        self._time_backward("dispatch", "permute", global_input_tokens, out[0])
+        laps.lap("permute")
+        return out
+
+    def combine_preprocess(self, hidden_states):
+        laps = self._laps_of("combine", first=True)
+        out = super().combine_preprocess(hidden_states)
+        self._time_backward("combine", "permute", hidden_states, out)
+        laps.lap("permute")
+        return out
+
+    def combine_postprocess(self, permutated_local_input_tokens):
+        laps = self._laps_of("combine")
+        out = super().combine_postprocess(permutated_local_input_tokens)
+        self._time_backward("combine", "combine", permutated_local_input_tokens, out)
+        laps.lap("combine")
         return out
 
     def token_combine(self, hidden_states, *args, **kwargs):
+        laps = self._laps_of("combine")
         ledger, h = self._ledger(), self._handle
         if ledger is not None and h is not None:
             ledger.record_rows(self.runtime.layer_index, "combine",
                                self._splits(self.output_splits, hidden_states.shape[0]),
                                row_bytes(hidden_states))
+        laps.barrier(self.ep_group)
         out = super().token_combine(hidden_states, *args, **kwargs)
+        self._time_backward("combine", "collective", hidden_states, out, collective=True)
         if ledger is not None and h is not None and h.modality_rows is not None:
             ledger.record_combine_modality(self.runtime.layer_index, h.modality_rows)
+        laps.lap("collective")
         return out

@@ -63,6 +63,13 @@ METRICS: tuple[MetricSpec, ...] = (
        "pairs."),
     _m("epruntime_alltoall_floor_rows_total", "counter", LAYER,
        "Rows no dispatcher can go below: distinct (token, remote EP rank) pairs."),
+    # -- communication time (PhaseTimer, dispatch.timing=on|barrier; empty while it is off)
+    _m("epruntime_alltoall_phase_seconds", "histogram", ("direction", "phase", "part"),
+       "Seconds of one training step this rank spent in one part of the MoE dispatch/combine "
+       "phases, all layers: direction forward|backward, phase dispatch|combine, part "
+       "layout|wait|permute|collective|combine (wait: for the slowest peer)."),
+    _m("epruntime_alltoall_seconds_total", "counter", ("layer", "direction", "phase"),
+       "Seconds this rank spent in each MoE layer's dispatch/combine phases (all parts)."),
     _m("epruntime_moe_tokens_total", "counter", ("layer", "modality"),
        "Tokens entering each MoE layer on this rank, by modality text|vision."),
     # -- routing
@@ -105,3 +112,10 @@ LOCALITIES = ("intra_node", "inter_node")
 MODALITIES = ("text", "vision")
 # Step times on CPU ranks range from tens of ms (tiny) to minutes (large models).
 STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# One part of the all-to-all phases per step: from a few microseconds (an empty layout on a GPU)
+# to seconds (a large collective on CPU ranks).
+COMM_BUCKETS_S = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS_S = {"epruntime_alltoall_phase_seconds": COMM_BUCKETS_S}
+DIRECTIONS = ("forward", "backward")
+PARTS = ("layout", "wait", "permute", "collective", "combine")  # epruntime.dispatch.timing.PARTS

@@ -7,7 +7,8 @@ process/platform/GC collectors), served by a small HTTP server on a daemon threa
 loops pay nothing then.
 
 Per step the exporter reads the engine's cumulative CommLedger and feeds the counters the delta
-since the previous step; expert load comes from forward hooks on the MoE routers.
+since the previous step; likewise the PhaseTimer's seconds (dispatch.timing), whose per-step
+parts go into a histogram; expert load comes from forward hooks on the MoE routers.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from prometheus_client import (
 )
 
 from epruntime.metrics.catalog import (
+    BUCKETS_S,
+    DIRECTIONS,
     LOCALITIES,
     METRICS,
     MODALITIES,
+    PARTS,
     PHASES,
     STEP_BUCKETS_S,
     MetricSpec,
@@ -100,7 +104,8 @@ def _make(spec: MetricSpec, registry: CollectorRegistry) -> Any:
         return Counter(spec.name, spec.help, spec.labels, registry=registry)
     if spec.type == "gauge":
         return Gauge(spec.name, spec.help, spec.labels, registry=registry)
-    return Histogram(spec.name, spec.help, spec.labels, registry=registry, buckets=STEP_BUCKETS_S)
+    return Histogram(spec.name, spec.help, spec.labels, registry=registry,
+                     buckets=BUCKETS_S.get(spec.name, STEP_BUCKETS_S))
 
 
 class NullMetrics:
@@ -150,6 +155,8 @@ class MetricsExporter(NullMetrics):
         self._prev: dict[str, torch.Tensor] = {}
         self._masks: tuple[torch.Tensor, ...] = ()  # cross, intra, inter of this rank's row
         self._rank_of: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._timer: Any = None
+        self._prev_seconds: torch.Tensor | None = None
         self.server = MetricsServer(self.registry, host, port) if serve else None
 
     # ---- series ----------------------------------------------------------------------------
@@ -173,6 +180,10 @@ class MetricsExporter(NullMetrics):
         self.c_rows = [c("epruntime_alltoall_rows_sent_total", layer=l) for l in L]
         self.c_expert_rows = [c("epruntime_alltoall_expert_rows_total", layer=l) for l in L]
         self.c_floor_rows = [c("epruntime_alltoall_floor_rows_total", layer=l) for l in L]
+        self.h_part = [[[c("epruntime_alltoall_phase_seconds", direction=d, phase=p, part=q)
+                         for q in PARTS] for p in PHASES] for d in DIRECTIONS]
+        self.c_layer_s = [[[c("epruntime_alltoall_seconds_total", layer=l, direction=d, phase=p)
+                            for p in PHASES] for d in DIRECTIONS] for l in L]
         self.c_moe_tokens = [[c("epruntime_moe_tokens_total", layer=l, modality=m)
                               for m in MODALITIES] for l in L]
         self.g_load = [[c("epruntime_expert_load_tokens", layer=l, expert=e) for e in E] for l in L]
@@ -220,6 +231,7 @@ class MetricsExporter(NullMetrics):
         if result.skipped:
             self.c_skipped.inc()
         self._publish_ledger()
+        self._publish_timer()
         self._publish_routing()
 
     def on_migration(self, report: dict) -> None:
@@ -288,6 +300,30 @@ class MetricsExporter(NullMetrics):
             for m in range(len(MODALITIES)):
                 if tokens[l][m]:
                     self.c_moe_tokens[l][m].inc(tokens[l][m])
+
+    def _publish_timer(self) -> None:
+        """Phase seconds since the previous step: one histogram sample per (direction, phase,
+        part), counters per layer. Nothing while dispatch.timing is off."""
+        timer = getattr(self.engine, "timer", None)
+        if timer is None:
+            return
+        timer.settle()  # the engine settled it at the end of the step: nothing left to resolve
+        now = timer.seconds.clone()
+        if timer is not self._timer or self._prev_seconds is None:
+            self._timer, self._prev_seconds = timer, torch.zeros_like(now)
+        d_LDPQ = (now - self._prev_seconds).clamp_(min=0)
+        self._prev_seconds = now
+        step_DPQ = d_LDPQ.sum(0).tolist()
+        for i in range(len(DIRECTIONS)):
+            for p in range(len(PHASES)):
+                for q in range(len(PARTS)):
+                    self.h_part[i][p][q].observe(step_DPQ[i][p][q])
+        layer_LDP = d_LDPQ.sum(-1).tolist()
+        for l in range(self.num_layers):
+            for i in range(len(DIRECTIONS)):
+                for p in range(len(PHASES)):
+                    if layer_LDP[l][i][p]:
+                        self.c_layer_s[l][i][p].inc(layer_LDP[l][i][p])
 
     def _publish_routing(self) -> None:
         """Expert load, per-EP-rank balancedness and SMoES bins of the routing since last call."""

@@ -11,7 +11,7 @@ Layout. Group ranks are node-major: group rank g is on node g // ranks_per_node.
 one segment (`/dev/shm/epruntime-shm-<uid>-<token>-g<rank>`, token random per transport, so
 unique per job, group and rank), mapped by every local rank of the group:
 
-    [0, 64)            header: magic, local ranks L, region bytes, pid
+    [0, 64)            header: magic, local ranks L, region bytes, pid, arrival[2] (below)
     [64, 128)          abort word: the call number this rank gave up on (0: none)
     [128, 1152)        abort message (utf-8), what the aborting rank raised
     [2048, ...)        per local source s: ready[s] (64-byte line), then ack[s] (64-byte line)
@@ -35,6 +35,13 @@ sleep lasts at most 50 ms so errors are noticed), so it doesn't steal the core a
 needs; without futex(2) it sched_yield()s, then sleeps 50 us growing to 1 ms. After
 `timeout_s` it raises `ShmTimeoutError` naming the peer, and a peer process that has exited is
 named within ~0.2 s.
+
+Arrival stamps (for the phase timer, epruntime.dispatch.timing): on entering call n a rank writes
+time.monotonic_ns() (CLOCK_MONOTONIC: one clock for every process of a host) into arrival[n % 2]
+of its own segment before publishing anything; a receiver reads each local source's stamp after
+that source's ready flag and before acking, so the stamp cannot be overwritten (call n + 2 waits
+for the ack). `last_wait_s` = latest local peer's arrival - own arrival (>= 0): the time this rank
+waited for its slowest local peer in the last call, with no barrier. Two stores per call.
 
 Rows for ranks of other nodes go over the process group as point-to-point isend/irecv straight
 into `out` (zero-row messages are skipped on both sides, which both know from the splits),
@@ -81,6 +88,7 @@ import torch.distributed as dist
 SHM_DIR = "/dev/shm"
 PREFIX = "epruntime-shm-"
 _MAGIC = 0x65707368  # "epsh"
+_ARRIVAL_WORD = 4  # int64 index of arrival[0] (arrival[1] follows)
 _ABORT_WORD = 8  # int64 index of the abort word
 _ABORT_MSG, _ABORT_MSG_BYTES = 128, 1024
 _FLAGS = 2048
@@ -238,6 +246,7 @@ class ShmTransport:
         self.data_off = _align(_FLAGS + 2 * _LINE * len(self.local), 4096)
         self.seg_bytes = self.data_off + 2 * nsrc * self.region
         self.calls = 0
+        self.last_wait_s = 0.0  # waited for the slowest local peer in the last call (see above)
         self.broken: str | None = None
         self.segs: list[_Segment | None] = []
         self.pids: list[int] = []
@@ -464,6 +473,8 @@ class ShmTransport:
             raise
         x = x.contiguous()
         n = self.calls = self.calls + 1
+        arrived = time.monotonic_ns()
+        latest = arrived
         send_off = [0] * self.size
         recv_off = [0] * self.size
         for r in range(1, self.size):
@@ -499,6 +510,8 @@ class ShmTransport:
         try:
             parity = n % 2
             peers = len(self.local)
+            if peers > 1:  # before any ready flag of call n (their publish fences it)
+                self.segs[self.me].words[_ARRIVAL_WORD + parity] = arrived
             for step in range(1, peers):  # one copy in, straight into the destination's region
                 d = (self.me + step) % peers
                 g = self.local[d]
@@ -515,6 +528,7 @@ class ShmTransport:
                 s = next((s for s in pending if own[self._ready(s)] >= n), pending[0])
                 self._wait(n, s, self.me, self._ready(s), n, f"its rows of call {n}")
                 g = self.local[s]
+                latest = max(latest, self.segs[s].words[_ARRIVAL_WORD + parity])
                 nbytes = recv[g] * row
                 if nbytes:
                     rows(out, recv_off, recv, g).reshape(-1).view(torch.uint8).copy_(
@@ -528,3 +542,4 @@ class ShmTransport:
             raise
         for work in works:
             work.wait()
+        self.last_wait_s = (latest - arrived) / 1e9

@@ -8,6 +8,12 @@ Then one set of ranks loads them and, round-robin over the variants, times a ful
 of the MoE-VLM on one fixed batch (median of repeats; a step lasts as long as its slowest rank).
 Bytes and rows come from the CommLedger of one forward pass over the same batch.
 
+Communication time (issue 18): every engine runs with the phase timer on (`dispatch.timing=on`,
+epruntime.dispatch.timing) and the ledger off while timed; `comm_seconds` is the seconds one
+forward+backward spent in the MoE layers' dispatch and combine phases (layout, wait for the
+slowest peer, permute, collective, combine), summed over layers, on the slowest rank, median of
+repeats; `detail.comm_time` breaks down the mean over repeats by direction, phase and part.
+
 Variants on the SMoES model: `megatron-alltoall`, `dedup`, `dedup+bins` (bin k moved onto rank k
 by live migration), `dedup+traffic` (traffic-aware placement from co-activation recorded on
 training batches), `dedup+traffic+shm` (the same over the shared-memory transport). The paper's end-to-end comparison (arXiv 2604.23996: 56.1% fewer EP bytes,
@@ -112,7 +118,8 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
 
     def config(model: str, kind: str, transport: str = "pg"):
         return load_config(TINY_CONFIG, [*_common(p), *_model_overrides(p, model),
-                                         f"dispatch.kind={kind}", f"dispatch.transport={transport}"])
+                                         f"dispatch.kind={kind}", f"dispatch.transport={transport}",
+                                         "dispatch.timing=on"])
 
     env = distributed.init_distributed(config("smoes", "alltoall"))
     train_ds, eval_ds = build_datasets(config("smoes", "alltoall"))
@@ -155,22 +162,38 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
         row["detail"] = {**detail, **{k: comm[k] for k in DETAIL_KEYS}}
         engines[name], rows[name] = engine, row
 
-    # Round-robin so that drift of a noisy host spreads over every variant alike.
+    # Round-robin so that drift of a noisy host spreads over every variant alike. The ledger is
+    # off while timed (its row plan for megatron-core's dispatcher is not megatron-core's cost).
     samples = {name: [] for name in VARIANTS}
+    comm = {name: [] for name in VARIANTS}
+    parts = {name: torch.zeros_like(engine.timer.seconds) for name, engine in engines.items()}
     for i in range(p["warmup"] + p["repeats"]):
         for name, engine in engines.items():
+            engine.timer.reset()
             dist.barrier()
             start = time.perf_counter()
-            engine.forward_backward(batch, global_batch)
-            elapsed = torch.tensor(time.perf_counter() - start)
+            with engine.observers.observing(None):
+                engine.forward_backward(batch, global_batch)
+            elapsed = torch.tensor([time.perf_counter() - start, engine.timer.total_seconds()])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if i >= p["warmup"]:
-                samples[name].append(elapsed.item())
+                samples[name].append(elapsed[0].item())
+                comm[name].append(elapsed[1].item())
+                parts[name] += engine.timer.seconds
     tokens = global_batch * engines["dedup"].model.seq_len
     for name, row in rows.items():
         row["step_time_s"] = statistics.median(samples[name])
         row["tokens_per_s"] = tokens / row["step_time_s"]
         row["samples"] = samples[name]
+        row["comm_seconds"] = statistics.median(comm[name])
+        # The least-disturbed repeat: on a shared host the spread of repeats is mostly other
+        # processes' load, which a median of few repeats does not remove.
+        row["comm_seconds_min"] = min(comm[name])
+        row["comm_share"] = row["comm_seconds"] / row["step_time_s"]
+        row["comm_samples"] = comm[name]
+        timer = engines[name].timer
+        timer.seconds = parts[name] / p["repeats"]  # mean per step, every rank's own
+        row["detail"]["comm_time"] = timer.summary(dist.group.WORLD)
     if rank == 0:
         Path(result_path).write_text(json.dumps(list(rows.values())))
 
@@ -204,13 +227,16 @@ def run(args: argparse.Namespace) -> BenchResult:
     ratios = {}
     for r in rows:
         if r is not ref and not r["variant"].startswith("baseline:"):
-            for key in ("cross_rank_bytes", "rows_sent", "tokens_per_s"):
+            for key in ("cross_rank_bytes", "rows_sent", "tokens_per_s", "comm_seconds",
+                        "comm_seconds_min"):
                 ratios[f"{r['variant']}/megatron-alltoall_{key}"] = r[key] / ref[key]
     base = by["baseline:megatron-alltoall"]
     for key in ("cross_rank_bytes", "tokens_per_s"):
         ratios[f"e2e:dedup+bins/baseline:megatron-alltoall_{key}"] = by["dedup+bins"][key] / base[key]
     ratios["e2e:dedup+traffic+shm/baseline:megatron-alltoall_tokens_per_s"] = (
         by["dedup+traffic+shm"]["tokens_per_s"] / base["tokens_per_s"])
+    ratios["e2e:dedup+traffic+shm/baseline:megatron-alltoall_comm_seconds"] = (
+        by["dedup+traffic+shm"]["comm_seconds"] / base["comm_seconds"])
     ratios["dedup+traffic+shm/dedup+traffic_tokens_per_s"] = (
         by["dedup+traffic+shm"]["tokens_per_s"] / by["dedup+traffic"]["tokens_per_s"])
     ratios["dedup+traffic/floor_rows_of_megatron-placement"] = (
@@ -224,6 +250,9 @@ def run(args: argparse.Namespace) -> BenchResult:
     notes = ["cross_rank_bytes: forward dispatch + combine payload and metadata between different "
              "ranks (backward mirrors it); rows_sent/floor_rows/expert_rows: dispatch rows off-rank",
              "step_time_s: forward+backward of the whole MoE-VLM incl. dense-gradient all-reduce, "
-             "median of repeats, slowest rank"]
+             "median of repeats, slowest rank",
+             "comm_seconds: seconds of one forward+backward in the MoE dispatch/combine phases "
+             "(layout, wait, permute, collective, combine; epruntime.dispatch.timing, perf_counter),"
+             " all layers, slowest rank, median of repeats; ledger off and timing on while timed"]
     return BenchResult(name="dispatch", params=params, rows=rows, ratios=ratios, env=collect_env(),
                        notes=notes)
