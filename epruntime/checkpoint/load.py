@@ -28,6 +28,7 @@ class ReadStats:
     """What one rank read from the checkpoint."""
 
     bytes_read: int  # bytes read from shard files (counted at the file, not planned)
+    bytes_by_key: dict[str, int]  # the same per state-dict key
     files_read: tuple[str, ...]  # shard files it opened
     keys: tuple[str, ...]  # state-dict keys it asked for
 
@@ -84,6 +85,18 @@ def _apply_placements(engine, meta: dict, resuming: bool) -> None:
     model.set_placements(placements)
 
 
+def _recut_bins(engine, meta: dict) -> None:
+    """SMoES cuts one bin per EP rank (smoes.num_bins): bins saved for another number of bins are
+    re-cut from the saved EMA expert x modality counts, which do not depend on the bins (the same
+    on every rank: the counts are globally summed)."""
+    from epruntime.smoes.router import smoes_routers
+
+    saved = meta["config"].get("smoes", {}).get("num_bins") or meta["ep_size"]
+    if saved != engine.cfg.num_bins:
+        for router in smoes_routers(engine.model):
+            router.rebin()
+
+
 def load_checkpoint_with_stats(engine, path: Path, restore_training_state: bool = True,
                                apply_saved_placements: bool = True) -> tuple[dict, ReadStats]:
     """Collective. Load parameters and buffers (and AdamW + RNG state when
@@ -113,8 +126,9 @@ def load_checkpoint_with_stats(engine, path: Path, restore_training_state: bool 
     except CheckpointException as err:
         raise failure_of(err, f"to load {path}") from None
     apply_loaded(engine, targets)
-    stats = ReadStats(reader.bytes_read, tuple(sorted(reader.files_read)),
-                      tuple(sorted(targets.state)))
+    _recut_bins(engine, meta)
+    stats = ReadStats(reader.bytes_read, dict(reader.bytes_by_key),
+                      tuple(sorted(reader.files_read)), tuple(sorted(targets.state)))
     return meta, stats
 
 

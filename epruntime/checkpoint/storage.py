@@ -157,11 +157,12 @@ def read_dcp_metadata(path: Path) -> Metadata:
 
 
 class _Counting(io.RawIOBase):
-    """A read-only view that adds the bytes read through it to `counter[0]`."""
+    """A read-only view that adds the bytes read through it to `counter[key]` (torch.load reads
+    a tensor's zip headers more than once, so this is at least the stored length)."""
 
-    def __init__(self, view, counter: list):
+    def __init__(self, view, counter: dict, key: str):
         super().__init__()
-        self.view, self.counter = view, counter
+        self.view, self.counter, self.key = view, counter, key
 
     def readable(self):
         return True
@@ -177,35 +178,38 @@ class _Counting(io.RawIOBase):
 
     def readinto(self, b):
         n = self.view.readinto(b)
-        self.counter[0] += n or 0
+        self.counter[self.key] = self.counter.get(self.key, 0) + (n or 0)
         return n
 
     def read(self, size=-1):
         data = self.view.read(size)
-        self.counter[0] += len(data)
+        self.counter[self.key] = self.counter.get(self.key, 0) + len(data)
         return data
 
 
 class VerifyingReader(FileSystemReader):
     """DCP's FileSystemReader over a step directory whose metadata was already read (and checked)
     by `read_dcp_metadata`: reads shard files one at a time so that a failure names the file,
-    and counts the bytes it read (`bytes_read`, `files_read`)."""
+    and counts the bytes it read from the files, per key (`bytes_by_key`, `files_read`)."""
 
     def __init__(self, path: Path, metadata: Metadata):
         super().__init__(path)
         self._metadata = metadata
-        self._counter = [0]
+        self._key_at = {(info.relative_path, info.offset): index.fqn
+                        for index, info in metadata.storage_data.items()}
+        self.bytes_by_key: dict[str, int] = {}
         self.files_read: set[str] = set()
 
     @property
     def bytes_read(self) -> int:
-        return self._counter[0]
+        return sum(self.bytes_by_key.values())
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         return self._metadata
 
     def _slice_file(self, file, sinfo):
-        return _Counting(super()._slice_file(file, sinfo), self._counter)
+        key = self._key_at[(sinfo.relative_path, sinfo.offset)]
+        return _Counting(super()._slice_file(file, sinfo), self.bytes_by_key, key)
 
     def read_data(self, plan: LoadPlan, planner) -> Future:
         per_file: dict[str, list[ReadItem]] = {}
