@@ -31,7 +31,8 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 from torch.futures import Future  # what DCP's storage layer returns and waits on
 
 from epruntime.checkpoint.layout import (DCP_METADATA, META, CheckpointError, atomic_write_text,
-                                         fsync_dir, sha256_of, write_failure)
+                                         fsync_dir, os_error_in, sha256_of,
+                                         write_failure)
 
 
 def tensor_crc32(t: torch.Tensor) -> int:
@@ -50,6 +51,7 @@ class Commit:
     final: Path
     meta: dict  # meta.json without its integrity record (filled in here)
     step: int
+    move_latest: bool = True  # point `latest` at `final` (the converter leaves it alone)
 
 
 class CommittingWriter(FileSystemWriter):
@@ -66,8 +68,11 @@ class CommittingWriter(FileSystemWriter):
         shard = self.path / f"{plan.storage_data.prefix}0.distcp"
         try:
             results = super().write_data(plan, planner).value()
-        except OSError as err:
-            raise CheckpointError(write_failure(err, Path(err.filename or shard),
+        except (OSError, RuntimeError) as err:  # torch.save wraps a failed write's OSError
+            os_err = os_error_in(err)
+            if os_err is None:
+                raise
+            raise CheckpointError(write_failure(os_err, Path(os_err.filename or shard),
                                                 self.commit.step)) from None
         crcs = {item.index.fqn: tensor_crc32(planner.resolve_data(item))
                 for item in plan.items if item.type != WriteItemType.BYTE_IO}
@@ -108,9 +113,11 @@ class CommittingWriter(FileSystemWriter):
             os.rename(c.tmp, c.final)  # a directory: fails rather than replace a non-empty one
             root = c.final.parent
             fsync_dir(root)
-            atomic_write_text(root / "latest", c.final.name)
+            if c.move_latest:
+                atomic_write_text(root / "latest", c.final.name)
         except OSError as err:
-            raise CheckpointError(write_failure(err, c.tmp / META, c.step)) from None
+            raise CheckpointError(write_failure(err, Path(err.filename or c.tmp),
+                                                c.step)) from None
 
 
 # ---- read ----------------------------------------------------------------------------------
