@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = checkpoint.resolve_checkpoint(args.checkpoint)
     meta = checkpoint.read_meta(path)
+    checkpoint.check_format(meta, path)  # another format version: named before any process group
     if args.config:
         cfg = load_config(args.config, args.overrides)
     else:

@@ -11,7 +11,7 @@ under any expert placement, each rank reading only what it holds.
     convert.py  `python -m epruntime.checkpoint.convert`: version 1 -> this format
 """
 
-from epruntime.checkpoint.layout import (CheckpointError, checkpoint_root, damage,
+from epruntime.checkpoint.layout import (CheckpointError, check_format, checkpoint_root, damage,
                                          describe_os_error, latest_checkpoint, read_meta,
                                          repair_latest, resolve_checkpoint, step_dirs)
 from epruntime.checkpoint.load import (ReadStats, check_compatible, load_checkpoint,
@@ -19,7 +19,8 @@ from epruntime.checkpoint.load import (ReadStats, check_compatible, load_checkpo
 from epruntime.checkpoint.resume import prepare_run
 from epruntime.checkpoint.save import Checkpointer, save_checkpoint
 
-__all__ = ["CheckpointError", "Checkpointer", "ReadStats", "check_compatible", "checkpoint_root",
+__all__ = ["CheckpointError", "Checkpointer", "ReadStats", "check_compatible", "check_format",
+           "checkpoint_root",
            "damage", "describe_os_error", "latest_checkpoint", "load_checkpoint",
            "load_checkpoint_with_stats", "prepare_run", "read_meta", "repair_latest",
            "resolve_checkpoint", "save_checkpoint", "saved_placements", "step_dirs"]

@@ -172,7 +172,8 @@ def check_files(meta: dict, path: Path) -> None:
                               "resume from another checkpoint")
     if sha256_of(md) != integrity["metadata_sha256"]:
         raise CheckpointError(f"{md}: does not match {META} (sha256 differs: metadata of another "
-                              "checkpoint or damaged); restore it or resume from another checkpoint")
+                              "checkpoint or damaged); restore it or resume from another "
+                              "checkpoint")
     for name, rec in sorted(integrity["files"].items()):
         f = path / name
         if not f.is_file():

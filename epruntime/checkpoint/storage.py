@@ -221,7 +221,8 @@ class VerifyingReader(FileSystemReader):
     def read_data(self, plan: LoadPlan, planner) -> Future:
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            name = self.storage_data[item.storage_index].relative_path
+            per_file.setdefault(name, []).append(item)
         for name, items in sorted(per_file.items()):
             shard = Path(self.path) / name
             try:
