@@ -111,6 +111,11 @@ class Checkpointer:
             except OSError as err:
                 error = write_failure(err, tmp, step)
         agree(error, f"to save checkpoint step {step}")
+        try:  # copies as of now (an async save writes meta.json later), JSON or a named error
+            data_state, extra = json.loads(json.dumps(data_state)), json.loads(json.dumps(extra))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint step {step}: the data position and extra states "
+                                  f"must be JSON values ({err})") from None
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
                 "world_size": env.world_size, "ep_size": env.ep_size,
                 "epruntime_version": __version__, "data": data_state,
