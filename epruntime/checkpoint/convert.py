@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from epruntime.checkpoint.layout import (FORMAT, FORMAT_VERSION, CheckpointError,
@@ -62,8 +63,10 @@ def convert(path: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     step = meta["step"]
-    dcp.save(state, storage_writer=CommittingWriter(
-        Commit(tmp=tmp, final=staged, meta=meta, step=step, move_latest=False)), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=CommittingWriter(
+            Commit(tmp=tmp, final=staged, meta=meta, step=step, move_latest=False)), no_dist=True)
     os.rename(path, backup)  # `latest` keeps naming step_N, complete again after the next rename
     os.rename(staged, path)
     fsync_dir(path.parent)
