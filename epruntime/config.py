@@ -145,6 +145,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_interval: int = Field(100, gt=0)
+    # Save checkpoints in the background (torch.distributed.checkpoint's async_save): training
+    # waits only for a host copy of the state; `latest` moves once every shard is durable.
+    async_checkpoint: bool = False
     log_interval: int = Field(10, gt=0)
     resume: bool = Field(True, description="continue from the newest complete checkpoint")
     # With resume=false, delete the checkpoints already under output_dir instead of refusing to

@@ -6,6 +6,11 @@
     EPRUNTIME_FAULT="sleep:rank=1:step=3:seconds=20"  rank 1 is 20 s late there (a straggler)
     EPRUNTIME_FAULT="overflow:rank=0:step=3"       rank 0's batch of step 3 holds values that
                                                    overflow float32 in the forward (loss NaN)
+    EPRUNTIME_FAULT="kill_in_save:rank=1:step=8"   rank 1 SIGKILLs itself while the checkpoint
+                                                   of step 8 is being saved, once its shard is on
+                                                   disk and before the checkpoint is committed;
+                                                   only in a job's first run (torchrun restarts
+                                                   have TORCHELASTIC_RESTART_COUNT > 0)
 
 `step` counts training steps from 0 and is checked just before that step's forward pass, so the
 other ranks are blocked in that step's first collective. A `hang` or a `sleep` longer than
@@ -17,6 +22,7 @@ A malformed value is a ConfigError naming EPRUNTIME_FAULT, raised before any pro
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from epruntime.config import ConfigError
 
 ENV_VAR = "EPRUNTIME_FAULT"
-KINDS = ("hang", "exit", "sleep", "overflow")
+KINDS = ("hang", "exit", "sleep", "overflow", "kill_in_save")
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class Fault:
 
     def maybe_fire(self, rank: int, step: int, batch=None) -> None:
         """Inject the fault if this is its rank and step (`overflow` edits `batch` in place)."""
-        if rank != self.rank or step != self.step:
+        if rank != self.rank or step != self.step or self.kind == "kill_in_save":
             return
         print(f"{ENV_VAR}: injecting {self.kind} on rank {rank} at step {step}", file=sys.stderr,
               flush=True)
@@ -52,6 +58,16 @@ class Fault:
             return
         while True:  # hang: alive but silent until killed
             time.sleep(3600)
+
+
+    def in_save(self, rank: int, step: int) -> None:
+        """`kill_in_save`: called by the checkpoint writer once this rank's shard is durable."""
+        if (self.kind != "kill_in_save" or rank != self.rank or step != self.step
+                or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+            return
+        print(f"{ENV_VAR}: injecting {self.kind} on rank {rank} at step {step}", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def parse_fault(spec: str | None) -> Fault | None:

@@ -9,7 +9,7 @@ always matches; the EP size may differ from the one it was trained with. With --
 of the JSONL file ({"image", "question"[, "answer"][, "id"]}, epruntime.data.jsonl) gets one line
 of `<infer.output_dir>/predictions.jsonl` in input order (id, answer, probability, and the
 reference answer when the line has one), and summary.json reports the accuracy over the lines
-that have answers. Questions and answers use the checkpoint's vocabulary (meta.json data_vocab).
+that have answers. Questions and answers use the checkpoint's vocabulary (meta.json extra.data_vocab).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ in-process `Predictor` for use from Python.
     predictor([image, "what is in row 1, column 2?"], ...)   # see Predictor.__call__
 
 Both encode questions and decode answers with the vocabulary the checkpoint was trained with
-(meta.json `data_vocab`, epruntime.data.jsonl.DataVocab), and run the model as evaluation does:
+(meta.json `extra.data_vocab`, epruntime.data.jsonl.DataVocab), and run the model as evaluation does:
 every rank of the job takes its share of the rows, the EP all-to-alls need every rank of the
 group in every forward pass, and the predictions come back in input order.
 """
@@ -42,6 +42,7 @@ def load_inference_config(path: Path, config: str | None, overrides: list[str]) 
     """(config, meta) of a checkpoint step directory: its own config with `overrides`, or the
     YAML `config` (with overrides) when given; the model sections must agree (CheckpointError)."""
     meta = checkpoint.read_meta(path)
+    checkpoint.check_format(meta, path)  # another format version: named before any process group
     if config:
         cfg = load_config(config, overrides)
     else:
@@ -51,10 +52,11 @@ def load_inference_config(path: Path, config: str | None, overrides: list[str]) 
 
 
 def checkpoint_vocab(meta: dict, cfg: Config) -> DataVocab:
-    """The vocabulary the checkpoint was trained with: meta.json's `data_vocab`, or, for a
+    """The vocabulary the checkpoint was trained with: meta.json's `extra.data_vocab`, or, for a
     checkpoint written before it was recorded, rebuilt from the config's training data."""
-    if "data_vocab" in meta:
-        return DataVocab.from_dict(meta["data_vocab"])
+    saved = meta.get("extra", {}).get("data_vocab")
+    if saved is not None:
+        return DataVocab.from_dict(saved)
     from epruntime.datasets import build_datasets
 
     return DataVocab.of_dataset(build_datasets(cfg)[0])

@@ -77,6 +77,10 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
             ) from None
         step = meta["step"]
 
+    # Saves, synchronous or in the background (train.async_checkpoint); one in flight at a time.
+    saver = checkpoint.Checkpointer(
+        engine, cfg.train.async_checkpoint,
+        after_write=(lambda at: fault.in_save(env.rank, at)) if fault is not None else None)
     placement = PlacementController(engine)  # re-binning and expert migration between steps
     if resume_from is None:  # a resumed run keeps the checkpoint's placement
         placement.start()  # dispatch.placement=file:PATH moves the experts there
@@ -120,8 +124,9 @@ def _train(cfg, env, fault: faults.Fault | None = None) -> int:
                             **{k.removesuffix("_loss"): f"{v:.3g}" for k, v in result.aux_losses.items()})
         bar.update(1)
         if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.max_steps:
-            checkpoint.save_checkpoint(engine, step, batches.state_dict(), vocab_meta)
+            saver.save(step, batches.state_dict(), vocab_meta)
             mx.on_checkpoint()
+    saver.wait()  # the last save is durable (or its failure raised) before the summary
     bar.close()
     traces.finish_recording(recorder, cfg, env, cfg.train.output_dir)  # training steps only
 

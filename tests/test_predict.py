@@ -89,7 +89,7 @@ def test_predictions_are_identical_at_ep_1_2_and_4(trained, tmp_path):
     assert Path(s1["predictions"]).name == "predictions.jsonl"
     # the vocabulary the predictions decoded with is the one saved with the checkpoint
     step = trained[0] / "checkpoints" / "step_000012"
-    vocab = json.loads((step / "meta.json").read_text())["data_vocab"]
+    vocab = json.loads((step / "meta.json").read_text())["extra"]["data_vocab"]
     assert vocab["answers"] == sorted(answers) and vocab["words"][:3] == ["<pad>", "<unk>",
                                                                          "<image>"]
     assert "big" not in vocab["words"] and vocab["max_question_len"] == 6

@@ -144,7 +144,7 @@ def _drop_world_size(out, tmp):
 def _leftover_tmp(out, tmp):
     junk = out / "checkpoints/step_000011.tmp"
     junk.mkdir()
-    (junk / "rank00000.pt.part").write_bytes(b"half")
+    (junk / "__0_0.distcp").write_bytes(b"half")
     return []
 
 
@@ -313,10 +313,11 @@ def test_case(case, trained, tmp_path):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A 10 MiB tmpfs (root only); unmounted afterwards."""
+    """A 12 MiB tmpfs (root only), room for the trained run and half a checkpoint more;
+    unmounted afterwards."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"needs permission to mount a tmpfs ({proc.stderr.strip()})")
@@ -332,10 +333,10 @@ def test_11_disk_full_keeps_the_previous_checkpoint(trained, tmp_path, tmpfs):
     shutil.copytree(trained, out)
     used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     step = sum(p.stat().st_size for p in (out / "checkpoints/step_000010").rglob("*"))
-    filler = 10 * 2**20 - used - step // 2  # leave half a checkpoint of room
+    filler = 12 * 2**20 - used - step // 2  # leave half a checkpoint of room
     assert filler > 0, "the trained run does not fit the tmpfs"
     (tmpfs / "filler").write_bytes(b"\0" * filler)
-    rank_file = out / "checkpoints/step_000015.tmp/rank00000.pt"
+    rank_file = out / "checkpoints/step_000015.tmp/__0_0.distcp"  # rank 0's DCP shard
     case = Case("11-disk-full", sets(train__max_steps=15), 2,
                 [f"epruntime.train: error: cannot write checkpoint step 15 ({rank_file}): no space "
                  "left on device (ENOSPC); the previous checkpoint is intact; free space or fix "

@@ -8,7 +8,7 @@ data is only predicted on; an optional `id` (string or number) names the example
 predictions.jsonl (default: its line number). Other fields are ignored.
 
 The answer vocabulary and the question tokenizer's vocabulary come from the training split
-(`DataVocab`) and travel with the checkpoint (meta.json's `data_vocab`), so a checkpoint
+(`DataVocab`) and travel with the checkpoint (meta.json's `extra.data_vocab`), so a checkpoint
 predicts on new files with the ids it was trained with. Every problem with a file is a
 `DataError` naming the file and the line, e.g. `train.jsonl line 7: empty question`.
 """
