@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from epruntime.balance import layer_balance
 from epruntime.placement.core import Placement, PlacementError
 from epruntime.placement.file import save_placements
 from epruntime.placement.replicas import (eplb_placement, physical_view, rank_loads_from_expert_loads,
@@ -313,9 +314,7 @@ def score_layer(p: Placement, score: Routing, li: int, src_T, hidden: int, dtype
                "inter_node_expert_rows": ev["inter_node_expert_rows"],
                "expert_bytes": ev["expert_rows"] * row_bytes,
                "dedup_bytes": ev["dedup_rows"] * row_bytes}
-    mx, mean = float(load_R.max()), float(load_R.mean())
-    out["balancedness"] = mean / mx if mx else 1.0
-    out["overload"] = mx / mean if mean else 1.0
+    out["balancedness"], out["overload"] = layer_balance(load_R)  # the runtime's definition
     return out
 
 

@@ -97,6 +97,24 @@ SECTIONS: list[tuple[str, list[Panel]]] = [
         ("MoE tokens/s by modality", "timeseries", "short",
          [(_rate("epruntime_moe_tokens_total", "modality"), "{{modality}}")], ""),
     ]),
+    ("EP load balance and bytes per rank pair", [
+        ("Bytes/s per EP rank pair", "bargauge", "Bps",
+         [(_rate("epruntime_alltoall_pair_bytes_total", "src, dst"), "{{src}} -> {{dst}}")],
+         "Cross-rank bytes (payload + metadata, dispatch + combine, all layers) from EP rank "
+         "src to EP rank dst."),
+        ("EP balancedness per layer (mean/max rank load)", "timeseries", "percentunit",
+         [(f"max by (layer) (epruntime_ep_balancedness_ratio{{{R}}})", "L{{layer}}")],
+         "(token, expert) rows each EP rank's experts received in the last step, all ranks' "
+         "tokens: mean over max. 1 is even."),
+        ("EP balancedness over layers", "timeseries", "percentunit",
+         [(f"max by (stat) (epruntime_ep_balancedness_over_layers_ratio{{{R},"
+           f'stat=~"p50|p95|min"}})', "{{stat}}")],
+         "Percentiles over layers of the per-layer balancedness (last step)."),
+        ("EP overload per layer (busiest rank / mean)", "timeseries", "none",
+         [(f"max by (layer) (epruntime_ep_overload_ratio{{{R}}})", "L{{layer}}")],
+         "Every rank waits for the busiest one: its load over the mean bounds the MoE layer's "
+         "slowdown from imbalance."),
+    ]),
     ("All-to-all time (dispatch.timing=on|barrier; empty while off)", [
         ("All-to-all share of wall time by part", "timeseries", "percentunit",
          [(f"{_rate('epruntime_alltoall_phase_seconds_sum', 'part')} / scalar(count(count by "

@@ -123,6 +123,16 @@ def test_exporter_feeds_ledger_deltas_and_routing():
     assert s[f'epruntime_alltoall_rows_sent_total{{layer="0",{r}}}'] == 5
     assert s[f'epruntime_alltoall_expert_rows_total{{layer="0",{r}}}'] == 5
     assert s[f'epruntime_alltoall_floor_rows_total{{layer="0",{r}}}'] == 4
+    # Per EP rank pair: rank 0's 5 rows to rank 1; its 2 rows to itself are local.
+    assert s[f'epruntime_alltoall_pair_bytes_total{{dst="1",{r},src="0"}}'] == 5 * 16
+    assert s[f'epruntime_alltoall_pair_bytes_total{{dst="0",{r},src="0"}}'] == 0
+    # One process: the EP load is this rank's routing, (token, expert) rows [3, 5] in step 0
+    # and none in step 1 (the gauges keep step 0); layer 1 has no rows and stays balanced.
+    assert s[f'epruntime_ep_balancedness_ratio{{layer="0",{r}}}'] == pytest.approx(4 / 5)
+    assert s[f'epruntime_ep_overload_ratio{{layer="0",{r}}}'] == pytest.approx(5 / 4)
+    assert s[f'epruntime_ep_balancedness_ratio{{layer="1",{r}}}'] == 1.0
+    stat = "epruntime_ep_balancedness_over_layers_ratio"
+    assert s[f'{stat}{{{r},stat="min"}}'] == pytest.approx(4 / 5)
     assert s[f'epruntime_moe_tokens_total{{layer="0",modality="text",{r}}}'] == 6
     assert s[f'epruntime_tokens_processed_total{{{r}}}'] == 12
     # Last step only: 4 tokens over 4 experts, one each: balanced.
@@ -321,6 +331,14 @@ def test_prometheus_scrapes_every_metric_of_a_training_run(prometheus, tmp_path)
     assert all(v > 0 for v in per_rank("epruntime_tokens_processed_total").values())
     assert all(v > 0 for v in per_rank("max by (rank) (epruntime_smoes_msi_ratio)").values())
     assert per_rank("epruntime_flops_ratio") == {"0": 1, "1": 1}
+    # EP balance: both ranks export the same all-reduced figures; bytes flow both ways.
+    for layer in ("0", "1"):
+        b = per_rank(f'epruntime_ep_balancedness_ratio{{layer="{layer}"}}')
+        o = per_rank(f'epruntime_ep_overload_ratio{{layer="{layer}"}}')
+        assert b["0"] == b["1"] and 0 < b["0"] <= 1 and o["0"] == pytest.approx(1 / b["0"])
+    pairs = {(r["metric"]["src"], r["metric"]["dst"]): float(r["value"][1])
+             for r in query(url, "epruntime_alltoall_pair_bytes_total", at)}
+    assert pairs[("0", "1")] > 0 and pairs[("1", "0")] > 0 and pairs[("0", "0")] == 0
     # dispatch.timing=on: 32 steps x 2 directions x 2 phases x 5 parts samples, some time in each
     assert per_rank("sum by (rank) (epruntime_alltoall_phase_seconds_count)") == {
         "0": 32 * 20, "1": 32 * 20}

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from epruntime.balance import over_layers, rank_balance
+
 if TYPE_CHECKING:
     from epruntime.dispatch.plan import RowPlan
 
@@ -219,10 +221,14 @@ class CommLedger:
         return cross, cross & ~inter, inter
 
     def summary(self, group=None) -> dict:
-        """Totals and per-layer figures summed over `group` (JSON-able)."""
+        """Totals and per-layer figures summed over `group` (JSON-able). Balance: per layer
+        `balancedness` and `overload` of the rank loads, and over layers `balancedness` (mean),
+        `balancedness_p5/p50/p95/min`, `overload_max/p50` (epruntime.balance)."""
         t = self.totals(group)
         cross, intra, inter = t.masks()
         bytes_LPRR = t.payload_bytes + t.meta_bytes
+        # Balance per layer (epruntime.balance, the planner's definition) and over layers.
+        balancedness_L, overload_L = rank_balance(t.expert_rows.sum(dim=1))
 
         def figures(layers: slice) -> dict:
             b = bytes_LPRR[layers]
@@ -243,10 +249,10 @@ class CommLedger:
                 "floor_rows": floor,
                 "rows_over_floor": rows_sent / floor if floor else None,
                 "rows_over_expert_rows": rows_sent / expert if expert else None,
-                # (token, expert) pairs each rank's experts computed, and mean/max over ranks
-                # (vLLM's balancedness), averaged over layers.
+                # (token, expert) pairs each rank's experts computed (the rank load), and
+                # mean/max over ranks (vLLM's balancedness), averaged over layers.
                 "load_per_rank": t.expert_rows[layers].sum(dim=(0, 1)).tolist(),
-                "balancedness": _balancedness(t.expert_rows[layers].sum(dim=1)),
+                "balancedness": float(balancedness_L[layers].mean()),
                 # [src][dst] bytes (payload + metadata, dispatch + combine, diagonal = local)
                 "bytes_matrix": b.sum(dim=(0, 1)).tolist(),
             }
@@ -257,13 +263,17 @@ class CommLedger:
                         t.modality_rows[layers, p, m][:, cross].sum())
             return out
 
+        per_layer = [figures(slice(layer, layer + 1)) | {"overload": float(overload_L[layer])}
+                     for layer in range(self.num_layers)]
         return {
             "ep_size": self.ep_size,
             "ranks_per_node": self.ranks_per_node,
             "forward_calls": t.calls,
             "tokens": {mod: int(t.tokens[:, m].sum()) for m, mod in enumerate(MODALITIES)},
             **figures(slice(None)),
-            "per_layer": [figures(slice(layer, layer + 1)) for layer in range(self.num_layers)],
+            **{k: v for k, v in over_layers(balancedness_L, overload_L).items()
+               if k != "balancedness_mean"},  # that is "balancedness"
+            "per_layer": per_layer,
         }
 
 
@@ -283,10 +293,3 @@ def _count_by_modality(modality_N: torch.Tensor, splits: Sequence[int]) -> torch
     out = torch.zeros(2 * r, dtype=torch.int64, device=dev)
     return out.index_add_(0, flat, torch.ones_like(flat)).view(2, r)
 
-
-def _balancedness(load_LR: torch.Tensor) -> float:
-    """Mean over layers of mean/max load per rank; 1.0 for a layer with no load."""
-    load = load_LR.double()
-    peak = load.max(dim=1).values
-    per_layer = torch.where(peak > 0, load.mean(dim=1) / peak.clamp(min=1), torch.ones_like(peak))
-    return float(per_layer.mean()) if per_layer.numel() else 1.0

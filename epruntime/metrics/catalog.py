@@ -63,6 +63,20 @@ METRICS: tuple[MetricSpec, ...] = (
        "pairs."),
     _m("epruntime_alltoall_floor_rows_total", "counter", LAYER,
        "Rows no dispatcher can go below: distinct (token, remote EP rank) pairs."),
+    _m("epruntime_alltoall_pair_bytes_total", "counter", ("src", "dst"),
+       "Bytes (payload + metadata, dispatch + combine, all layers) EP rank src (this rank) sent "
+       "to EP rank dst in the MoE all-to-alls; src == dst is local and not counted."),
+    # -- EP load balance (epruntime.balance) of the last training step, over ALL ranks' routing
+    # (one all-reduce of [layers, EP ranks] per step); every rank exports the same values.
+    _m("epruntime_ep_balancedness_ratio", "gauge", LAYER,
+       "mean/max over EP ranks of the (token, expert) rows each rank's experts received in "
+       "the last training step, all ranks' tokens; 1 is perfectly balanced."),
+    _m("epruntime_ep_overload_ratio", "gauge", LAYER,
+       "Busiest EP rank's (token, expert) rows over the mean rank's in the last training step "
+       "(1: even; every rank waits for the busiest)."),
+    _m("epruntime_ep_balancedness_over_layers_ratio", "gauge", ("stat",),
+       "epruntime_ep_balancedness_ratio over the MoE layers: stat p50|p95|min (and p5, the "
+       "planner's column)."),
     # -- communication time (PhaseTimer, dispatch.timing=on|barrier; empty while it is off)
     _m("epruntime_alltoall_phase_seconds", "histogram", ("direction", "phase", "part"),
        "Seconds of one training step this rank spent in one part of the MoE dispatch/combine "
@@ -78,7 +92,8 @@ METRICS: tuple[MetricSpec, ...] = (
        "(after an evaluation: over that evaluation)."),
     _m("epruntime_expert_balancedness_ratio", "gauge", LAYER,
        "mean/max of the per-EP-rank load (under the current placement) of this rank's routing "
-       "in the last step; 1 is perfectly balanced."),
+       "in the last step; 1 is perfectly balanced (all ranks' routing: "
+       "epruntime_ep_balancedness_ratio)."),
     _m("epruntime_smoes_msi_ratio", "gauge", LAYER,
        "SMoES modality specialization index over bins in the last step (0 when SMoES is off)."),
     _m("epruntime_smoes_bin_load_tokens", "gauge", ("layer", "bin"),
@@ -118,4 +133,5 @@ COMM_BUCKETS_S = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.02
                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKETS_S = {"epruntime_alltoall_phase_seconds": COMM_BUCKETS_S}
 DIRECTIONS = ("forward", "backward")
+BALANCE_STATS = ("p5", "p50", "p95", "min")  # keys balancedness_<stat> of balance.over_layers
 PARTS = ("layout", "wait", "permute", "collective", "combine")  # epruntime.dispatch.timing.PARTS

@@ -8,7 +8,9 @@ loops pay nothing then.
 
 Per step the exporter reads the engine's cumulative CommLedger and feeds the counters the delta
 since the previous step; likewise the PhaseTimer's seconds (dispatch.timing), whose per-step
-parts go into a histogram; expert load comes from forward hooks on the MoE routers.
+parts go into a histogram; expert load comes from forward hooks on the MoE routers. EP balance
+(`epruntime.balance`) needs every rank's routing: one all-reduce of the step's [layers, EP ranks]
+rank loads per step, on every rank (the train loop calls `on_step` on all of them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -31,7 +34,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from epruntime.balance import over_layers, rank_balance
 from epruntime.metrics.catalog import (
+    BALANCE_STATS,
     BUCKETS_S,
     DIRECTIONS,
     LOCALITIES,
@@ -180,6 +185,15 @@ class MetricsExporter(NullMetrics):
         self.c_rows = [c("epruntime_alltoall_rows_sent_total", layer=l) for l in L]
         self.c_expert_rows = [c("epruntime_alltoall_expert_rows_total", layer=l) for l in L]
         self.c_floor_rows = [c("epruntime_alltoall_floor_rows_total", layer=l) for l in L]
+        ep_rank, ep_size = self.engine.ledger.ep_rank, self.engine.ledger.ep_size
+        self.c_pair_bytes = [c("epruntime_alltoall_pair_bytes_total", src=ep_rank, dst=r)
+                             for r in range(ep_size)]
+        self.g_ep_balance = [c("epruntime_ep_balancedness_ratio", layer=l) for l in L]
+        self.g_ep_overload = [c("epruntime_ep_overload_ratio", layer=l) for l in L]
+        self.g_ep_over_layers = {k: c("epruntime_ep_balancedness_over_layers_ratio", stat=k)
+                                 for k in BALANCE_STATS}
+        for g in (*self.g_ep_balance, *self.g_ep_overload, *self.g_ep_over_layers.values()):
+            g.set(1.0)  # no load yet is balanced
         self.h_part = [[[c("epruntime_alltoall_phase_seconds", direction=d, phase=p, part=q)
                          for q in PARTS] for p in PHASES] for d in DIRECTIONS]
         self.c_layer_s = [[[c("epruntime_alltoall_seconds_total", layer=l, direction=d, phase=p)
@@ -230,7 +244,7 @@ class MetricsExporter(NullMetrics):
         self.g_lr.set(result.lr)
         if result.skipped:
             self.c_skipped.inc()
-        self._publish_ledger()
+        self._publish_balance(self._publish_ledger())
         self._publish_timer()
         self._publish_routing()
 
@@ -263,8 +277,9 @@ class MetricsExporter(NullMetrics):
             self.server = None
 
     # ---- publishing ------------------------------------------------------------------------------
-    def _publish_ledger(self) -> None:
-        """Counters += ledger delta since the previous call (this rank's cross-rank sends)."""
+    def _publish_ledger(self) -> torch.Tensor:
+        """Counters += ledger delta since the previous call (this rank's cross-rank sends).
+        Returns the delta of this rank's (token, expert) rows per destination, [L, R]."""
         ledger = self.engine.ledger
         me = ledger.ep_rank
         # Only this rank's sending row ([..., src=me, :]) is filled on this rank: copy just that,
@@ -284,6 +299,7 @@ class MetricsExporter(NullMetrics):
         cross, intra, inter = self._masks
         sent_LPR = d["bytes"]
         by_loc = torch.stack([sent_LPR @ intra, sent_LPR @ inter], -1).tolist()
+        pair = (sent_LPR.sum(dim=(0, 1)) * cross).tolist()
         rows = (d["rows"] @ cross).tolist()
         expert = (d["expert_rows"] @ cross).tolist()
         floor = (d["floor_rows"] @ cross).tolist()
@@ -300,6 +316,32 @@ class MetricsExporter(NullMetrics):
             for m in range(len(MODALITIES)):
                 if tokens[l][m]:
                     self.c_moe_tokens[l][m].inc(tokens[l][m])
+        for child, value in zip(self.c_pair_bytes, pair):
+            if value:
+                child.inc(value)
+        return d["expert_rows"]
+
+    def _publish_balance(self, sent_LR: torch.Tensor) -> None:
+        """EP balance of the last step: every rank's (token, expert) rows per destination EP
+        rank, summed over all ranks (one all-reduce, L * R int64), then epruntime.balance."""
+        if not self.engine.cfg.dispatch.ledger:
+            return  # nothing recorded, on any rank (the config is the same everywhere)
+        load_LR = sent_LR
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # NCCL reduces device tensors, gloo host ones (as CommLedger.totals).
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if dist.get_backend() == "nccl" else torch.device("cpu"))
+            load_LR = sent_LR.to(device, copy=True)
+            dist.all_reduce(load_LR)
+        if not bool(load_LR.any()):  # host sync (after the collective): no step recorded
+            return
+        balancedness_L, overload_L = rank_balance(load_LR)  # host copy
+        for l, (b, o) in enumerate(zip(balancedness_L.tolist(), overload_L.tolist())):
+            self.g_ep_balance[l].set(b)
+            self.g_ep_overload[l].set(o)
+        stats = over_layers(balancedness_L, overload_L)
+        for k, g in self.g_ep_over_layers.items():
+            g.set(stats[f"balancedness_{k}"])
 
     def _publish_timer(self) -> None:
         """Phase seconds since the previous step: one histogram sample per (direction, phase,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from epruntime.balance import layer_balance
 from epruntime.dispatch.plan import routing_map_from_topk, row_plan
 from epruntime.placement.core import Placement, PlacementError
 
@@ -474,7 +475,6 @@ def evaluate_placement(topk_idx_TK: Tensor, placement: Placement,
     expert_rows = int(expert_RR[remote].sum())
     dedup_rows = int(floor_RR[remote].sum())
     load = expert_RR.sum(0)
-    max_load = int(load.max())
     return {
         "pairs": int(expert_RR.sum()),
         "expert_rows": expert_rows,
@@ -484,6 +484,6 @@ def evaluate_placement(topk_idx_TK: Tensor, placement: Placement,
         "inter_node_dedup_rows": int(floor_RR[inter_node].sum()),
         "node_dedup_rows": int(plan.hops[0].rows_RR[inter_node].sum()),
         "load_per_rank": load.tolist(),
-        "balancedness": float(load.double().mean()) / max_load if max_load else 1.0,
+        "balancedness": layer_balance(load)[0],
         "mean_ranks_per_token": float(floor_RR.sum()) / T if T else 0.0,
     }
