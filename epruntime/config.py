@@ -60,6 +60,8 @@ class VisionConfig(Section):
     kind: Literal["patch", "conv", "vit"] = "patch"
     channels: list[int] = Field([32, 64, 64], min_length=1,
                                 description="conv: output channels of each stride-2 3x3 conv")
+    global_context: bool = Field(False, description="conv: append the image's mean last-stage "
+                                 "features to every token")
     width: int = Field(64, gt=0, description="vit: embedding width")
     layers: int = Field(2, gt=0, description="vit: transformer blocks")
     heads: int = Field(4, gt=0, description="vit: attention heads")
