@@ -112,3 +112,14 @@ def test_encoder_loss_and_grads_equal_at_ep_1_and_2(tmp_path, kind):
     encoder = {n: g for n, g in ref[1].items() if n.startswith("vision.encoder.")}
     assert encoder and all(g.abs().sum() > 0 for g in encoder.values())
     assert_same(ref, _run(tmp_path, kind, 2))
+
+
+def test_global_context_puts_the_image_mean_beside_every_token():
+    cfg = load_config(None, [*KINDS["conv"], "model.image_size=32", "model.patch_size=8",
+                             "model.vision.global_context=true"])
+    tower = VisionTower(cfg.model)
+    assert tower.encoder.out_dim == 3 + 8 + 16 + 16
+    feats = tower.encoder(torch.rand(2, 3, 32, 32))  # [B, 16 tokens, 43]
+    context = feats[..., -16:]
+    assert torch.equal(context, context[:, :1].expand_as(context))  # same on every token
+    torch.testing.assert_close(context[:, 0], feats[..., 11:27].mean(1))  # = mean of the last stage
