@@ -51,8 +51,34 @@ def _port_span_message(port: int, ranks: int, what: str) -> str | None:
             f"metrics.port to at most {MAX_PORT + 1 - ranks})")
 
 
+class VisionConfig(Section):
+    """The vision encoder ahead of the projector (epruntime.model.vision). Whatever the kind,
+    each vision token stands for one model.patch_size square of the image."""
+
+    # patch: no encoder (pixels of each patch straight into the projector); conv: strided
+    # convolutional stem; vit: a small ViT over the patches.
+    kind: Literal["patch", "conv", "vit"] = "patch"
+    channels: list[int] = Field([32, 64, 64], min_length=1,
+                                description="conv: output channels of each stride-2 3x3 conv")
+    global_context: bool = Field(False, description="conv: append the image's mean last-stage "
+                                 "features to every token")
+    width: int = Field(64, gt=0, description="vit: embedding width")
+    layers: int = Field(2, gt=0, description="vit: transformer blocks")
+    heads: int = Field(4, gt=0, description="vit: attention heads")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "VisionConfig":
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"model.vision.channels={self.channels}: each must be >= 1")
+        if self.width % self.heads:
+            raise ValueError(f"model.vision.width={self.width} is not divisible by "
+                             f"model.vision.heads={self.heads}")
+        return self
+
+
 class ModelConfig(Section):
-    """A small MoE-VLM: patch projector -> megatron-core GPTModel with MoE MLPs in every layer."""
+    """A small MoE-VLM: vision encoder + projector -> megatron-core GPTModel with MoE MLPs in
+    every layer."""
 
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -64,6 +90,7 @@ class ModelConfig(Section):
     image_size: int = Field(64, gt=0)
     patch_size: int = Field(8, gt=0)
     init_std: float = Field(0.02, gt=0)
+    vision: VisionConfig = VisionConfig()
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> "ModelConfig":
@@ -80,6 +107,14 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.image_size={self.image_size} is not divisible by "
                 f"model.patch_size={self.patch_size}"
+            )
+        stride = 2 ** len(self.vision.channels)
+        if self.vision.kind == "conv" and stride > self.patch_size:
+            # the stem would end on a grid coarser than the vision tokens it must give
+            raise ValueError(
+                f"model.vision.channels has {len(self.vision.channels)} stride-2 convs (stride "
+                f"{stride}), more than model.patch_size={self.patch_size} allows; use at most "
+                f"log2(patch_size) convs"
             )
         return self
 
@@ -206,6 +241,9 @@ class SmoesConfig(Section):
     tau: float | None = Field(None, gt=0, description="gaussian temperature; default hidden/2")
     mi_coeff: float = Field(1e-4, ge=0)
     bal_coeff: float = Field(1e-3, ge=0)
+    # bin: N_B * sum_k F_k P_k, balance across bins (DESIGN.md); expert: the earlier
+    # N_B * sum_e f_e P_e, which does not depend on the bins (kept for comparison).
+    bal_form: Literal["bin", "expert"] = "bin"
     detach_scores: bool = True
 
 

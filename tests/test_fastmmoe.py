@@ -316,8 +316,11 @@ def test_bench_fastmmoe_quick_then_infer_with_a_policy(python_env, tmp_path):
     import json
     import subprocess
 
+    from epruntime.config import load_config
     from tests.conftest import ROOT, python_bin
 
+    # the tiny config's vision tokens (16 with its conv stem); kept counts are round(r * P)
+    P = load_config(ROOT / "launch" / "configs" / "tiny-vqa.yaml").model.num_vision_tokens
     out, work = tmp_path / "fastmmoe.json", tmp_path / "work"
     proc = subprocess.run([python_bin(), str(ROOT / "profiling" / "bench.py"), "fastmmoe",
                            "--quick", "--json", str(out), "--workdir", str(work)],
@@ -328,7 +331,7 @@ def test_bench_fastmmoe_quick_then_infer_with_a_policy(python_env, tmp_path):
     assert list(rows) == ["full", "reduced", "fastmmoe@0.5", "fastmmoe@0.25", "fastmmoe@0.125",
                           "fastv@0.5", "fastv@0.25", "text2vision@0.25"]
     assert rows["full"]["flops_ratio"] == 1.0 and rows["full"]["accuracy_retention"] == 1.0
-    assert rows["full"]["vision_tokens_kept"] == 64
+    assert rows["full"]["vision_tokens_kept"] == P
     for name, row in rows.items():
         assert len(row["samples"]) == result["params"]["repeats"]
         assert row["prefill_tokens_per_s"] > 0 and 0 <= row["eval_accuracy"] <= 1, name
@@ -336,8 +339,8 @@ def test_bench_fastmmoe_quick_then_infer_with_a_policy(python_env, tmp_path):
         if name != "full":
             assert row["flops_ratio"] < 1 and row["cross_rank_bytes"] < rows["full"][
                 "cross_rank_bytes"], name
-    assert rows["fastmmoe@0.25"]["vision_tokens_kept"] == 16
-    assert rows["fastv@0.5"]["vision_tokens_kept"] == 32
+    assert rows["fastmmoe@0.25"]["vision_tokens_kept"] == round(0.25 * P)
+    assert rows["fastv@0.5"]["vision_tokens_kept"] == round(0.5 * P)
     # Same retention, same k: the attention policies do the same work.
     assert rows["fastv@0.25"]["flops_ratio"] == rows["text2vision@0.25"]["flops_ratio"]
     # FastMMoE adds k'=1 on top of pruning: less work than FastV at equal retention.
@@ -354,7 +357,7 @@ def test_bench_fastmmoe_quick_then_infer_with_a_policy(python_env, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((infer_dir / "summary.json").read_text())
-    assert summary["vision_tokens_kept"] == 16 and summary["vision_tokens"] == 64
+    assert summary["vision_tokens_kept"] == round(0.25 * P) and summary["vision_tokens"] == P
     assert 0 < summary["flops_ratio"] < 1 and summary["prefill_tokens_per_s"] > 0
     assert summary["flops"]["total"] == pytest.approx(summary["flops_ratio"] *
                                                       summary["flops"]["full"])

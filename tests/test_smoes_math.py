@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from epruntime.config import SmoesConfig
 from epruntime.smoes import (
+    BALANCE_LOSSES,
     ExpertModalityCounts,
     GaussianModalityStats,
     assign_bins,
@@ -17,6 +19,7 @@ from epruntime.smoes import (
     bin_members,
     bin_scores,
     counts_from_routing,
+    expert_balance_loss,
     hard_scores,
     mi_loss,
     msi,
@@ -209,21 +212,58 @@ def test_mi_loss_gradcheck_wrt_router_logits():
         lambda z: mi_loss(M, torch.softmax(z, -1), bins, 2), (logits,))
 
 
-def test_bin_balance_loss_hand_example():
-    probs = t([[0.5, 0.3, 0.1, 0.1], [0.3, 0.1, 0.2, 0.4]])
-    routing = t([[True, True, False, False], [True, False, False, True]])
-    # P_e = [.4, .2, .15, .25]; f_e = [2, 1, 0, 1] / (2 * 2); sum f P = .3125; N_B = 2
-    loss = bin_balance_loss(probs, routing, t([0, 0, 1, 1]), 2, topk=2)
+# Two tokens, four experts, top-2: P_e = [.4, .2, .15, .25], f_e = [2, 1, 0, 1] / (2 * 2).
+BAL_PROBS = t([[0.5, 0.3, 0.1, 0.1], [0.3, 0.1, 0.2, 0.4]])
+BAL_ROUTING = t([[True, True, False, False], [True, False, False, True]])
+
+
+@pytest.mark.parametrize("bins, expected", [
+    # F_k = [.75, .25], P_k = [.6, .4]: N_B (F.P) = 2 (.45 + .10)
+    ([0, 0, 1, 1], 1.1),
+    # F_k = [.5, .5], P_k = [.55, .45]: 2 (.275 + .225)
+    ([0, 1, 0, 1], 1.0),
+    # F_k = [.75, .25], P_k = [.65, .35]: 2 (.4875 + .0875)
+    ([0, 1, 1, 0], 1.15),
+])
+def test_bin_balance_loss_per_bin_hand_values_depend_on_the_bins(bins, expected):
+    loss = bin_balance_loss(BAL_PROBS, BAL_ROUTING, t(bins), 2, topk=2)
+    assert float(loss) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bins", [[0, 0, 1, 1], [0, 1, 0, 1], [0, 1, 1, 0]])
+def test_expert_balance_loss_is_bin_independent(bins):
+    # sum_e f_e P_e = .5*.4 + .25*.2 + 0 + .25*.25 = .3125, times N_B = 2, whatever the bins
+    loss = expert_balance_loss(BAL_PROBS, BAL_ROUTING, t(bins), 2, topk=2)
     assert float(loss) == pytest.approx(0.625)
 
 
-def test_bin_balance_loss_gradcheck_wrt_router_logits():
+def test_bin_balance_loss_uniform_routing_value():
+    # every expert equally likely and used: F_k = P_k = 1/K, so N_B * K / K^2 = N_B / K
+    E, K, k, T = 8, 2, 2, 4
+    probs = torch.full((T, E), 1 / E)
+    routing = torch.zeros(T, E, dtype=torch.bool)
+    for i in range(T):
+        routing[i, [2 * i, 2 * i + 1]] = True
+    bins = assign_bins(torch.rand(E, generator=torch.Generator().manual_seed(0)), K)
+    assert float(bin_balance_loss(probs, routing, bins, K, topk=k)) == pytest.approx((E // K) / K)
+    assert float(expert_balance_loss(probs, routing, bins, K, topk=k)) == pytest.approx(1 / K)
+
+
+def test_balance_losses_selected_by_config():
+    assert BALANCE_LOSSES == {"bin": bin_balance_loss, "expert": expert_balance_loss}
+    assert SmoesConfig().bal_form == "bin"
+    with pytest.raises(ValueError, match="bal_form"):
+        SmoesConfig(bal_form="bins")
+
+
+@pytest.mark.parametrize("loss_fn", [bin_balance_loss, expert_balance_loss])
+def test_balance_losses_gradcheck_wrt_router_logits(loss_fn):
     torch.manual_seed(1)
     logits = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     routing = torch.zeros(6, 8, dtype=torch.bool).scatter_(1, logits.topk(2, -1).indices, True)
     bins = assign_bins(torch.rand(8), 2)
     assert torch.autograd.gradcheck(
-        lambda z: bin_balance_loss(torch.softmax(z, -1), routing, bins, 2, topk=2), (logits,))
+        lambda z: loss_fn(torch.softmax(z, -1), routing, bins, 2, topk=2), (logits,))
 
 
 # ---- metrics ---------------------------------------------------------------------------------

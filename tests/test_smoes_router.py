@@ -140,3 +140,42 @@ def test_mi_loss_gradient_reaches_the_router_weights(tmp_path):
     grads = torch.load(tmp_path / "rank0.pt")
     assert all(g.abs().sum() == 0 for g in grads["0"])
     assert all(g.abs().sum() > 0 for g in grads["1.0"])
+
+
+def _bal_form_worker(rank: int, out: str) -> None:
+    from epruntime import distributed
+    from epruntime.data import SyntheticVQA
+    from epruntime.engine import Engine
+    from epruntime.smoes.router import smoes_routers
+
+    def cfg_for(form: str):
+        return config(1, "smoes.enabled=true", "smoes.score=hard", "smoes.mi_coeff=0",
+                      "smoes.num_bins=2", "smoes.bal_coeff=1.0", "model.moe_aux_loss_coeff=0",
+                      f"smoes.bal_form={form}")
+
+    env = distributed.init_distributed(cfg_for("bin"))
+    ds = SyntheticVQA(8, image_size=16, question_len=6, seed=3)
+    batch = ds.batch(torch.arange(8))
+    grads = {}
+    for form in ("bin", "expert"):
+        for name, bins in [("contiguous", [0, 0, 0, 0, 1, 1, 1, 1]),
+                           ("interleaved", [0, 1, 0, 1, 0, 1, 0, 1])]:
+            engine = Engine(cfg_for(form), env, len(ds.vocab), ds.num_answers,
+                            ds.max_question_len)
+            for router in smoes_routers(engine.model):
+                router.bin_of_expert.copy_(torch.tensor(bins))
+            logits = engine.model(batch.images, batch.question_ids, batch.question_lens)
+            (0.0 * logits.sum()).backward()  # only the balance loss reaches the router
+            grads[form, name] = [r.weight.grad.clone() for r in smoes_routers(engine.model)]
+    torch.save(grads, f"{out}/rank{rank}.pt")
+
+
+def test_bal_form_bin_depends_on_the_bins_and_expert_form_does_not(tmp_path):
+    spawn(_bal_form_worker, 1, str(tmp_path))
+    grads = torch.load(tmp_path / "rank0.pt")
+    for form in ("bin", "expert"):
+        assert all(g.abs().sum() > 0 for g in grads[form, "contiguous"])
+    for a, b in zip(grads["expert", "contiguous"], grads["expert", "interleaved"]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    for a, b in zip(grads["bin", "contiguous"], grads["bin", "interleaved"]):
+        assert not torch.allclose(a, b, rtol=1e-3, atol=1e-6)

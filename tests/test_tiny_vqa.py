@@ -1,5 +1,7 @@
-"""The embedded default job, as README.md runs it: the tiny MoE-VLM on easy-vqa, EP over two
-CPU ranks, must learn the task well above the majority answer within 15 minutes."""
+"""The embedded default job, as README.md runs it: the tiny MoE-VLM (convolutional vision stem,
+16 vision tokens) on easy-vqa, EP over two CPU ranks, scored on the whole test split (test images
+it never trained on). The issue's goal is >= 95%; the config reaches 82.1% today (majority answer:
+37%), and this test holds it at >= 80% so that a change cannot lose what it has."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from tests.launch import check, run, sets, summary, torchrun_cmd
 def test_tiny_config_learns_easy_vqa(tmp_path):
     args = ["--config", str(ROOT / "launch/configs/tiny-vqa.yaml"),
             *sets(train__output_dir=tmp_path, train__progress="false")]
-    check(run(torchrun_cmd("epruntime.train", 2, *args), timeout=1200))
+    check(run(torchrun_cmd("epruntime.train", 2, *args), timeout=1800))
     s = summary(tmp_path)
     print(s)
     assert s["world_size"] == 2 and s["ep_size"] == 2 and s["eval_items"] == 9673
+    assert s["vision_tokens"] == 16
     assert 0.36 < s["majority_baseline"] < 0.38
-    assert s["eval_accuracy"] >= 0.70
+    assert s["eval_accuracy"] >= 0.80
     assert s["seconds"] <= 15 * 60

@@ -1,7 +1,7 @@
 """The MoE vision-language model: image patches and question tokens through a megatron-core
 GPTModel whose every MLP is an MoELayer.
 
-    images [B, 3, H, W] -> patches [B, P, 3*p*p] -> PatchProjector -> vision tokens [B, P, D]
+    images [B, 3, H, W] -> VisionTower (encoder + projector, model.vision) -> vision tokens [B, P, D]
     question_ids [B, L]  -> GPTModel word + position embedding     -> text tokens   [B, L, D]
     sequence [S = P + L, B, D]  (vision first, then the question; causal attention)
       -> GPTModel decoder (attention + MoE per layer) -> output layer
@@ -30,6 +30,7 @@ from epruntime.model.router_tap import RouterTap
 from epruntime.model.sharding import to_global_name
 from epruntime.placement import Placement, PlacementError
 from epruntime.model.spec import decoder_block_spec, transformer_config
+from epruntime.model.vision import VisionTower
 from epruntime.runtime import LayerRuntime, layer_runtimes
 from epruntime.smoes.router import build_router
 
@@ -114,30 +115,6 @@ def check_batch(images, question_ids, question_lens, *, image_size: int, channel
         _check_range("answers", answers, 0, num_answers, f"labels ({num_answers} answers)")
 
 
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in row-major order."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-class PatchProjector(nn.Module):
-    """Patches -> vision tokens: LayerNorm then a two-layer MLP, as LLaVA's projector."""
-
-    def __init__(self, patch: int, channels: int, hidden: int):
-        super().__init__()
-        self.patch, self.channels = patch, channels
-        dim = channels * patch * patch
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, P, D]."""
-        x = self.norm(patchify(images, self.patch))
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
-
-
 class MoEVLM(nn.Module):
     def __init__(
         self,
@@ -159,7 +136,7 @@ class MoEVLM(nn.Module):
         self.image_size = m.image_size
         self.debug_checks = cfg.debug_checks  # validate batches in forward (host syncs)
         self.text_vocab_size = text_vocab_size
-        self.vision = PatchProjector(m.patch_size, 3, m.hidden_size)
+        self.vision = VisionTower(m, channels=3)
         # One runtime per MoE layer (Engine: transport, kernels, observers); all share the token
         # stream this model writes as its forward pass goes from layer to layer.
         runtimes = runtimes or layer_runtimes(m.num_layers)
@@ -172,7 +149,7 @@ class MoEVLM(nn.Module):
         flops = FlopCounter(hidden=m.hidden_size, num_layers=m.num_layers,
                             num_experts=m.num_experts, topk=m.moe_topk,
                             ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
-                            patch_dim=3 * m.patch_size ** 2)
+                            patch_dim=self.vision.encoder.out_dim)  # projector input width
         self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
                                     attention_modality, kernels=runtimes[0].kernels)
         router_cls = reducing_router(router_cls or TopKRouter, self.reducer)
@@ -208,12 +185,12 @@ class MoEVLM(nn.Module):
     def check_batch(self, images, question_ids, question_lens, answers=None) -> None:
         """InputError unless the tensors fit this model (and `answers` its labels)."""
         check_batch(images, question_ids, question_lens, image_size=self.image_size,
-                    channels=self.vision.channels, image_dtype=self.vision.fc1.weight.dtype,
+                    channels=self.vision.channels, image_dtype=self.vision.dtype,
                     text_vocab_size=self.text_vocab_size, max_question_len=self.max_question_len,
                     answers=answers, num_answers=self.num_answers)
 
     def embed(self, images: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
-        """Decoder input [S, B, D]: projected patches plus position embeddings, then the
+        """Decoder input [S, B, D]: vision tokens plus position embeddings, then the
         question's token and position embeddings."""
         b, p = images.shape[0], self.num_vision_tokens
         image_ids = torch.full((b, p), IMAGE_ID, dtype=question_ids.dtype,
@@ -315,12 +292,17 @@ def init_weights_(
     A parameter's initial value depends only on the seed and what it is, never on which rank holds
     it, so the same seed gives the same model at any EP size. Norm weights 1, biases 0, matrices
     N(0, std), output projections of each block N(0, std / sqrt(2 * num_layers)) as in
-    megatron-core's scaled init.
+    megatron-core's scaled init. Convolution kernels (the vision encoder's stem, each followed
+    by a GELU) get He's N(0, 2 / fan_in) instead, as convolutional stems are initialised.
     """
     for name, param in model.global_named_parameters(ep_rank):
         gen = torch.Generator().manual_seed(_seed_for(seed, name))
         if param.dim() == 1:
             param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            continue
+        if param.dim() == 4:  # conv kernel [out, in, kh, kw]
+            fan_in = param[0].numel()
+            param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
             continue
         scaled = name.endswith(("linear_proj.weight", "linear_fc2.weight"))
         sigma = std / (2 * num_layers) ** 0.5 if scaled else std

@@ -11,7 +11,14 @@ from epruntime.smoes.bins import (
     counts_from_routing,
     text_preference,
 )
-from epruntime.smoes.losses import bin_balance_loss, bin_scores, mi_loss, mutual_information
+from epruntime.smoes.losses import (
+    BALANCE_LOSSES,
+    bin_balance_loss,
+    bin_scores,
+    expert_balance_loss,
+    mi_loss,
+    mutual_information,
+)
 from epruntime.smoes.metrics import balancedness, msi, msi_from_joint, msi_from_routing
 from epruntime.smoes.scores import (
     TEXT,
@@ -22,6 +29,7 @@ from epruntime.smoes.scores import (
 )
 
 __all__ = [
+    "BALANCE_LOSSES",
     "TEXT",
     "VISION",
     "ExpertModalityCounts",
@@ -33,6 +41,7 @@ __all__ = [
     "bin_members",
     "bin_scores",
     "counts_from_routing",
+    "expert_balance_loss",
     "hard_scores",
     "mi_loss",
     "msi",

@@ -72,20 +72,10 @@ def mi_loss(M_BS2: Tensor, probs_BSE: Tensor, bin_of_expert_E: Tensor, num_bins:
     return -mutual_information(bin_scores(M_BS2, probs_BSE, bin_of_expert_E, num_bins)).mean()
 
 
-def bin_balance_loss(probs_TE: Tensor, routing_map_TE: Tensor, bin_of_expert_E: Tensor,
-                     num_bins: int, topk: int) -> Tensor:
-    """Bin-level balance loss for one layer (scalar), in DESIGN.md's per-expert form:
-
-        L_bal = sum_k N_B * sum_{e in B_k} f_e P_e,
-        f_e = count_e / (T * topk)   share of routed (token, expert) assignments on expert e,
-        P_e = mean_t g[t, e]         mean router probability of expert e.
-
-    probs_TE [T, E] router probabilities (differentiable), routing_map_TE [T, E] bool.
-    Since the bins partition the experts this equals N_B * sum_e f_e P_e: its value does not
-    depend on the binning. The aggregated bin form N_B * sum_k f_k P_k (f_k, P_k = sums of f_e,
-    P_e over B_k) would balance load across bins only; it is not what is computed here.
-    If some tokens route to fewer than `topk` experts, the f_e sum to less than 1.
-    """
+def _balance_inputs(probs_TE: Tensor, routing_map_TE: Tensor, bin_of_expert_E: Tensor,
+                    num_bins: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(f_E, P_E, onehot_EK) after validating shapes: f_e = count_e / (T * topk), the share of
+    routed (token, expert) assignments on expert e; P_e = mean_t g[t, e]."""
     T, E = probs_TE.shape
     if routing_map_TE.shape != (T, E) or bin_of_expert_E.shape != (E,):
         raise ValueError(f"expected probs [T, E], routing_map [T, E], bin_of_expert [E]; got "
@@ -96,5 +86,43 @@ def bin_balance_loss(probs_TE: Tensor, routing_map_TE: Tensor, bin_of_expert_E: 
     onehot_EK = _bin_matrix_EK(bin_of_expert_E, num_bins, probs_TE.dtype)
     f_E = routing_map_TE.to(probs_TE.dtype).sum(0) / (max(T, 1) * topk)
     P_E = probs_TE.mean(0) if T else probs_TE.sum(0)
-    per_bin_K = (f_E * P_E) @ onehot_EK
-    return (E // num_bins) * per_bin_K.sum()
+    return f_E, P_E, onehot_EK
+
+
+def bin_balance_loss(probs_TE: Tensor, routing_map_TE: Tensor, bin_of_expert_E: Tensor,
+                     num_bins: int, topk: int) -> Tensor:
+    """Bin-level balance loss for one layer (scalar), per bin (DESIGN.md, `smoes.bal_form=bin`):
+
+        L_bal = N_B * sum_k F_k P_k,
+        F_k = sum_{e in B_k} count_e / (T * topk)   share of assignments landing in bin k,
+        P_k = mean_t sum_{e in B_k} g[t, e]         mean router mass on bin k's experts.
+
+    probs_TE [T, E] router probabilities (differentiable), routing_map_TE [T, E] bool. It
+    balances load across bins (= EP ranks under `bins` placement), not inside them, so it
+    depends on the binning. Uniform routing gives N_B / K (= E / K^2): N_B times the scale of
+    the expert-level form below. If some tokens route to fewer than `topk` experts, the F_k sum
+    to less than 1.
+    """
+    f_E, P_E, onehot_EK = _balance_inputs(probs_TE, routing_map_TE, bin_of_expert_E, num_bins,
+                                          topk)
+    F_K, P_K = f_E @ onehot_EK, P_E @ onehot_EK
+    return (probs_TE.shape[1] // num_bins) * (F_K * P_K).sum()
+
+
+def expert_balance_loss(probs_TE: Tensor, routing_map_TE: Tensor, bin_of_expert_E: Tensor,
+                        num_bins: int, topk: int) -> Tensor:
+    """The earlier form, kept for comparison (`smoes.bal_form=expert`), scalar:
+
+        L = sum_k N_B * sum_{e in B_k} f_e P_e   (f_e, P_e as in `bin_balance_loss`'s F, P
+                                                   for single experts)
+
+    The bins partition the experts, so this is N_B * sum_e f_e P_e: megatron-core's
+    expert-level aux loss (up to its coefficient) times N_B, whatever the bins are.
+    """
+    f_E, P_E, onehot_EK = _balance_inputs(probs_TE, routing_map_TE, bin_of_expert_E, num_bins,
+                                          topk)
+    return (probs_TE.shape[1] // num_bins) * ((f_E * P_E) @ onehot_EK).sum()
+
+
+# smoes.bal_form -> the loss it selects
+BALANCE_LOSSES = {"bin": bin_balance_loss, "expert": expert_balance_loss}

@@ -26,7 +26,7 @@ from epruntime.config import Config, SmoesConfig
 from epruntime.runtime import TokenStream
 from epruntime.smoes.attention import AttentionModality
 from epruntime.smoes.bins import ExpertModalityCounts, assign_bins, counts_from_routing, text_preference
-from epruntime.smoes.losses import bin_balance_loss, mi_loss
+from epruntime.smoes.losses import BALANCE_LOSSES, mi_loss
 from epruntime.smoes.scores import GaussianModalityStats, hard_scores
 
 
@@ -90,8 +90,8 @@ class SMoESRouter(TopKRouter):
         g_TE = F.softmax(logits.view(-1, experts).float(), dim=-1)
         l_mi = mi_loss(M_T2.view(s, b, 2).transpose(0, 1), g_TE.view(s, b, experts).transpose(0, 1),
                        self.bin_of_expert, self.num_bins)
-        l_bal = bin_balance_loss(g_TE, routing_map_TE, self.bin_of_expert, self.num_bins,
-                                 self.config.moe_router_topk)
+        l_bal = BALANCE_LOSSES[self.smoes.bal_form](g_TE, routing_map_TE, self.bin_of_expert,
+                                                    self.num_bins, self.config.moe_router_topk)
         num_layers = self.config.num_layers
         save_to_aux_losses_tracker("smoes_mi_loss", l_mi.detach(), self.layer_number, num_layers)
         save_to_aux_losses_tracker("smoes_bal_loss", l_bal.detach(), self.layer_number, num_layers)

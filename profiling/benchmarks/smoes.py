@@ -1,15 +1,19 @@
-"""SMoES against megatron-core's router: the tiny easy-vqa model trained from the same seed and
-data with the baseline TopKRouter and with SMoES (attention and Gaussian modality scores), each
-run as the real entry point (`torchrun -m epruntime.train`, EP over 2 CPU ranks).
+"""SMoES against megatron-core's router: a workload (default: the tiny easy-vqa config; any
+config with `--config`) trained with the baseline TopKRouter and with SMoES (attention and
+Gaussian modality scores; `smoes-gaussian-expert-bal` uses the earlier per-expert balance
+form), each run as the real entry point (`torchrun -m epruntime.train`, EP over 2 CPU ranks),
+once per seed of `--seeds` (every variant sees the same seeds: same initial weights and data).
 
 Per variant: eval accuracy, modality specialization index over bins (`msi`) and over experts
-(`msi_expert`), bin balancedness, training tokens/s. Paper (arXiv 2604.23996): MSI .177 -> .487
-and +0.9% multimodal accuracy; goal here: SMoES msi >= 2.5x the baseline's at no lower accuracy.
+(`msi_expert`), bin balancedness, training tokens/s, as the mean over seeds with the sample
+standard deviation (`<metric>_std`) and the per-seed values (`per_seed`). Paper
+(arXiv 2604.23996): MSI .177 -> .487 and +0.9% multimodal accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -22,10 +26,26 @@ VARIANTS = {
     "baseline": [],
     "smoes-attention": ["smoes.enabled=true", "smoes.score=attention"],
     "smoes-gaussian": ["smoes.enabled=true", "smoes.score=gaussian"],
+    "smoes-gaussian-expert-bal": ["smoes.enabled=true", "smoes.score=gaussian",
+                                  "smoes.bal_form=expert"],
 }
-FULL = dict(steps=None, eval_items=None, nproc=2, mi_coeff=None, variants=list(VARIANTS))
-QUICK = dict(steps=30, eval_items=256, nproc=2, mi_coeff=None, variants=list(VARIANTS))
+DEFAULT_VARIANTS = ["baseline", "smoes-attention", "smoes-gaussian"]
+FULL = dict(steps=None, eval_items=None, nproc=2, mi_coeff=None, variants=DEFAULT_VARIANTS,
+            seeds=None, config=None)
+QUICK = dict(steps=30, eval_items=256, nproc=2, mi_coeff=None, variants=DEFAULT_VARIANTS,
+             seeds=None, config=None)
 METRICS = ("eval_accuracy", "msi", "msi_expert", "bin_balancedness", "tokens_per_s", "final_loss")
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type for "1234,7,42" (non-negative integers, distinct)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}")
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
+    return values
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -36,19 +56,42 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mi-coeff", dest="mi_coeff", type=float,
                         help="smoes.mi_coeff for the SMoES variants (default: the paper's 1e-4)")
     parser.add_argument("--variants", type=lambda s: s.split(","),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+                        help=f"comma-separated subset of {','.join(VARIANTS)} "
+                             f"(default {','.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--seeds", type=seed_list,
+                        help="comma-separated train.seed values, one run per seed and variant "
+                             "(default: the config's seed)")
+    parser.add_argument("--config", type=Path,
+                        help="workload config (default launch/configs/tiny-vqa.yaml)")
 
 
-def _train(variant: str, p: dict[str, Any], out: Path) -> dict[str, Any]:
+def _train(variant: str, p: dict[str, Any], seed: int | None, out: Path) -> dict[str, Any]:
     overrides = [*VARIANTS[variant], f"train.output_dir={out}", "train.progress=false",
                  f"parallel.ep_size={p['nproc']}"]
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
     if p["steps"]:
         overrides.append(f"train.max_steps={p['steps']}")
     if p["eval_items"]:
         overrides.append(f"data.max_eval_items={p['eval_items']}")
     if p["mi_coeff"] is not None and variant != "baseline":
         overrides.append(f"smoes.mi_coeff={p['mi_coeff']}")
-    return torchrun_train(TINY, overrides, p["nproc"], variant)
+    return torchrun_train(p["config"] or TINY, overrides, p["nproc"], f"{variant} (seed {seed})")
+
+
+def _aggregate(variant: str, runs: list[tuple[int | None, dict[str, Any]]]) -> dict[str, Any]:
+    """One row: each metric's mean over seeds, its sample std (0 for one seed), per-seed values."""
+    row: dict[str, Any] = {"variant": variant, "seeds": [seed for seed, _ in runs]}
+    for k in METRICS:
+        values = [s[k] for _, s in runs]
+        row[k] = statistics.fmean(values)
+        row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    layers = [[layer["msi"] for layer in s["routing_per_layer"]] for _, s in runs]
+    row["msi_per_layer"] = [statistics.fmean(v) for v in zip(*layers)]
+    row["steps"] = runs[0][1]["steps"]
+    row["seconds"] = sum(s["seconds"] for _, s in runs)
+    row["per_seed"] = [{"seed": seed, **{k: s[k] for k in METRICS}} for seed, s in runs]
+    return row
 
 
 @register("smoes", add_arguments=add_options)
@@ -58,14 +101,18 @@ def run(args: argparse.Namespace) -> BenchResult:
     unknown = set(p["variants"]) - set(VARIANTS)
     if unknown:
         raise BenchUsageError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if p["config"] is not None and not Path(p["config"]).is_file():
+        raise BenchUsageError(f"--config {p['config']}: no such file")
+    seeds = p["seeds"] or [None]  # None: the config's own train.seed
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_smoes_") as tmp:
         for variant in p["variants"]:
-            print(f"smoes: training {variant}...", file=sys.stderr, flush=True)
-            s = _train(variant, p, Path(tmp, variant))
-            rows.append({"variant": variant, **{k: s[k] for k in METRICS},
-                         "msi_per_layer": [layer["msi"] for layer in s["routing_per_layer"]],
-                         "steps": s["steps"], "seconds": s["seconds"]})
+            runs = []
+            for seed in seeds:
+                print(f"smoes: training {variant} (seed {seed if seed is not None else 'config'})...", file=sys.stderr,
+                      flush=True)
+                runs.append((seed, _train(variant, p, seed, Path(tmp, f"{variant}-{seed}"))))
+            rows.append(_aggregate(variant, runs))
     base = next((r for r in rows if r["variant"] == "baseline"), None)
     ratios = {}
     if base is not None:
@@ -74,11 +121,14 @@ def run(args: argparse.Namespace) -> BenchResult:
                 ratios[f"{r['variant']}/baseline_msi"] = r["msi"] / max(base["msi"], 1e-12)
                 ratios[f"{r['variant']}/baseline_accuracy"] = r["eval_accuracy"] / base["eval_accuracy"]
                 ratios[f"{r['variant']}/baseline_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
-    params = {"config": str(TINY.relative_to(ROOT)), "steps": p["steps"] or "config",
+    config = Path(p["config"] or TINY).resolve()
+    params = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
+              "seeds": p["seeds"] or "config", "steps": p["steps"] or "config",
               "eval_items": p["eval_items"] or "all", "ep_size": p["nproc"],
               "mi_coeff": p["mi_coeff"] if p["mi_coeff"] is not None else "config",
               "quick": bool(args.quick)}
-    notes = ["one training run per variant (same seed, data and initial weights); "
-             "tokens_per_s is the training throughput of that run"]
+    notes = ["one training run per variant and seed (a seed gives every variant the same data "
+             "order and initial weights); metrics are means over seeds, *_std the sample "
+             "standard deviation; tokens_per_s is training throughput on a shared machine"]
     return BenchResult(name="smoes", params=params, rows=rows, ratios=ratios, env=collect_env(),
                        notes=notes)

@@ -1,0 +1,130 @@
+"""The vision side of the MoE-VLM: an encoder, then a projector to the language model's width.
+
+    images [B, C, H, W] -> encoder -> features [B, P, F] -> projector -> vision tokens [B, P, D]
+
+P = (image_size / patch_size)^2 whatever the encoder: each vision token stands for one
+patch_size x patch_size region, so the number of vision tokens (what token reduction prunes) is
+set by `model.patch_size` alone. Encoders (`model.vision.kind`):
+
+- `patch`: no encoder; the raw pixels of each patch (F = C * p * p). The projector alone sees
+  pixels, as in the earliest patch-projector models.
+- `conv`: a convolutional stem, 3x3 convs of stride 2 (`model.vision.channels`, one per halving)
+  with GELU; the pixels and every stage are average-pooled to the token grid and concatenated.
+  Its receptive field spans several patches, so a token knows about the shape it is part of,
+  not only its own pixels.
+- `vit`: a small ViT (Dosovitskiy et al. 2021): patch embedding, learned positions and
+  `model.vision.layers` pre-norm bidirectional transformer blocks (torch's encoder layer).
+
+The projector is LLaVA's: LayerNorm then a two-layer GELU MLP. Every normalisation is per
+sample (LayerNorm, never BatchNorm), so a sample's tokens do not depend on the other
+samples of its batch or on how the batch is split over ranks (EP equivalence holds).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from epruntime.config import ModelConfig
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in row-major order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+class PatchPixels(nn.Module):
+    """No encoder: the pixels of each patch. [B, C, H, W] -> [B, P, C*p*p]."""
+
+    def __init__(self, channels: int, patch: int):
+        super().__init__()
+        self.patch, self.out_dim = patch, channels * patch * patch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.patch)
+
+
+class ConvStem(nn.Module):
+    """Strided 3x3 convs with GELU, each stage's output (and the pixels) average-pooled to the
+    token grid and concatenated per token, as hypercolumns (Hariharan et al. 2015): early
+    stages keep a token's own colours on a short path, later ones see the shape around it.
+    [B, C, H, W] -> [B, (H/p)^2, C + sum(channels)], tokens in row-major order."""
+
+    def __init__(self, in_channels: int, channels: list[int], grid: int,
+                 global_context: bool = False):
+        super().__init__()
+        self.grid, self.global_context = grid, global_context
+        self.out_dim = in_channels + sum(channels) + (channels[-1] if global_context else 0)
+        self.stages = nn.ModuleList()
+        for width in channels:
+            self.stages.append(nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.GELU()))
+            in_channels = width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1  # pixels [0, 1] -> [-1, 1]
+        pooled = [F.adaptive_avg_pool2d(x, self.grid)]
+        for stage in self.stages:
+            x = stage(x)
+            pooled.append(F.adaptive_avg_pool2d(x, self.grid))
+        if self.global_context:  # the whole image's last-stage mean, beside every token
+            pooled.append(x.mean((2, 3), keepdim=True).expand_as(pooled[-1]))
+        return torch.cat(pooled, dim=1).flatten(2).transpose(1, 2)
+
+
+class SmallViT(nn.Module):
+    """Patch embedding + learned positions + pre-norm transformer encoder blocks + final norm.
+    [B, C, H, W] -> [B, P, width]."""
+
+    def __init__(self, in_channels: int, patch: int, num_patches: int, width: int, layers: int,
+                 heads: int):
+        super().__init__()
+        self.patch, self.out_dim = patch, width
+        self.embed = nn.Linear(in_channels * patch * patch, width)
+        self.pos = nn.Parameter(torch.zeros(1, num_patches, width))
+        block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        # enable_nested_tensor only matters with padding masks (none here); off, so torch
+        # does not warn about it.
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x_BPW = self.embed(patchify(images, self.patch)) + self.pos
+        return self.final_norm(self.blocks(x_BPW))
+
+
+class VisionTower(nn.Module):
+    """Encoder then projector: images [B, C, H, W] -> vision tokens [B, P, hidden].
+
+    The projector's parameters sit on this module (`norm`, `fc1`, `fc2`), so the `patch` kind
+    keeps the parameter names of the earlier projector-only model."""
+
+    def __init__(self, m: ModelConfig, channels: int = 3):
+        super().__init__()
+        self.channels, self.image_size = channels, m.image_size
+        grid = m.image_size // m.patch_size
+        v = m.vision
+        if v.kind == "patch":
+            self.encoder: nn.Module = PatchPixels(channels, m.patch_size)
+        elif v.kind == "conv":
+            self.encoder = ConvStem(channels, list(v.channels), grid, v.global_context)
+        else:
+            self.encoder = SmallViT(channels, m.patch_size, grid * grid, v.width, v.layers,
+                                    v.heads)
+        dim = self.encoder.out_dim
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, m.hidden_size)
+        self.fc2 = nn.Linear(m.hidden_size, m.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc1.weight.dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, P, D]."""
+        x_BPF = self.norm(self.encoder(images))
+        return self.fc2(F.gelu(self.fc1(x_BPF)))

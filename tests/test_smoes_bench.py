@@ -1,0 +1,36 @@
+"""`bench.py smoes --seeds`: one real training run per (variant, seed), summarised as mean and
+sample standard deviation per variant, with each seed's values kept."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from tests.test_bench import bench
+
+
+def test_smoes_bench_over_seeds_reports_mean_and_spread(python_env, tmp_path):
+    out = tmp_path / "smoes.json"
+    proc = bench("smoes", "--quick", "--steps", "3", "--eval-items", "32", "--variants",
+                 "smoes-gaussian", "--seeds", "3,11", "--json", str(out), env=python_env,
+                 timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["params"]["seeds"] == [3, 11]
+    (row,) = result["rows"]
+    assert row["variant"] == "smoes-gaussian" and row["seeds"] == [3, 11]
+    assert [s["seed"] for s in row["per_seed"]] == [3, 11]
+    for metric in ("eval_accuracy", "msi", "msi_expert", "bin_balancedness"):
+        values = [s[metric] for s in row["per_seed"]]
+        assert row[metric] == pytest.approx(statistics.fmean(values))
+        assert row[f"{metric}_std"] == pytest.approx(statistics.stdev(values))
+    # different seeds give different initial weights, so different models
+    assert row["per_seed"][0]["final_loss"] != row["per_seed"][1]["final_loss"]
+
+
+@pytest.mark.parametrize("seeds", ["1,1", "-3", "x"])
+def test_smoes_bench_rejects_bad_seeds(python_env, seeds):
+    proc = bench("smoes", "--seeds", seeds, env=python_env, timeout=120)
+    assert proc.returncode == 2 and "--seeds" in proc.stderr
