@@ -323,20 +323,12 @@ def _merge(parts: list[tuple[TraceHeader, dict]], files) -> RoutingTrace:
         tokens_seen_L=torch.from_numpy(np.stack([d["tokens_seen"] for _, d in parts]).sum(0)))
 
 
-def load_jsonl(path: str | Path, num_experts: int | None = None, hidden: int = 4096,
-               hidden_dtype_bytes: int = 2, ranks_per_node: int = 1) -> RoutingTrace:
-    """A foreign trace: one JSON object per routed token and layer,
-    {"layer": int, "experts": [int], "gating_probs": [float], "modality"?: 0|1, "rank"?: int}.
-
-    Tokens of a (layer, rank) are numbered in file order; everything is one forward call.
-    `num_experts` defaults to the largest expert id + 1; `hidden` and its dtype size are what
-    the simulator prices a row at (not in the file).
-    """
-    path = Path(path)
-    rows: list[tuple[int, list[int], list[float], int, int]] = []
+def _json_objects(path: Path):
+    """("file:line", object) for each non-blank line of a JSONL file; a line that is not a
+    JSON object is a TraceError naming the file and line."""
     try:
         lines = path.read_text().splitlines()
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise TraceError(f"{path}: {err}") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -348,6 +340,21 @@ def load_jsonl(path: str | Path, num_experts: int | None = None, hidden: int = 4
             raise TraceError(f"{where}: not JSON ({err.msg})") from None
         if not isinstance(obj, dict):
             raise TraceError(f"{where}: expected an object, got {type(obj).__name__}")
+        yield where, obj
+
+
+def load_jsonl(path: str | Path, num_experts: int | None = None, hidden: int = 4096,
+               hidden_dtype_bytes: int = 2, ranks_per_node: int = 1) -> RoutingTrace:
+    """A foreign trace: one JSON object per routed token and layer,
+    {"layer": int, "experts": [int], "gating_probs": [float], "modality"?: 0|1, "rank"?: int}.
+
+    Tokens of a (layer, rank) are numbered in file order; everything is one forward call.
+    `num_experts` defaults to the largest expert id + 1; `hidden` and its dtype size are what
+    the simulator prices a row at (not in the file).
+    """
+    path = Path(path)
+    rows: list[tuple[int, list[int], list[float], int, int]] = []
+    for where, obj in _json_objects(path):
         for key in ("layer", "experts", "gating_probs"):
             if key not in obj:
                 raise TraceError(f"{where}: missing field {key!r}")
@@ -442,20 +449,7 @@ def load_megatron_jsonl(paths, num_experts: int | None = None, hidden: int = 409
     calls: dict[tuple, int] = {}
     k_max = 0
     for path in map(Path, paths):
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise TraceError(f"{path}: {err}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TraceError(f"{where}: not JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise TraceError(f"{where}: expected an object, got {type(obj).__name__}")
+        for where, obj in _json_objects(path):
             for key in ("step", "layer", "rank", "num_tokens", "topk", "top_indices"):
                 if key not in obj:
                     raise TraceError(f"{where}: missing field {key!r}")
