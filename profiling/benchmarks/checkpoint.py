@@ -165,10 +165,6 @@ def _measure(rank: int, p: dict[str, Any], workdir: str, result_path: str) -> No
 def run(args: argparse.Namespace) -> BenchResult:
     """Checkpoint save/load time, peak memory and bytes read per rank: v1 vs DCP (sync, async)."""
     p = resolve(args, FULL, QUICK)
-    if args.repeats is not None:
-        p["repeats"] = args.repeats
-    if args.warmup is not None:
-        p["warmup"] = args.warmup
     if p["ep"] < 1:
         raise BenchUsageError(f"--ep must be at least 1, got {p['ep']}")
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:

@@ -206,10 +206,6 @@ def _inputs(batch):
 def run(args: argparse.Namespace) -> BenchResult:
     """megatron-core alltoall vs dedup dispatch x placement: bytes, rows, step time."""
     p = resolve(args, FULL, QUICK)
-    if args.repeats is not None:
-        p["repeats"] = args.repeats
-    if args.warmup is not None:
-        p["warmup"] = args.warmup
     if p["ep"] < 2:
         raise BenchUsageError(f"--ep must be at least 2 (dispatch needs remote ranks), got {p['ep']}")
     with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as tmp:
