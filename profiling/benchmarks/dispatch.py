@@ -184,6 +184,7 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     for name, row in rows.items():
         row["step_time_s"] = statistics.median(samples[name])
         row["tokens_per_s"] = tokens / row["step_time_s"]
+        row["tokens_per_step"] = tokens
         row["samples"] = samples[name]
         row["comm_seconds"] = statistics.median(comm[name])
         # The least-disturbed repeat: on a shared host the spread of repeats is mostly other
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         by["dedup+traffic"]["rows_sent"] / ref["floor_rows"])
     params = {"shape": p["shape"], "shape_overrides": SHAPES[p["shape"]], "ep_size": p["ep"],
               "train_steps": p["steps"], "samples_per_rank": p["samples"],
-              "tokens_per_step": p["samples"] * p["ep"] * 74, "repeats": p["repeats"],
+              "tokens_per_step": by["megatron-alltoall"]["tokens_per_step"], "repeats": p["repeats"],
               "warmup": p["warmup"], "calib_batches": p["calib_batches"],
               "smoes_mi_coeff": p["mi_coeff"] if p["mi_coeff"] is not None else "config",
               "config": str(TINY_CONFIG.relative_to(ROOT)), "quick": bool(args.quick)}
