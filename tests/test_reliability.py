@@ -311,13 +311,19 @@ def test_case(case, trained, tmp_path):
 
 # ----------------------------------------------------------------------------- file systems
 
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 @pytest.fixture
-def tmpfs(tmp_path):
-    """A 12 MiB tmpfs (root only), room for the trained run and half a checkpoint more;
-    unmounted afterwards."""
+def tmpfs(tmp_path, trained):
+    """A tmpfs (root only) sized from the trained run: room for it, two more checkpoints and
+    slack for block rounding; unmounted afterwards."""
+    step = _tree_bytes(trained / "checkpoints/step_000010")
+    mib = -(-(_tree_bytes(trained) + 2 * step) // 2**20) + 2
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"needs permission to mount a tmpfs ({proc.stderr.strip()})")
@@ -331,9 +337,8 @@ def test_11_disk_full_keeps_the_previous_checkpoint(trained, tmp_path, tmpfs):
     """Steps 5 and 10 fit on the disk, step 15 does not: one line saying so, no `.tmp` left."""
     out = tmpfs / "run"
     shutil.copytree(trained, out)
-    used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    step = sum(p.stat().st_size for p in (out / "checkpoints/step_000010").rglob("*"))
-    filler = 12 * 2**20 - used - step // 2  # leave half a checkpoint of room
+    step = _tree_bytes(out / "checkpoints/step_000010")
+    filler = shutil.disk_usage(tmpfs).free - step // 2  # leave half a checkpoint of room
     assert filler > 0, "the trained run does not fit the tmpfs"
     (tmpfs / "filler").write_bytes(b"\0" * filler)
     rank_file = out / "checkpoints/step_000015.tmp/__0_0.distcp"  # rank 0's DCP shard
