@@ -11,14 +11,13 @@ row plan or in the ledger.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
 
 import pytest
 import torch
 
 from epruntime.placement import Placement
-from tests.dist import spawn
+from tests.dist import spawn_reports, write_report
 
 EP = 2
 HOST_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
@@ -153,15 +152,12 @@ def _sync_worker(rank: int, out: str) -> None:
         report[name] = {"per_call": per_call[1:],
                         "ledger_rows": int(runtime.ledger.rows.sum()),
                         "budget": budgets[kind]}
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(report, f)
+    write_report(out, rank, report)
 
 
 @pytest.fixture(scope="module")
 def sync_counts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("host_syncs")
-    spawn(_sync_worker, EP, str(out))
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(EP)]
+    return spawn_reports(_sync_worker, EP, tmp_path_factory.mktemp("host_syncs"))
 
 
 @pytest.mark.parametrize("rank", range(EP))

@@ -12,7 +12,6 @@ method call the test reads perf_counter itself. What must hold:
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from epruntime.dispatch.timing import PARTS, HostClock, PhaseTimer, timing_summary
-from tests.dist import spawn
+from tests.dist import spawn_reports, write_report
 
 EP = 2
 # (name, dispatch kind, transport, ranks per node, timing mode)
@@ -158,15 +157,12 @@ def _worker(rank: int, out_dir: str) -> None:
             "seconds": timer.seconds.tolist(),
         }
     shm.close()
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(report, f)
+    write_report(out_dir, rank, report)
 
 
 @pytest.fixture(scope="module")
 def timed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phase_timing")
-    spawn(_worker, EP, str(out))
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(EP)]
+    return spawn_reports(_worker, EP, tmp_path_factory.mktemp("phase_timing"))
 
 
 NAMES = [c[0] for c in CONFIGS]
