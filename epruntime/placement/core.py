@@ -178,23 +178,23 @@ class Placement:
         if self.is_replicated:
             raise ReplicatedPlacementError(not_yet_routed(f"this placement ({what} asked)"))
 
+    def _physical_of_expert(self, what: str) -> list[int]:
+        """[E]: the one physical slot of each logical expert (non-replicated placements only)."""
+        self._single(what)
+        physical = [0] * self.num_experts
+        for p, e in enumerate(self.phy2log):
+            physical[e] = p
+        return physical
+
     @cached_property
     def rank_of_expert(self) -> tuple[int, ...]:
         """[E]: EP rank of each logical expert (non-replicated placements only)."""
-        self._single("rank_of_expert")
-        rank = [0] * self.num_experts
-        for p, e in enumerate(self.phy2log):
-            rank[e] = p // self.num_local
-        return tuple(rank)
+        return tuple(p // self.num_local for p in self._physical_of_expert("rank_of_expert"))
 
     @cached_property
     def slot_of_expert(self) -> tuple[int, ...]:
         """[E]: local slot of each logical expert on its rank (non-replicated placements only)."""
-        self._single("slot_of_expert")
-        slot = [0] * self.num_experts
-        for p, e in enumerate(self.phy2log):
-            slot[e] = p % self.num_local
-        return tuple(slot)
+        return tuple(p % self.num_local for p in self._physical_of_expert("slot_of_expert"))
 
     @cached_property
     def rank_E(self) -> torch.Tensor:
