@@ -91,6 +91,23 @@ class ModelConfig(Section):
     patch_size: int = Field(8, gt=0)
     init_std: float = Field(0.02, gt=0)
     vision: VisionConfig = VisionConfig()
+    # router options: megatron-core 0.16's own names, passed through to TransformerConfig
+    # (README "Router options"); defaults are today's routing (softmax top-k, aux loss, fp32)
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = Field(None, gt=0)
+    moe_router_enable_expert_bias: bool = Field(
+        False, description="aux-loss-free balancing: a per-expert bias on the selection scores, "
+        "moved by moe_router_bias_update_rate after every step (sigmoid scoring only)")
+    moe_router_bias_update_rate: float = Field(1e-3, ge=0)
+    moe_router_num_groups: int | None = Field(
+        None, gt=0, description="group-limited routing: experts in this many contiguous groups "
+        "(= EP ranks: device-limited; = nodes of an EP group: node-limited)")
+    moe_router_group_topk: int | None = Field(None, gt=0, description="groups per token")
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss",
+                                            "none"] = "aux_loss"
+    moe_z_loss_coeff: float | None = Field(None, ge=0)
+    moe_router_dtype: Literal["fp32", "fp64"] = "fp32"
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> "ModelConfig":
@@ -116,6 +133,42 @@ class ModelConfig(Section):
                 f"{stride}), more than model.patch_size={self.patch_size} allows; use at most "
                 f"log2(patch_size) convs"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _router_options(self) -> "ModelConfig":
+        """What megatron-core 0.16 would assert (or silently mis-route) at model build time, as
+        named errors at config load."""
+        k, e = self.moe_topk, self.num_experts
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ValueError("model.moe_router_enable_expert_bias=true needs "
+                             "model.moe_router_score_function=sigmoid (megatron-core's "
+                             "aux-loss-free balancing biases sigmoid scores only)")
+        if k == 1 and self.moe_router_score_function == "softmax" and \
+                not self.moe_router_pre_softmax:
+            raise ValueError("model.moe_topk=1 with softmax scoring needs "
+                             "model.moe_router_pre_softmax=true (a softmax over one selected "
+                             "logit is constant: its gradient is zero)")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ValueError("model.moe_router_num_groups and model.moe_router_group_topk go "
+                             f"together (got {groups} and {group_topk}): set both for "
+                             "group-limited routing, or neither")
+        if groups is not None:
+            if e % groups:
+                raise ValueError(f"model.moe_router_num_groups={groups} does not divide "
+                                 f"model.num_experts={e}")
+            if group_topk > groups:
+                raise ValueError(f"model.moe_router_group_topk={group_topk} exceeds "
+                                 f"model.moe_router_num_groups={groups}")
+            if k < group_topk:
+                raise ValueError(f"model.moe_topk={k} is below model.moe_router_group_topk="
+                                 f"{group_topk}: megatron-core scores a group by its top "
+                                 "moe_topk // moe_router_group_topk experts, which would be none")
+            if k // group_topk > e // groups or k > group_topk * (e // groups):
+                raise ValueError(f"model.moe_topk={k} experts do not fit in "
+                                 f"model.moe_router_group_topk={group_topk} groups of "
+                                 f"{e // groups} experts")
         return self
 
     @property
@@ -454,6 +507,17 @@ class Config(Section):
                                          "dispatch.ranks_per_node")
             if message:
                 raise ValueError(message)
+        return self
+
+    @model_validator(mode="after")
+    def _router_groups_stay_whole(self) -> "Config":
+        # SMoES bins are cut by modality preference, expert by expert: they would split groups.
+        if self.model.moe_router_num_groups is not None and self.dispatch.placement == "bins":
+            raise ValueError(f"dispatch.placement=bins with model.moe_router_num_groups="
+                             f"{self.model.moe_router_num_groups}: SMoES bins move experts one "
+                             "by one and would split the routing groups; use "
+                             "dispatch.placement=contiguous or a placement file that keeps the "
+                             "groups whole")
         return self
 
     @model_validator(mode="after")

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from epruntime import __version__, compat
-from epruntime.config import (Config, check_backend_available, check_metrics_port, check_world,
-                              ep_ranks_per_node)
+from epruntime.config import (Config, ConfigError, check_backend_available, check_metrics_port,
+                              check_world, ep_ranks_per_node)
 
 
 class ConfigMismatchError(RuntimeError):
@@ -186,6 +186,19 @@ def die_with_launcher() -> None:
 EXIT_LOST_LAUNCHER = 3  # epruntime.cli.EXIT_COLLECTIVE: the job lost a part of itself
 
 
+def check_router_groups(cfg: Config, ranks_per_node: int) -> None:
+    """ConfigError unless every group of group-limited routing fits whole in one EP rank
+    (device-limited) or one node (node-limited) of this launch's layout."""
+    from epruntime.placement.groups import RouterGroupError, check_groups_fit
+
+    m = cfg.model
+    try:
+        check_groups_fit(m.num_experts, m.moe_router_num_groups, cfg.parallel.ep_size,
+                         ranks_per_node)
+    except RouterGroupError as err:
+        raise ConfigError(str(err)) from None
+
+
 def init_distributed(cfg: Config) -> DistEnv:
     """Create the default process group and megatron-core's EP/DP groups for `cfg`."""
     die_with_launcher()
@@ -193,7 +206,8 @@ def init_distributed(cfg: Config) -> DistEnv:
     world_size = int(os.environ["WORLD_SIZE"])
     dp_size = check_world(cfg, world_size)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    ep_ranks_per_node(cfg, local_world_size)  # fail before any collective when it cannot fit
+    per_node = ep_ranks_per_node(cfg, local_world_size)  # fail before any collective
+    check_router_groups(cfg, per_node)
     check_metrics_port(cfg, local_world_size)
     check_backend_available(cfg)
     backend = pick_backend(cfg)

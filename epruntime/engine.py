@@ -25,7 +25,8 @@ from epruntime import kernels, optim
 from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.dispatch.timing import PhaseTimer, clock_for
-from epruntime.distributed import DistEnv, host_all_reduce
+from epruntime.distributed import DistEnv, check_router_groups, host_all_reduce
+from epruntime.model.router_step import finish_router_step
 from epruntime.model.vlm import MoEVLM, init_weights_
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.runtime import Observers, layer_runtimes
@@ -57,6 +58,7 @@ class Engine:
                  dispatcher_cls: type | None = None):
         self.cfg, self.env = cfg, env
         per_node = self.ranks_per_node = ep_ranks_per_node(cfg, env.local_world_size)
+        check_router_groups(cfg, per_node)  # every routing group whole on a rank / node
         backend = None if cfg.dispatch.kernels == "auto" else cfg.dispatch.kernels
         try:  # before any collective: an unusable backend is a config error, not a dead rank
             kernels.resolve_backend(backend, env.device)
@@ -138,8 +140,11 @@ class Engine:
                     "saved; lower train.lr, check the data, or set train.skip_nonfinite_steps=N "
                     "to skip up to N such steps")
             self.optimizer.zero_grad(set_to_none=True)
+            finish_router_step(self.model, self.model.gpt.config, stepped=False)
             return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, {},
                               skipped=True)
+        # megatron-core's finalize_model_grads: expert-bias update (collective), counters reset
+        finish_router_step(self.model, self.model.gpt.config, stepped=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

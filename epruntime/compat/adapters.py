@@ -17,6 +17,14 @@ router-gating
     assumes: moves the CPU-resident router weight and bias to torch.cuda.current_device() on
              every call
     on CPU:  the same router_gating_linear with the weight and bias where they are
+router-buffers
+    megatron.core.transformer.moe.router:TopKRouter.__init__
+    subclass epruntime.compat.router:CpuTopKRouter; megatron-core 0.16.x; callable(self, config,
+    pg_collection)
+    assumes: allocates the expert-bias (aux-loss-free balancing) and global-aux-loss buffers on
+             torch.cuda.current_device()
+    on CPU:  the router is built without them and the same buffers (names, dtypes, persistence)
+             are registered on the CPU
 global-buffer
     megatron.core.utils:GlobalMemoryBuffer.get_tensor
     patch; megatron-core 0.16.x; callable(self, tensor_shape, dtype, name, mem_alloc_context)
@@ -306,6 +314,14 @@ ADAPTERS: tuple[Adapter, ...] = (
         f"moves the CPU-resident router weight and bias to {_CURRENT} on every call",
         "the same router_gating_linear with the weight and bias where they are",
         params=("self", "input"), replacement=_cpu_op("router_gating")),
+    Adapter(
+        "router-buffers", f"{_MOE}.router:TopKRouter.__init__",
+        "allocates the expert-bias (aux-loss-free balancing) and global-aux-loss buffers on "
+        f"{_CURRENT}",
+        "the router is built without them and the same buffers (names, dtypes, persistence) "
+        "are registered on the CPU",
+        params=("self", "config", "pg_collection"), by="subclass",
+        subclass="epruntime.compat.router:CpuTopKRouter"),
     Adapter(
         "global-buffer", "megatron.core.utils:GlobalMemoryBuffer.get_tensor",
         f"allocates the shared buffer (DotProductAttention's matmul input) on {_CURRENT}",

@@ -169,7 +169,8 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             modality_T = modality_T.to(x_TH.device)
         if ledger is not None:
             ledger.record_routing(self.runtime.layer_index, plan.expert_rows_RR,
-                                  plan.floor_rows_RR, modality_T, plan.num_tokens)
+                                  plan.floor_rows_RR, modality_T, plan.num_tokens,
+                                  plan.token_nodes_T)
         self._handle = DispatchHandle(plan, hidden_states.shape, modality_T)
         laps.lap("layout")
         return x_TH, probs

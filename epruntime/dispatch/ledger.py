@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 PHASES = ("dispatch", "combine")
 MODALITIES = ("text", "vision")
 _COUNTERS = ("payload_bytes", "meta_bytes", "rows", "modality_rows", "expert_rows", "floor_rows",
-             "tokens", "control_bytes")
+             "tokens", "control_bytes", "tokens_by_nodes")
 
 
 class CommLedger:
@@ -67,6 +67,9 @@ class CommLedger:
         self.tokens = zeros(L, M)
         # [layer, src, dst]: split counts exchanged before the rows (not rows themselves).
         self.control_bytes = zeros(L, R, R)
+        # [layer, n]: tokens whose experts live on n nodes (n = 0 .. nodes; group-limited
+        # routing's bound, recorded by the token owner)
+        self.tokens_by_nodes = zeros(L, R // self.ranks_per_node + 1)
         self.calls = 0
 
     def _follow(self, device: torch.device) -> None:
@@ -158,14 +161,20 @@ class CommLedger:
             self._add("control_bytes", (layer,), bytes_per_dst)
 
     def record_routing(self, layer: int, expert_rows: torch.Tensor, floor_rows: torch.Tensor,
-                       modality_T: torch.Tensor | None, num_tokens: int) -> None:
+                       modality_T: torch.Tensor | None, num_tokens: int,
+                       token_nodes_T: torch.Tensor | None = None) -> None:
         """Per destination rank ([R] this rank's, or [R, R] (src, dst), e.g. a plan's
         `expert_rows_RR` / `floor_rows_RR`): (token, expert) pairs and distinct (token, rank)
-        pairs; tokens by modality (values other than 0 / 1, or None, count as text)."""
+        pairs; tokens by modality (values other than 0 / 1, or None, count as text);
+        `token_nodes_T` [T] (a plan's): the nodes each token's experts live on, counted into
+        `tokens_by_nodes` (no host sync)."""
         if not self.enabled:
             return
         self._add("expert_rows", (layer,), expert_rows)
         self._add("floor_rows", (layer,), floor_rows)
+        if token_nodes_T is not None:
+            nodes_T = self._counts(token_nodes_T)
+            self.tokens_by_nodes[layer].index_add_(0, nodes_T, torch.ones_like(nodes_T))
         if modality_T is None:
             self.tokens[layer, 0] += num_tokens
         else:
@@ -180,7 +189,7 @@ class CommLedger:
         if not self.enabled:
             return
         self.record_routing(layer, plan.expert_rows_RR, plan.floor_rows_RR, modality_T,
-                            plan.num_tokens)
+                            plan.num_tokens, plan.token_nodes_T)
         self.record_control(layer, plan.control_bytes_RR * calls)
         modality = [None if modality_T is None else hop.modality_rows(modality_T)
                     for hop in plan.hops]
@@ -265,10 +274,16 @@ class CommLedger:
 
         per_layer = [figures(slice(layer, layer + 1)) | {"overload": float(overload_L[layer])}
                      for layer in range(self.num_layers)]
+        by_nodes = t.tokens_by_nodes.sum(0)
+        reached = by_nodes.nonzero()
         return {
             "ep_size": self.ep_size,
             "ranks_per_node": self.ranks_per_node,
             "forward_calls": t.calls,
+            # tokens (summed over layers) whose experts lived on n nodes, n = 0 .. nodes, and the
+            # most nodes any token reached (group-limited routing bounds it by group_topk)
+            "tokens_by_nodes": by_nodes.tolist(),
+            "max_nodes_per_token": int(reached.max()) if reached.numel() else 0,
             "tokens": {mod: int(t.tokens[:, m].sum()) for m, mod in enumerate(MODALITIES)},
             **figures(slice(None)),
             **{k: v for k, v in over_layers(balancedness_L, overload_L).items()

@@ -110,7 +110,7 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
             layer = self.runtime.layer_index
             ledger.record_control(layer, plan.control_bytes_RR)
             ledger.record_routing(layer, plan.expert_rows_RR, plan.floor_rows_RR, modality_T,
-                                  plan.num_tokens)
+                                  plan.num_tokens, plan.token_nodes_T)
             self._handle = LedgerHandle(plan, modality_rows)
         laps.lap("layout")  # the ledger's row plan, while it records (not megatron-core's cost)
         return out

@@ -181,6 +181,14 @@ class RowPlan:
     # (off-diagonal cells are the remote ones; the ledger's summary keeps those)
 
     @functools.cached_property
+    def token_nodes_T(self) -> Tensor:
+        """[T] int64: the nodes each token's experts live on (its own node included), the
+        figure node-limited routing bounds by moe_router_group_topk."""
+        uses_TR = self.hops[-1].sends_TR  # the last hop reaches every rank of the token's experts
+        nodes = self.num_ranks // self.ranks_per_node
+        return uses_TR.view(self.num_tokens, nodes, self.ranks_per_node).any(2).sum(1)
+
+    @functools.cached_property
     def control_bytes_RR(self) -> Tensor:
         """[R, R] int64 split-count bytes per (src, dst) per forward call, all hops."""
         return torch.stack([h.control_bytes_RR for h in self.hops]).sum(0)

@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_block import LayerNormImpl, Transform
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher
+from epruntime.compat.router import cpu_safe_router
 from epruntime.config import Config
 from epruntime.model.moe_layer import SpecMoELayer
 
@@ -34,8 +35,17 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_router_topk=m.moe_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
-        moe_router_load_balancing_type="aux_loss",
-        moe_router_dtype="fp32",
+        # router options (epruntime.config.ModelConfig, validated there)
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+        moe_router_num_groups=m.moe_router_num_groups,
+        moe_router_group_topk=m.moe_router_group_topk,
+        moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
+        moe_router_dtype=m.moe_router_dtype,
         moe_token_dispatcher_type="alltoall",
         expert_model_parallel_size=cfg.parallel.ep_size,
         init_method_std=m.init_std,
@@ -83,8 +93,9 @@ def moe_layer_spec(
     """
     spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts, moe_grouped_gemm=False)
     moe = spec.submodules.mlp
-    if router is not None:
-        moe.submodules.router = router
+    # megatron-core's TopKRouter or `router`, with its per-expert buffers on the CPU on CPU
+    # hosts (epruntime.compat.router; the class itself on CUDA hosts).
+    moe.submodules.router = cpu_safe_router(router or moe.submodules.router)
     # megatron-core's TransformerLayer hands its process groups only to the classes it knows;
     # SpecMoELayer falls back to the default groups, which is what EP x DP uses. Without a
     # dispatcher: megatron-core's alltoall one, through its CPU-safe subclass.

@@ -29,6 +29,7 @@ from epruntime.model.placement_support import PlacementAware, unsupported_reason
 from epruntime.model.router_tap import RouterTap
 from epruntime.model.sharding import to_global_name
 from epruntime.placement import Placement, PlacementError
+from epruntime.placement.groups import group_violation
 from epruntime.model.spec import decoder_block_spec, transformer_config
 from epruntime.model.vision import VisionTower
 from epruntime.runtime import LayerRuntime, layer_runtimes
@@ -161,6 +162,8 @@ class MoEVLM(nn.Module):
             position_embedding_type="learned_absolute",
             share_embeddings_and_output_weights=False,
         )
+        # group-limited routing: placements must keep each router group on its rank / node
+        self.router_groups = m.moe_router_num_groups
         self.placements = [Placement.contiguous(m.num_experts, cfg.parallel.ep_size,
                                                 ranks_per_node)] * m.num_layers
         self.set_placements(self.placements)
@@ -262,8 +265,14 @@ class MoEVLM(nn.Module):
                 moe.token_dispatcher.set_placement(placement)
 
     def unsupported_placements(self, placements: list[Placement]) -> str | None:
-        """Why this model's dispatchers cannot route `placements` (None when they can)."""
-        return unsupported_reason([moe.token_dispatcher for moe in self.moe_layers], placements)
+        """Why this model's dispatchers cannot route `placements`, or why they would split a
+        group of group-limited routing (None when they can route them)."""
+        reason = unsupported_reason([moe.token_dispatcher for moe in self.moe_layers], placements)
+        if reason is None and self.router_groups is not None:
+            for layer, placement in enumerate(placements):
+                if (split := group_violation(placement, self.router_groups)) is not None:
+                    return f"layer {layer}: {split}"
+        return reason
 
     def global_named_parameters(self, ep_rank: int):
         """(global name, parameter) pairs: expert slots named by logical expert (model.sharding)."""

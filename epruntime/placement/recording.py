@@ -43,7 +43,10 @@ class CoactivationRecorder:
 
 
 def traffic_placements(counts_LEE: torch.Tensor, num_ranks: int, ranks_per_node: int,
-                       max_imbalance: float = 1.1) -> list[Placement]:
-    """One traffic-aware placement per layer from its co-activation counts."""
-    return [traffic_aware_placement(c, num_ranks, ranks_per_node, max_imbalance=max_imbalance)
+                       max_imbalance: float = 1.1, num_groups: int | None = None
+                       ) -> list[Placement]:
+    """One traffic-aware placement per layer from its co-activation counts (whole routing
+    groups with group-limited routing, `num_groups` = model.moe_router_num_groups)."""
+    return [traffic_aware_placement(c, num_ranks, ranks_per_node, max_imbalance=max_imbalance,
+                                    num_groups=num_groups)
             for c in counts_LEE]

@@ -307,7 +307,8 @@ def _partition(W_EE: np.ndarray, load_E: np.ndarray, parts: int, cap: float) -> 
 
 def traffic_aware_placement(coact_EE: Tensor, num_ranks: int, ranks_per_node: int | None = None,
                             load_E: Tensor | None = None, seed: int = 0,
-                            max_imbalance: float = 1.1) -> Placement:
+                            max_imbalance: float = 1.1,
+                            num_groups: int | None = None) -> Placement:
     """Placement that keeps experts picked by the same tokens on the same rank, so a
     rank-deduplicating dispatcher (one row per token and destination rank) sends fewer rows.
 
@@ -331,6 +332,9 @@ def traffic_aware_placement(coact_EE: Tensor, num_ranks: int, ranks_per_node: in
     `seed` relabels experts by a seeded permutation before the search (it decides ties);
     the result is deterministic per seed. Ranks and nodes are numbered by their smallest expert
     id and slots follow expert id, so equal partitions give equal placements.
+
+    `num_groups`: the router's group-limited routing (model.moe_router_num_groups); whole groups
+    are placed (`epruntime.placement.groups.traffic_aware_group_placement`).
     """
     if not isinstance(coact_EE, Tensor) or coact_EE.dim() != 2 \
             or coact_EE.shape[0] != coact_EE.shape[1] or coact_EE.shape[0] == 0:
@@ -354,6 +358,11 @@ def traffic_aware_placement(coact_EE: Tensor, num_ranks: int, ranks_per_node: in
         raise PlacementError(f"max_imbalance must be >= 1.0 (a factor over the mean rank load), "
                              f"got {max_imbalance!r}")
 
+    if num_groups is not None:
+        from epruntime.placement.groups import traffic_aware_group_placement
+
+        return traffic_aware_group_placement(coact_EE, num_groups, num_ranks, rpn,
+                                             torch.as_tensor(load), seed, max_imbalance)
     W = (C + C.T) / 2
     np.fill_diagonal(W, 0.0)
     rank_E, node_E = partition_items(W, load, num_ranks, rpn, max_imbalance, seed)

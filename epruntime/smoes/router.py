@@ -1,7 +1,8 @@
 """SMoESRouter: megatron-core's TopKRouter plus soft modality-guided expert specialization.
 
-SMoES (arXiv 2604.23996). Routing itself is megatron-core's (softmax gate, top-k, its
-load-balancing aux loss); this router adds, per layer:
+SMoES (arXiv 2604.23996). Routing itself is megatron-core's, under every router option of
+model config (score function, expert bias, group-limited routing, aux-loss type, z-loss); this
+router adds, per layer:
 - a soft modality score M [T, 2] for every token (hard, attention-accumulated or Gaussian);
 - EMA expert x modality counts C [2, E], summed over the data-parallel ranks, from which
   `rebin()` sorts experts by text preference into contiguous bins (bin k -> EP rank k);
@@ -32,6 +33,16 @@ from epruntime.smoes.scores import GaussianModalityStats, hard_scores
 
 def _dp_group():
     return ps.get_data_parallel_group() if dist.is_initialized() else None
+
+
+def gate_probs(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
+    """SMoES's gate g [T, E], a distribution over experts, from the router's score function:
+    softmax(logits) (the paper's), or sigmoid scores normalised over the experts (DeepSeek-V3's
+    gate, megatron-core's moe_router_score_function=sigmoid)."""
+    if score_function == "sigmoid":
+        s_TE = torch.sigmoid(logits_TE.float())
+        return s_TE / s_TE.sum(dim=-1, keepdim=True)
+    return F.softmax(logits_TE.float(), dim=-1)
 
 
 class SMoESRouter(TopKRouter):
@@ -87,7 +98,7 @@ class SMoESRouter(TopKRouter):
 
         s, b = modality_SB.shape
         experts = self.config.num_moe_experts
-        g_TE = F.softmax(logits.view(-1, experts).float(), dim=-1)
+        g_TE = gate_probs(logits.view(-1, experts), self.config.moe_router_score_function)
         l_mi = mi_loss(M_T2.view(s, b, 2).transpose(0, 1), g_TE.view(s, b, experts).transpose(0, 1),
                        self.bin_of_expert, self.num_bins)
         l_bal = BALANCE_LOSSES[self.smoes.bal_form](g_TE, routing_map_TE, self.bin_of_expert,
