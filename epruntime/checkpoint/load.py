@@ -19,7 +19,7 @@ from epruntime.checkpoint.resume import agree
 from epruntime.checkpoint.save import failure_of
 from epruntime.checkpoint.state import apply_loaded, load_targets
 from epruntime.checkpoint.storage import VerifyingLoadPlanner, VerifyingReader, read_dcp_metadata
-from epruntime.config import Config
+from epruntime.config import Config, ModelConfig
 from epruntime.placement import Placement, PlacementError
 
 
@@ -35,8 +35,11 @@ class ReadStats:
 
 def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     """The checkpoint's model section must equal this run's (EP size may differ)."""
-    theirs = meta["config"]["model"]
     mine = json.loads(cfg.canonical_json())["model"]
+    # A field the checkpoint predates ran with its default (e.g. the router options).
+    defaults = json.loads(ModelConfig().model_dump_json())
+    theirs = {**{k: v for k, v in defaults.items() if k not in meta["config"]["model"]},
+              **meta["config"]["model"]}
     diff = [f"model.{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}"
             for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
     if diff:
