@@ -49,21 +49,17 @@ class _CpuRouterBuffers:
         self.routing_type = config.moe_router_load_balancing_type
         self.enable_expert_bias = config.moe_router_enable_expert_bias
         experts, device = config.num_moe_experts, self.weight.device
-        for name in ("local_tokens_per_expert", "expert_bias", "global_tokens_per_expert",
-                     "ga_steps"):  # set to None (plain attributes) for the disabled features
-            self.__dict__.pop(name, None)
+        buffers = []  # (name, value, persistent), as TopKRouter.__init__ registers them
         if self.enable_expert_bias:
-            self.register_buffer("local_tokens_per_expert",
-                                 torch.zeros(experts, dtype=torch.float32, device=device),
-                                 persistent=False)
-            self.register_buffer("expert_bias",
-                                 torch.zeros(experts, dtype=torch.float32, device=device))
+            buffers += [("local_tokens_per_expert", torch.zeros(experts), False),
+                        ("expert_bias", torch.zeros(experts), True)]
         if self.get_aux_loss_coeff("global_aux_loss") > 0:
-            self.register_buffer("global_tokens_per_expert",
-                                 torch.zeros(experts, dtype=torch.float32, device=device),
-                                 persistent=False)
-            self.register_buffer("ga_steps", torch.tensor(0, dtype=torch.float32, device=device),
-                                 persistent=False)
+            buffers += [("global_tokens_per_expert", torch.zeros(experts), False),
+                        ("ga_steps", torch.tensor(0.0), False)]
+        for name, value, persistent in buffers:
+            self.__dict__.pop(name, None)  # the bare build set it to None (a plain attribute)
+            self.register_buffer(name, value.to(device=device, dtype=torch.float32),
+                                 persistent=persistent)
 
 
 def cpu_safe_router(base):
