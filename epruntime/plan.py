@@ -46,6 +46,7 @@ import torch
 from epruntime.balance import layer_balance
 from epruntime.placement.core import Placement, PlacementError
 from epruntime.placement.file import save_placements
+from epruntime.placement.groups import RouterGroupError, group_violation
 from epruntime.placement.replicas import (eplb_placement, physical_view, rank_loads_from_expert_loads,
                                           resolve_copies, traffic_replica_placement)
 from epruntime.placement.strategies import (coactivation_counts, evaluate_placement,
@@ -272,7 +273,18 @@ STRATEGIES = ("contiguous", "eplb", "traffic", "traffic+load")
 
 
 def fit_layer(strategy: str, fit: Routing, li: int, ep: int, rpn: int, redundant: int,
-              max_imbalance: float, coact=None) -> Placement:
+              max_imbalance: float, coact=None, num_groups: int | None = None) -> Placement:
+    """One layer's placement by `strategy`; with group-limited routing (`num_groups`) the
+    traffic strategy places whole groups and any placement splitting one is a RouterGroupError
+    (the strategy is skipped)."""
+    p = _fit_layer(strategy, fit, li, ep, rpn, redundant, max_imbalance, coact, num_groups)
+    if num_groups is not None and (split := group_violation(p, num_groups)) is not None:
+        raise RouterGroupError(split)
+    return p
+
+
+def _fit_layer(strategy: str, fit: Routing, li: int, ep: int, rpn: int, redundant: int,
+               max_imbalance: float, coact, num_groups: int | None) -> Placement:
     load = fit.loads_LE[li]
     E = fit.num_experts
     if strategy == "contiguous":
@@ -286,7 +298,8 @@ def fit_layer(strategy: str, fit: Routing, li: int, ep: int, rpn: int, redundant
             raise PlacementError("traffic places one copy per expert")
         C = coact if coact is not None else torch.diag(torch.as_tensor(load))
         return traffic_aware_placement(C.to(torch.float64), ep, rpn,
-                                       load_E=torch.as_tensor(load), max_imbalance=1.1)
+                                       load_E=torch.as_tensor(load), max_imbalance=1.1,
+                                       num_groups=num_groups)
     return traffic_replica_placement(coact, load, ep, rpn, redundant, max_imbalance)
 
 
@@ -319,7 +332,8 @@ def score_layer(p: Placement, score: Routing, li: int, src_T, hidden: int, dtype
 
 
 def plan(fit: Routing, score: Routing, ep: int, rpn: int, redundant: int, max_imbalance: float,
-         hidden: int, dtype_bytes: int, scored_on: str) -> tuple[list[dict], dict, list[str]]:
+         hidden: int, dtype_bytes: int, scored_on: str, num_groups: int | None = None
+         ) -> tuple[list[dict], dict, list[str]]:
     """(rows, {(strategy, redundant): [Placement per layer]}, skipped reasons)."""
     if fit.num_experts != score.num_experts:
         raise PlanError(f"--fit has {fit.num_experts} experts, --score {score.num_experts}")
@@ -339,7 +353,7 @@ def plan(fit: Routing, score: Routing, ep: int, rpn: int, redundant: int, max_im
                 t0 = time.perf_counter()
                 coact = (coactivation_counts(fit.experts_LTK[li], fit.num_experts)
                          if fit.has_tokens and strategy != "eplb" else None)
-                p = fit_layer(strategy, fit, li, ep, rpn, red, max_imbalance, coact)
+                p = fit_layer(strategy, fit, li, ep, rpn, red, max_imbalance, coact, num_groups)
                 t1 = time.perf_counter()
                 per_layer.append(p)
                 layer_rows.append({"strategy": strategy, "layer": layer, "redundant": red,
@@ -413,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-strategy", default="traffic+load",
                    help="which strategy's placements --out writes (at --redundant)")
     p.add_argument("--json", help="write {'rows': [...], 'summary': [...]} here")
+    p.add_argument("--router-groups", type=int, default=None,
+                   help="the model's moe_router_num_groups (group-limited routing): place whole "
+                        "groups; strategies that would split one are skipped")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -442,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         rpn = args.ranks_per_node or args.ep
         rows, placements, skipped = plan(fit, score, args.ep, rpn, args.redundant,
                                          args.max_imbalance, args.hidden, args.dtype_bytes,
-                                         scored_on)
+                                         scored_on, args.router_groups)
         key = (args.out_strategy, args.redundant)
         if args.out and key not in placements:
             raise PlanError(f"--out-strategy {args.out_strategy} at --redundant {args.redundant} "

@@ -106,21 +106,33 @@ def _run(engine, batches) -> dict:
             "max_nodes_per_token": summary["max_nodes_per_token"]}
 
 
+def split_and_swapped(ep: int):
+    """(a placement splitting routing group 0 over two ranks, one moving whole groups) for
+    device-limited groups (one group per rank) of 8 experts at EP `ep`."""
+    from epruntime.placement import Placement
+
+    if ep == 2:
+        return (Placement.from_rank_lists([[0, 1, 2, 4], [3, 5, 6, 7]]),
+                Placement.from_rank_lists([[4, 5, 6, 7], [0, 1, 2, 3]]))
+    return (Placement.from_rank_lists([[0, 2], [1, 3], [4, 5], [6, 7]]),
+            Placement.from_rank_lists([[2, 3], [0, 1], [6, 7], [4, 5]]))
+
+
 def _placement_checks(env, ds, batches, out: str) -> dict:
-    """EP=2, device-limited groups: placements that split a group are refused (model, migration),
-    one that moves whole groups migrates and trains; the expert bias survives a checkpoint."""
+    """Device-limited groups: placements that split a group are refused (model, migration), one
+    that moves whole groups migrates and trains; the expert bias survives a checkpoint."""
     from epruntime import checkpoint
     from epruntime.engine import Engine
     from epruntime.model.router_step import biased_routers
-    from epruntime.placement import Placement, PlacementError
+    from epruntime.placement import PlacementError
     from epruntime.placement.migrate import MigrationError, migrate_experts
 
     option = "sigmoid+bias+device-groups+seq-aux"
-    cfg = config(2, option, "dedup", f"train.output_dir={out}/ckpt")
+    cfg = config(env.ep_size, option, "dedup", f"train.output_dir={out}/ckpt")
     engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len)
     layers = cfg.model.num_layers
     report = {}
-    split = Placement.from_rank_lists([[0, 1, 2, 4], [3, 5, 6, 7]])
+    split, swapped = split_and_swapped(env.ep_size)
     try:
         engine.model.set_placements([split] * layers)
     except PlacementError as err:
@@ -129,7 +141,6 @@ def _placement_checks(env, ds, batches, out: str) -> dict:
         migrate_experts(engine.model, engine.optimizer, [split] * layers)
     except MigrationError as err:
         report["migrate"] = str(err)
-    swapped = Placement.from_rank_lists([[4, 5, 6, 7], [0, 1, 2, 3]])  # whole groups swap ranks
     moved = migrate_experts(engine.model, engine.optimizer, [swapped] * layers)
     report["swapped_moved"] = moved.experts_moved
     report["swapped_loss"] = engine.train_step(batches[0], 0).loss
@@ -162,8 +173,7 @@ def _worker(rank: int, ep: int, out: str) -> None:
             engine = Engine(config(ep, option, variant), env, len(ds.vocab), ds.num_answers,
                             ds.max_question_len)
             results[(option, variant)] = _run(engine, batches)
-    if ep == 2:
-        results["placement"] = _placement_checks(env, ds, batches, out)
+    results["placement"] = _placement_checks(env, ds, batches, out)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -279,14 +289,11 @@ def test_node_limited_routing_reaches_at_most_group_topk_nodes_by_the_ledger(run
 
 
 def test_placements_and_migration_keep_groups_whole_and_checkpoints_carry_the_bias(runs):
-    if runs["ep"] != 2:
-        pytest.skip("checked once, at EP=2")
+    option = f"model.moe_router_num_groups={runs['ep']} (device-limited routing)"
     for rank in runs["ranks"]:
         rep = rank["placement"]
-        assert "routing group 0" in rep["set_placements"]
-        assert "model.moe_router_num_groups=2" in rep["set_placements"]
-        assert "cannot migrate experts" in rep["migrate"]
-        assert "model.moe_router_num_groups=2" in rep["migrate"]
+        assert "routing group 0" in rep["set_placements"] and option in rep["set_placements"]
+        assert "cannot migrate experts" in rep["migrate"] and option in rep["migrate"]
         assert rep["swapped_moved"] == 2 * 8  # every expert of both layers changed rank
         assert rep["swapped_loss"] > 0
         assert rep["fresh_bias_zero"]
@@ -442,3 +449,25 @@ def test_a_bad_router_option_exits_2_naming_the_field(tmp_path, args, launch, na
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and named in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_planner_places_whole_groups_or_skips_the_strategy(tmp_path):
+    """Tokens co-activate experts {c, c+4, c+8, c+12}, across the four routing groups of 4: the
+    free traffic-aware plan splits groups, the plan with the model's groups keeps them whole and
+    skips (by name) strategies that cannot."""
+    import numpy as np
+
+    from epruntime import plan
+    from epruntime.placement.groups import group_violation
+
+    g = np.random.default_rng(2)
+    top = np.stack([4 * g.permutation(4)[:3] + c for c in g.integers(0, 4, 2000)])
+    np.save(tmp_path / "r.npy", np.stack([top, top], axis=1))
+    routing = plan.load_routing(tmp_path / "r.npy")
+    _, free, _ = plan.plan(routing, routing, 4, 4, 0, 1.05, 64, 2, "in-sample")
+    assert group_violation(free[("traffic", 0)][0], 4) is not None
+    _, kept, skipped = plan.plan(routing, routing, 4, 4, 0, 1.05, 64, 2, "in-sample",
+                                 num_groups=4)
+    assert ("traffic", 0) in kept and ("contiguous", 0) in kept
+    assert all(group_violation(p, 4) is None for ps in kept.values() for p in ps)
+    assert any("routing group" in s and "model.moe_router_num_groups=4" in s for s in skipped)
