@@ -74,7 +74,10 @@ def _megatron_drops(router, args, counts: list) -> None:
 
 
 def _worker(rank: int, ep: int, out: str) -> None:
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_moe_layer_wise_logging_tracker,
+    )
 
     from epruntime import distributed, optim
     from epruntime.data import SyntheticVQA, shard_slice
@@ -88,6 +91,8 @@ def _worker(rank: int, ep: int, out: str) -> None:
     for name in OPTION_SETS:
         for kind in KINDS:
             cfg = _cfg(ep, name, kind)
+            # megatron-core's process-wide aux-loss tracker is sized by the first model's depth
+            get_moe_layer_wise_logging_tracker().clear()
             engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len)
             capacity = cfg.model.moe_expert_capacity_factor is not None
             routers = moe_routers(engine.model)
@@ -212,6 +217,8 @@ RESUME = ["model.num_layers=3", "model.moe_layer_freq=[0,1,1]", f"{CAP}=1.0",
 
 
 def _train_worker(rank: int, out: str) -> None:
+    from megatron.core import parallel_state as ps
+
     from epruntime import distributed
     from epruntime.train import _train
 
@@ -220,6 +227,7 @@ def _train_worker(rank: int, out: str) -> None:
                                    f"train.max_steps={steps}")
         env = distributed.init_distributed(cfg)
         _train(cfg, env)
+        ps.destroy_model_parallel()  # the next run builds megatron-core's groups again
 
 
 def test_dense_first_layer_trains_checkpoints_and_resumes_at_ep2(tmp_path):
