@@ -35,6 +35,9 @@ OPTION_SETS = {
     "capacity_probs_pad": [f"{CAP}=0.5", "model.moe_pad_expert_input_to_capacity=true"],
     "shared_expert": ["model.moe_shared_expert_intermediate_size=24"],
     "dense_first_layer": ["model.num_layers=3", "model.moe_layer_freq=[0,1,1]"],
+    # SMoES attention-accumulated scores advance through the dense layer's attention too
+    "smoes_dense_first_layer": ["model.num_layers=3", "model.moe_layer_freq=[0,1,1]",
+                                "smoes.enabled=true", "smoes.score=attention"],
     # every other layer MoE ([1, 0, 1]) with a shared expert and position-policy capacity
     "freq2_shared_capacity": ["model.num_layers=3", "model.moe_layer_freq=2",
                               "model.moe_shared_expert_intermediate_size=24", f"{CAP}=1.0",
@@ -131,7 +134,8 @@ def _worker(rank: int, ep: int, out: str) -> None:
                 "router_matches": all(torch.equal(f, d[0]) for c, d in zip(counts, decided)
                                       for f, _, _ in c),
                 "summary": {k: summary[k] for k in ("dropped_pairs", "dropped_pairs_text",
-                                                    "dropped_pairs_vision", "padded_pairs")},
+                                                    "dropped_pairs_vision", "padded_pairs",
+                                                    "rows_sent", "expert_rows")},
                 "summary_per_layer": [(x["dropped_pairs"], x["padded_pairs"])
                                       for x in summary["per_layer"]],
             }
@@ -190,6 +194,10 @@ def test_dropped_pairs_are_megatron_cores_and_the_ledger_counts_them(runs, name,
         assert s["dropped_pairs"] == dropped
         assert s["dropped_pairs_text"] + s["dropped_pairs_vision"] == dropped
         assert s["padded_pairs"] == padded
+        if kind == "alltoall":  # one row per remote (token, expert) pair, padding ones included
+            assert s["rows_sent"] == s["expert_rows"]
+        else:
+            assert s["rows_sent"] <= s["expert_rows"]
         per_layer = [sum(x["dropped"][i] for x in (q[name, kind] for q in ranks))
                      for i in range(r[name, kind]["num_moe_layers"])]
         assert [d for d, _ in r[name, kind]["summary_per_layer"]] == per_layer

@@ -119,10 +119,12 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
         laps.lap("layout")  # the ledger's row plan, while it records (not megatron-core's cost)
         return out
 
-    @staticmethod
-    def _splits(splits, rows: int) -> list[int]:
-        """megatron-core's split list (None at EP 1: everything stays)."""
-        return [rows] if splits is None else [int(s) for s in splits]
+    def _splits(self, splits, rows: int) -> list[int]:
+        """megatron-core's split list. None means even splits (the all-to-all's default): at EP
+        1 everything stays; padding to capacity sends every rank C rows per expert."""
+        if splits is not None:
+            return [int(s) for s in splits]
+        return [rows // self.ep_size] * self.ep_size
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         laps = self._laps_of("dispatch")

@@ -39,7 +39,7 @@ class AttentionModality:
             layer.register_forward_pre_hook(self._on_layer_input, with_kwargs=True)
             layer.self_attention.register_forward_hook(self._on_attention_output)
             if moe_pattern is not None and not moe_pattern[index]:
-                layer.self_attention.register_forward_hook(lambda *_: self.advance())
+                layer.self_attention.register_forward_hook(self._advance_past_dense_layer)
             softmax = layer.self_attention.core_attention.scale_mask_softmax
             softmax.register_forward_hook(self._on_attention_probs)
 
@@ -59,6 +59,9 @@ class AttentionModality:
     def _on_attention_output(self, module, args, output) -> None:
         x_attn_SBH = output[0] if isinstance(output, tuple) else output
         self._attn_norm_BS = self._keep(x_attn_SBH.norm(dim=-1).T.float())
+
+    def _advance_past_dense_layer(self, module, args, output) -> None:
+        self.advance()  # (a forward hook returning a value would replace the attention output)
 
     def keep_vision_tokens(self, select, num_vision: int) -> None:
         """Token pruning shortened the sequence: the scores of the first `num_vision` (visual)
