@@ -278,16 +278,18 @@ class MoEVLM(nn.Module):
 
     def global_named_parameters(self, ep_rank: int):
         """(global name, parameter) pairs: expert slots named by logical expert (model.sharding)."""
+        placements = self.placement_of_layer()
         for name, param in self.named_parameters():
-            yield to_global_name(name, ep_rank, self.placement_of_layer()), param
+            yield to_global_name(name, ep_rank, placements), param
 
     def global_named_buffers(self, ep_rank: int):
         """(global name, buffer) of the persistent buffers: router state such as SMoES's EMA
         counts, bins and Gaussian statistics, which checkpoints must carry too."""
         params = {name for name, _ in self.named_parameters()}
+        placements = self.placement_of_layer()
         for name, value in self.state_dict(keep_vars=True).items():
             if name not in params and isinstance(value, torch.Tensor):
-                yield to_global_name(name, ep_rank, self.placement_of_layer()), value
+                yield to_global_name(name, ep_rank, placements), value
 
 
 def _seed_for(seed: int, name: str) -> int:
