@@ -78,7 +78,7 @@ class VisionConfig(Section):
 
 class ModelConfig(Section):
     """A small MoE-VLM: vision encoder + projector -> megatron-core GPTModel with MoE MLPs in
-    every layer."""
+    every layer (or in the layers `moe_layer_freq` names, dense MLPs in the others)."""
 
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
