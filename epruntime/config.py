@@ -78,7 +78,7 @@ class VisionConfig(Section):
 
 class ModelConfig(Section):
     """A small MoE-VLM: vision encoder + projector -> megatron-core GPTModel with MoE MLPs in
-    every layer."""
+    every layer (or in the layers `moe_layer_freq` names, dense MLPs in the others)."""
 
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -109,6 +109,25 @@ class ModelConfig(Section):
     moe_z_loss_coeff: float | None = Field(None, ge=0)
     moe_router_dtype: Literal["fp32", "fp64"] = "fp32"
 
+    # capacity: megatron-core's token dropping, shared experts and dense layers (its own names).
+    moe_expert_capacity_factor: float | None = Field(
+        None, gt=0, description="each expert takes at most ceil(tokens * topk / experts * factor) "
+        "(token, expert) pairs of a rank's tokens, the rest are dropped; None: dropless")
+    moe_token_drop_policy: Literal["probs", "position"] = Field(
+        "probs", description="over capacity, keep an expert's highest-probability pairs (probs) "
+        "or its first tokens in sequence order (position)")
+    moe_pad_expert_input_to_capacity: bool = Field(
+        False, description="pad every expert's input to exactly its capacity (static shapes)")
+    moe_shared_expert_intermediate_size: int | None = Field(
+        None, gt=0, description="FFN width of the shared experts every token goes through "
+        "(number of shared experts x their width); None: no shared expert")
+    moe_shared_expert_overlap: bool = Field(
+        False, description="run the shared experts on a CUDA side stream during the all-to-all "
+        "(megatron-core's alltoall dispatcher on CUDA only)")
+    moe_layer_freq: int | list[int] = Field(
+        1, description="which decoder layers are MoE: N = every N-th from layer 0, or a 0/1 "
+        "list per layer (0 dense, 1 MoE), e.g. [0, 1, 1] for a dense first layer")
+
     @model_validator(mode="after")
     def _shapes_agree(self) -> "ModelConfig":
         if self.moe_topk > self.num_experts:
@@ -133,6 +152,7 @@ class ModelConfig(Section):
                 f"{stride}), more than model.patch_size={self.patch_size} allows; use at most "
                 f"log2(patch_size) convs"
             )
+        self._check_capacity_options()
         return self
 
     @model_validator(mode="after")
@@ -170,6 +190,51 @@ class ModelConfig(Section):
                                  f"model.moe_router_group_topk={group_topk} groups of "
                                  f"{e // groups} experts")
         return self
+
+    def _check_capacity_options(self) -> None:
+        if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
+            raise ValueError("model.moe_pad_expert_input_to_capacity=true needs "
+                             "model.moe_expert_capacity_factor (the capacity to pad to)")
+        balancing = getattr(self, "moe_router_load_balancing_type", "aux_loss")
+        if (self.moe_expert_capacity_factor is not None
+                and balancing not in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")):
+            raise ValueError(f"model.moe_expert_capacity_factor needs "
+                             f"model.moe_router_load_balancing_type aux_loss, seq_aux_loss, "
+                             f"global_aux_loss or none (megatron-core), got {balancing}")
+        if self.moe_shared_expert_overlap and self.moe_shared_expert_intermediate_size is None:
+            raise ValueError("model.moe_shared_expert_overlap=true needs "
+                             "model.moe_shared_expert_intermediate_size (a shared expert)")
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            if freq < 1:
+                raise ValueError(f"model.moe_layer_freq={freq}: expected N >= 1 (every N-th "
+                                 "layer is MoE) or a 0/1 list per layer")
+        else:
+            if len(freq) != self.num_layers or any(v not in (0, 1) for v in freq):
+                raise ValueError(f"model.moe_layer_freq={freq}: expected one 0 (dense) or 1 (MoE) "
+                                 f"per layer, model.num_layers={self.num_layers} values")
+            if not any(freq):
+                raise ValueError(f"model.moe_layer_freq={freq}: no MoE layer (at least one 1)")
+
+    @property
+    def moe_layer_pattern(self) -> list[int]:
+        """[num_layers] 1 for an MoE layer, 0 for a dense one, as megatron-core's
+        get_gpt_decoder_block_spec reads `moe_layer_freq`."""
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            return [int(i % freq == 0) for i in range(self.num_layers)]
+        return list(freq)
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Decoder-layer indices (0-based) of the MoE layers; epruntime's per-layer state (layer
+        runtimes, placements, ledger rows, checkpointed expert keys) is indexed by position in
+        this list."""
+        return [i for i, moe in enumerate(self.moe_layer_pattern) if moe]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_indices)
 
     @property
     def num_vision_tokens(self) -> int:
@@ -489,6 +554,17 @@ class Config(Section):
             )
         self.fastmmoe.check_layers(self.model.num_layers)
         d = self.dispatch
+        if self.model.moe_shared_expert_overlap and d.kind != "alltoall":
+            raise ValueError(f"model.moe_shared_expert_overlap=true needs dispatch.kind=alltoall "
+                             f"(megatron-core runs the shared experts inside its own alltoall "
+                             f"dispatcher), got dispatch.kind={d.kind}; the shared experts run "
+                             "without overlap under every dispatcher")
+        pruned_dense = [x for x in self.fastmmoe.layers
+                        if x < self.model.num_layers and not self.model.moe_layer_pattern[x]]
+        if self.fastmmoe.enabled and self.fastmmoe.policy != "none" and pruned_dense:
+            raise ValueError(f"fastmmoe.layers={self.fastmmoe.layers}: layer(s) {pruned_dense} "
+                             f"are dense (model.moe_layer_freq={self.model.moe_layer_freq}); "
+                             "routing-aware pruning needs an MoE layer's router")
         if d.kind == "alltoall" and d.placement != "contiguous":
             raise ValueError(f"dispatch.placement={d.placement} needs dispatch.kind=dedup or "
                              "dedup-hier (megatron-core's alltoall dispatcher assumes contiguous "

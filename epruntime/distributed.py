@@ -211,6 +211,10 @@ def init_distributed(cfg: Config) -> DistEnv:
     check_metrics_port(cfg, local_world_size)
     check_backend_available(cfg)
     backend = pick_backend(cfg)
+    # megatron-core's MoE options this install, backend and dispatcher can run (ConfigError)
+    from epruntime.model.options import check_megatron_options
+
+    check_megatron_options(cfg, backend)
     if backend == "nccl":
         compat.enable_host_independent()  # e.g. megatron-core without Transformer Engine
         local_rank = int(os.environ["LOCAL_RANK"])

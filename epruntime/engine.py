@@ -69,11 +69,11 @@ class Engine:
         self.transport = setup_transport(cfg, ps.get_expert_model_parallel_group(), per_node)
         # Forward all-to-all bytes of every MoE layer since the last reset (summary's `comm`);
         # the dispatchers see it through the observers of their runtime.
-        self.ledger = CommLedger(cfg.model.num_layers, env.ep_size, env.ep_rank, per_node)
+        self.ledger = CommLedger(cfg.model.num_moe_layers, env.ep_size, env.ep_rank, per_node)
         # Seconds of every dispatch/combine phase (summary's `comm_time`), dispatch.timing.
         self.timer = self._new_timer()
         self.observers = Observers(self.ledger if cfg.dispatch.ledger else None, self.timer)
-        runtimes = layer_runtimes(cfg.model.num_layers, self.transport, backend, self.observers)
+        runtimes = layer_runtimes(cfg.model.num_moe_layers, self.transport, backend, self.observers)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
                             dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node,
                             runtimes=runtimes)
@@ -87,7 +87,7 @@ class Engine:
     def _new_timer(self) -> PhaseTimer | None:
         if self.cfg.dispatch.timing == "off":
             return None
-        return PhaseTimer(self.cfg.model.num_layers, clock_for(self.env.device),
+        return PhaseTimer(self.cfg.model.num_moe_layers, clock_for(self.env.device),
                           barrier=self.cfg.dispatch.timing == "barrier", device=self.env.device)
 
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -165,7 +165,7 @@ class Engine:
         self.model.eval()
         recorder = RoutingRecorder(self.model, self.cfg.num_bins)
         env = self.env
-        eval_ledger = CommLedger(self.cfg.model.num_layers, env.ep_size, env.ep_rank,
+        eval_ledger = CommLedger(self.cfg.model.num_moe_layers, env.ep_size, env.ep_rank,
                                  self.ranks_per_node)
         with self.observing(eval_ledger):
             figures = self._evaluate(dataset, batch_size, recorder)

@@ -121,7 +121,7 @@ def predict_dataset(engine, dataset, batch_size: int | None = None) -> tuple[tor
     was_training = model.training
     model.eval()
     recorder = RoutingRecorder(model, engine.cfg.num_bins)
-    ledger = CommLedger(engine.cfg.model.num_layers, env.ep_size, env.ep_rank,
+    ledger = CommLedger(engine.cfg.model.num_moe_layers, env.ep_size, env.ep_rank,
                         engine.ranks_per_node)
     model.reducer.reset_stats()
     rows, labels, probs = [], [], []

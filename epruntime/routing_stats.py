@@ -14,12 +14,13 @@ import torch.distributed as dist
 from torch import nn
 
 from epruntime.distributed import host_all_reduce
+from epruntime.model.router_tap import moe_routers
 
 from epruntime.smoes.metrics import balancedness, msi_from_joint
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
-    return [layer.mlp.router for layer in model.gpt.decoder.layers]
+    return moe_routers(model)
 
 
 class RoutingRecorder:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from epruntime.model.router_tap import moe_routers
+
 
 FORMAT = "epruntime-trace/1"
 UNKNOWN_MODALITY = 255
@@ -102,7 +104,7 @@ class TraceRecorder:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"trace.sample_rate={sample_rate} must be in (0, 1]")
         self.model = model
-        self.routers = [layer.mlp.router for layer in model.gpt.decoder.layers]
+        self.routers = moe_routers(model)
         cfg = self.routers[0].config
         self.ep_rank, self.ep_size, self.ranks_per_node = ep_rank, ep_size, ranks_per_node
         self.sample_rate, self.seed, self.dispatch = sample_rate, seed, dispatch

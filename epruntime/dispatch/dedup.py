@@ -49,6 +49,7 @@ from megatron.core import utils
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from epruntime import kernels
+from epruntime.dispatch.capacity import capacity_pairs, max_entries
 from epruntime.dispatch.collective import all_to_all, exchange_counts, last_wait_s
 from epruntime.dispatch.layout import FanOut, fan_out
 from epruntime.dispatch.plan import Hop, RowPlan, row_plan
@@ -161,7 +162,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         ledger = self._ledger()
         plan = row_plan(routing_map, probs, self.placement, self.plan_kind,
-                        source_rank=self.ep_rank, topk=self.config.moe_router_topk,
+                        source_rank=self.ep_rank, topk=max_entries(self.config),
                         hidden_size=x_TH.shape[1], hidden_bytes=x_TH.element_size(),
                         modality_column=ledger is not None, debug_checks=self.debug_checks)
         modality_T = self.runtime.tokens.modality_T
@@ -171,6 +172,9 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             ledger.record_routing(self.runtime.layer_index, plan.expert_rows_RR,
                                   plan.floor_rows_RR, modality_T, plan.num_tokens,
                                   plan.token_nodes_T)
+            if self.config.moe_expert_capacity_factor is not None:
+                ledger.record_capacity(self.runtime.layer_index, *capacity_pairs(
+                    routing_map, probs, self.config.moe_router_topk, modality_T))
         self._handle = DispatchHandle(plan, hidden_states.shape, modality_T)
         laps.lap("layout")
         return x_TH, probs

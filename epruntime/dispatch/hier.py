@@ -21,6 +21,7 @@ import dataclasses
 import torch
 
 from epruntime import kernels
+from epruntime.dispatch.capacity import max_entries
 from epruntime.dispatch.dedup import DedupTokenDispatcher, SentHop
 from epruntime.dispatch.layout import entries_to_dense
 from epruntime.dispatch.plan import Hop, RowPlan, physical_row_plan
@@ -64,7 +65,7 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
 
         return physical_row_plan(on_all_ranks(used_YQ), on_all_ranks(probs_YQ), "rank",
                                  ranks_per_node=per_node, source_rank=self.ep_rank,
-                                 topk=self.config.moe_router_topk, hidden_size=rows_YH.shape[1],
+                                 topk=max_entries(self.config), hidden_size=rows_YH.shape[1],
                                  hidden_bytes=rows_YH.element_size(),
                                  debug_checks=self.debug_checks)
 

@@ -10,7 +10,8 @@ Counted per layer, phase (dispatch / combine), (src, dst) EP rank, and modality:
 (hidden rows), metadata bytes (routing weights and slots that travel with them), rows. Alongside,
 for the routing each layer saw under its placement: `expert_rows`, the rows a per-expert
 dispatcher (megatron-core's alltoall) sends, and `floor_rows`, the (token, remote rank) pairs a
-rank-deduplicating dispatcher cannot go below (DESIGN.md, "Communication").
+rank-deduplicating dispatcher cannot go below (DESIGN.md, "Communication"); and the (token,
+expert) pairs megatron-core's expert capacity dropped or padded (`epruntime.dispatch.capacity`).
 
 The counters live on the device of what is recorded (moved there by the first record) and are
 only added to there: recording never syncs with the host. They are read out at report time
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 PHASES = ("dispatch", "combine")
 MODALITIES = ("text", "vision")
 _COUNTERS = ("payload_bytes", "meta_bytes", "rows", "modality_rows", "expert_rows", "floor_rows",
-             "tokens", "control_bytes", "tokens_by_nodes")
+             "tokens", "control_bytes", "tokens_by_nodes", "dropped_pairs", "padded_pairs")
 
 
 class CommLedger:
@@ -70,6 +71,10 @@ class CommLedger:
         # [layer, n]: tokens whose experts live on n nodes (n = 0 .. nodes; group-limited
         # routing's bound, recorded by the token owner)
         self.tokens_by_nodes = zeros(L, R // self.ranks_per_node + 1)
+        # [layer, modality] (token, expert) pairs megatron-core's expert capacity dropped, and
+        # [layer] padding pairs it added (moe_pad_expert_input_to_capacity); this rank's tokens.
+        self.dropped_pairs = zeros(L, M)
+        self.padded_pairs = zeros(L)
         self.calls = 0
 
     def _follow(self, device: torch.device) -> None:
@@ -181,6 +186,15 @@ class CommLedger:
             vision = (modality_T.to(self.device) == 1).sum()
             self.tokens[layer] += torch.stack([num_tokens - vision, vision])
 
+    def record_capacity(self, layer: int, dropped_M: torch.Tensor, padded: torch.Tensor) -> None:
+        """This rank's tokens lost `dropped_M` [2] (text, vision) (token, expert) pairs to expert
+        capacity and were given `padded` padding pairs (epruntime.dispatch.capacity)."""
+        if not self.enabled:
+            return
+        dropped_M, padded = self._counts(dropped_M), self._counts(padded)  # may move counters
+        self.dropped_pairs[layer] += dropped_M
+        self.padded_pairs[layer] += padded
+
     def record_plan(self, layer: int, plan: "RowPlan", modality_T: torch.Tensor | None = None,
                     calls: int = 1) -> None:
         """Every cell of a group's `plan` (source_rank [T]) over `calls` forward calls: routing,
@@ -264,6 +278,12 @@ class CommLedger:
                 "balancedness": float(balancedness_L[layers].mean()),
                 # [src][dst] bytes (payload + metadata, dispatch + combine, diagonal = local)
                 "bytes_matrix": b.sum(dim=(0, 1)).tolist(),
+                # expert capacity (model.moe_expert_capacity_factor): pairs dropped, by the
+                # token's modality, and padding pairs added
+                "dropped_pairs": int(t.dropped_pairs[layers].sum()),
+                **{f"dropped_pairs_{mod}": int(t.dropped_pairs[layers, m].sum())
+                   for m, mod in enumerate(MODALITIES)},
+                "padded_pairs": int(t.padded_pairs[layers].sum()),
             }
             for p, phase in enumerate(PHASES):
                 out[f"{phase}_cross_rank_bytes"] = int(b[:, p][..., cross].sum())

@@ -22,6 +22,7 @@ import torch
 from megatron.core import utils
 
 from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher
+from epruntime.dispatch.capacity import capacity_pairs
 from epruntime.dispatch.ledger import row_bytes
 from epruntime.dispatch.plan import RowPlan, row_plan
 from epruntime.dispatch.timing import NULL_LAPS
@@ -111,14 +112,19 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
             ledger.record_control(layer, plan.control_bytes_RR)
             ledger.record_routing(layer, plan.expert_rows_RR, plan.floor_rows_RR, modality_T,
                                   plan.num_tokens, plan.token_nodes_T)
+            if self.config.moe_expert_capacity_factor is not None:
+                ledger.record_capacity(layer, *capacity_pairs(
+                    routing_map, probs, self.config.moe_router_topk, modality_T))
             self._handle = LedgerHandle(plan, modality_rows)
         laps.lap("layout")  # the ledger's row plan, while it records (not megatron-core's cost)
         return out
 
-    @staticmethod
-    def _splits(splits, rows: int) -> list[int]:
-        """megatron-core's split list (None at EP 1: everything stays)."""
-        return [rows] if splits is None else [int(s) for s in splits]
+    def _splits(self, splits, rows: int) -> list[int]:
+        """megatron-core's split list. None means even splits (the all-to-all's default): at EP
+        1 everything stays; padding to capacity sends every rank C rows per expert."""
+        if splits is not None:
+            return [int(s) for s in splits]
+        return [rows // self.ep_size] * self.ep_size
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         laps = self._laps_of("dispatch")

@@ -7,7 +7,8 @@ percent at most and left out), per layer and per modality of the token that does
   matrix, causal mask or not);
 - router: 2*D*E per token;
 - experts: 2*2*D*F per (token, expert) pair actually dispatched (fc1 and fc2 of a non-gated MLP),
-  so reduced activation and pruning both show up here;
+  so reduced activation and pruning both show up here; plus, per token, 2*2*D*F_shared of the
+  shared experts in an MoE layer, or 2*2*D*F_dense of the MLP in a dense layer (no router there);
 - the vision projector and the output layer (over every position, as GPTModel computes it).
 `full` counts the same batches through the unreduced model (every token, k experts each), which
 is what `flops_ratio` divides by.
@@ -25,8 +26,11 @@ MODALITIES = ("text", "vision")
 
 class FlopCounter:
     def __init__(self, *, hidden: int, num_layers: int, num_experts: int, topk: int,
-                 ffn: int, vocab: int, patch_dim: int):
+                 ffn: int, vocab: int, patch_dim: int, moe_pattern: list[int] | None = None,
+                 dense_ffn: int = 0, shared_ffn: int = 0):
         self.d, self.layers, self.e, self.k, self.f = hidden, num_layers, num_experts, topk, ffn
+        self.moe = [1] * num_layers if moe_pattern is None else list(moe_pattern)
+        self.dense_ffn, self.shared_ffn = dense_ffn, shared_ffn
         self.vocab, self.patch_dim = vocab, patch_dim
         self.reset()
 
@@ -42,7 +46,11 @@ class FlopCounter:
 
     def _layer(self, out, layer: int, tokens_M: torch.Tensor, seq: int) -> None:
         out[layer, 0] += tokens_M * self.per_token_attention(seq)
-        out[layer, 1] += tokens_M * 2 * self.d * self.e
+        if self.moe[layer]:
+            out[layer, 1] += tokens_M * 2 * self.d * self.e
+        # every token's MLP outside the routed experts: shared experts, or the dense MLP
+        out[layer, 2] += tokens_M * 4 * self.d * (self.shared_ffn if self.moe[layer]
+                                                  else self.dense_ffn)
 
     def on_batch(self, batch: int, num_vision: int, seq: int) -> None:
         """A forward pass starts: count the full model's work for it analytically."""
@@ -50,7 +58,8 @@ class FlopCounter:
                                 dtype=torch.float64)
         for layer in range(self.layers):
             self._layer(self.full_LCM, layer, tokens_M, seq)
-            self.full_LCM[layer, 2] += tokens_M * self.k * 4 * self.d * self.f
+            if self.moe[layer]:
+                self.full_LCM[layer, 2] += tokens_M * self.k * 4 * self.d * self.f
         projector = batch * num_vision * 2 * (self.patch_dim * self.d + self.d * self.d)
         head = batch * seq * 2 * self.d * self.vocab
         self.full_other += torch.tensor([projector, head], dtype=torch.float64)

@@ -145,7 +145,7 @@ class MetricsExporter(NullMetrics):
         self.engine, self.linger_s = engine, linger_s
         self.registry, self.m = build_registry()
         self.rank = str(env.rank)
-        self.num_layers, self.num_experts = cfg.model.num_layers, cfg.model.num_experts
+        self.num_layers, self.num_experts = cfg.model.num_moe_layers, cfg.model.num_experts
         self.smoes = cfg.smoes.enabled
         self.num_bins = cfg.num_bins
         self._init_series()

@@ -15,7 +15,10 @@ import inspect
 import logging
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
-from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+from megatron.core.transformer.moe.token_dispatcher import (
+    MoEAlltoAllTokenDispatcher,
+    MoETokenDispatcher,
+)
 
 from epruntime.compat.dispatcher import no_dtoh_stream
 
@@ -39,6 +42,14 @@ class SpecMoELayer(MoELayer):
                 self.num_local_experts, self.local_expert_indices, config=self.config,
                 pg_collection=pg_collection, **extra,
             )
+            if self.shared_expert_overlap:
+                # MoELayer handed the shared experts to the dispatcher it built: the one that
+                # replaces it runs them during its all-to-all instead (megatron-core's alltoall
+                # dispatcher and subclasses of it; Config refuses the option for the others).
+                if not isinstance(self.token_dispatcher, MoEAlltoAllTokenDispatcher):
+                    raise ValueError(f"model.moe_shared_expert_overlap=true: "
+                                     f"{dispatcher_cls.__name__} cannot run the shared experts")
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
 
 
 class _KnownMoELayer(logging.Filter):

@@ -29,6 +29,13 @@ class RouterEvent:
     modality_T: torch.Tensor | None  # [T] (0 text, 1 vision), None when unknown
 
 
+def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The routers of the model's MoE layers in layer order (dense layers, which have none, left
+    out: `model.moe_layer_freq`); the position in this list is the MoE layer index."""
+    return [layer.mlp.router for layer in model.gpt.decoder.layers
+            if getattr(layer.mlp, "router", None) is not None]
+
+
 class RouterTap:
     def __init__(self, routers: list[torch.nn.Module], tokens: TokenStream):
         self.tokens = tokens

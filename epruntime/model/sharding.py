@@ -10,7 +10,7 @@ at any EP size and under any placement.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from epruntime.placement import Placement
 
@@ -21,15 +21,19 @@ def is_expert_param(name: str) -> bool:
     return _LOCAL_EXPERT.search(name) is not None
 
 
-def to_global_name(name: str, ep_rank: int, placements: Sequence[Placement]) -> str:
-    """`...layers.{l}...local_experts.{slot}...` -> `...local_experts.{logical expert}...`."""
+def to_global_name(name: str, ep_rank: int,
+                   placements: Sequence[Placement] | Mapping[int, Placement]) -> str:
+    """`...layers.{l}...local_experts.{slot}...` -> `...local_experts.{logical expert}...`.
+    `placements[l]` is decoder layer l's: a list when every layer is MoE, else a mapping of the
+    MoE layers' indices (`MoEVLM.placement_of_layer`)."""
     def logical(m: re.Match) -> str:
         expert = placements[int(m[2])].expert_at(ep_rank, int(m[3]))
         return f"{m[1]}{expert}{m[4]}"
     return _LOCAL_EXPERT.sub(logical, name)
 
 
-def to_local_name(global_name: str, ep_rank: int, placements: Sequence[Placement]) -> str | None:
+def to_local_name(global_name: str, ep_rank: int,
+                  placements: Sequence[Placement] | Mapping[int, Placement]) -> str | None:
     """Inverse of `to_global_name`; None when the expert lives on another EP rank."""
     m = _LOCAL_EXPERT.search(global_name)
     if m is None:

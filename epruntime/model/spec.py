@@ -21,12 +21,14 @@ from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher
 from epruntime.compat.router import cpu_safe_router
 from epruntime.config import Config
 from epruntime.model.moe_layer import SpecMoELayer
+from epruntime.model.options import check_transformer_config
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
-    """megatron-core TransformerConfig for the backbone; every layer's MLP is an MoE."""
+    """megatron-core TransformerConfig for the backbone: MoE MLPs in the layers
+    `model.moe_layer_freq` names, dense MLPs (ffn 4 x hidden) in the others."""
     m = cfg.model
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -61,17 +63,39 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         moe_permute_fusion=False,
+        # capacity: token dropping, shared experts, dense layers (see ModelConfig)
+        moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+        moe_token_drop_policy=m.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_shared_expert_overlap=m.moe_shared_expert_overlap,
+        moe_layer_freq=m.moe_layer_freq,
     )
+    check_transformer_config(config, cfg.dispatch.kind)
+    return config
 
 
 def decoder_block_spec(cfg: Config, router: type[TopKRouter] | None,
                        dispatcher: type[MoETokenDispatcher] | None,
                        runtimes: list) -> TransformerBlockSubmodules:
-    """One layer spec per decoder layer, each handing its layer's `LayerRuntime` to the
-    dispatcher's constructor (megatron-core sets layer numbers only after building a layer)."""
+    """One layer spec per decoder layer: megatron-core's dense local layer where
+    `model.moe_layer_freq` says dense (its get_gpt_decoder_block_spec reading), else the MoE
+    layer spec handing the MoE layer's `LayerRuntime` (`runtimes`, one per MoE layer, in order)
+    to the dispatcher's constructor (megatron-core sets layer numbers only after building a
+    layer)."""
+    pattern = cfg.model.moe_layer_pattern
+    if len(runtimes) != sum(pattern):
+        raise ValueError(f"{len(runtimes)} layer runtimes for {sum(pattern)} MoE layers "
+                         f"(model.moe_layer_freq={cfg.model.moe_layer_freq})")
     base = moe_layer_spec(cfg, router, dispatcher)
+    dense = get_gpt_layer_local_spec(num_experts=None, moe_grouped_gemm=False)
+    moe_runtimes = iter(runtimes)
     layers = []
-    for runtime in runtimes:
+    for is_moe in pattern:
+        if not is_moe:
+            layers.append(dense)
+            continue
+        runtime = next(moe_runtimes)
         mlp = base.submodules.mlp
         if dispatcher is not None:
             mlp = dataclasses.replace(mlp, params={**mlp.params, "runtime": runtime})

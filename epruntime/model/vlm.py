@@ -140,7 +140,7 @@ class MoEVLM(nn.Module):
         self.vision = VisionTower(m, channels=3)
         # One runtime per MoE layer (Engine: transport, kernels, observers); all share the token
         # stream this model writes as its forward pass goes from layer to layer.
-        runtimes = runtimes or layer_runtimes(m.num_layers)
+        runtimes = runtimes or layer_runtimes(m.num_moe_layers)
         self.tokens = runtimes[0].tokens
         attention_modality = None
         if router_cls is None:
@@ -150,7 +150,9 @@ class MoEVLM(nn.Module):
         flops = FlopCounter(hidden=m.hidden_size, num_layers=m.num_layers,
                             num_experts=m.num_experts, topk=m.moe_topk,
                             ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
-                            patch_dim=self.vision.encoder.out_dim)  # projector input width
+                            patch_dim=self.vision.encoder.out_dim,  # projector input width
+                            moe_pattern=m.moe_layer_pattern, dense_ffn=4 * m.hidden_size,
+                            shared_ffn=m.moe_shared_expert_intermediate_size or 0)
         self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
                                     attention_modality, kernels=runtimes[0].kernels)
         router_cls = reducing_router(router_cls or TopKRouter, self.reducer)
@@ -164,15 +166,17 @@ class MoEVLM(nn.Module):
         )
         # group-limited routing: placements must keep each router group on its rank / node
         self.router_groups = m.moe_router_num_groups
+        # Decoder-layer index of each MoE layer (dense layers among them: model.moe_layer_freq);
+        # placements, runtimes and `moe_layers` are indexed by position in this list.
+        self.moe_layer_indices = m.moe_layer_indices
         self.placements = [Placement.contiguous(m.num_experts, cfg.parallel.ep_size,
-                                                ranks_per_node)] * m.num_layers
+                                                ranks_per_node)] * m.num_moe_layers
         self.set_placements(self.placements)
         if attention_modality is not None:
-            attention_modality.attach(self.gpt.decoder.layers)
+            attention_modality.attach(self.gpt.decoder.layers, m.moe_layer_pattern)
         self.reducer.attach(self.gpt.decoder.layers)
         # On the reducing routers' output: observers see the routing that was dispatched.
-        self.router_tap = RouterTap([layer.mlp.router for layer in self.gpt.decoder.layers],
-                                    self.tokens)
+        self.router_tap = RouterTap([moe.router for moe in self.moe_layers], self.tokens)
 
     @property
     def seq_len(self) -> int:
@@ -244,7 +248,14 @@ class MoEVLM(nn.Module):
 
     @property
     def moe_layers(self) -> list:
-        return [layer.mlp for layer in self.gpt.decoder.layers]
+        """The MoE MLPs, in layer order (dense layers left out)."""
+        layers = self.gpt.decoder.layers
+        return [layers[i].mlp for i in self.moe_layer_indices]
+
+    def placement_of_layer(self) -> dict[int, Placement]:
+        """Decoder-layer index -> its placement (MoE layers only): what parameter names, which
+        carry the decoder-layer index, are mapped by (epruntime.model.sharding)."""
+        return dict(zip(self.moe_layer_indices, self.placements))
 
     def set_placements(self, placements: list[Placement]) -> None:
         """Record where each layer's logical experts live (and tell dispatchers that route by
@@ -276,16 +287,18 @@ class MoEVLM(nn.Module):
 
     def global_named_parameters(self, ep_rank: int):
         """(global name, parameter) pairs: expert slots named by logical expert (model.sharding)."""
+        placements = self.placement_of_layer()
         for name, param in self.named_parameters():
-            yield to_global_name(name, ep_rank, self.placements), param
+            yield to_global_name(name, ep_rank, placements), param
 
     def global_named_buffers(self, ep_rank: int):
         """(global name, buffer) of the persistent buffers: router state such as SMoES's EMA
         counts, bins and Gaussian statistics, which checkpoints must carry too."""
         params = {name for name, _ in self.named_parameters()}
+        placements = self.placement_of_layer()
         for name, value in self.state_dict(keep_vars=True).items():
             if name not in params and isinstance(value, torch.Tensor):
-                yield to_global_name(name, ep_rank, self.placements), value
+                yield to_global_name(name, ep_rank, placements), value
 
 
 def _seed_for(seed: int, name: str) -> int:

@@ -12,13 +12,14 @@ import torch.distributed as dist
 from torch import nn
 
 from epruntime.distributed import host_all_reduce
+from epruntime.model.router_tap import moe_routers
 from epruntime.placement.core import Placement
 from epruntime.placement.strategies import traffic_aware_placement
 
 
 class CoactivationRecorder:
     def __init__(self, model: nn.Module):
-        routers = [layer.mlp.router for layer in model.gpt.decoder.layers]
+        routers = moe_routers(model)
         experts = routers[0].config.num_moe_experts
         self.counts_LEE = torch.zeros(len(routers), experts, experts, dtype=torch.float64)
         self.tap = model.router_tap

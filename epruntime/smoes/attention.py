@@ -31,11 +31,15 @@ class AttentionModality:
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach() if self.detach else t
 
-    def attach(self, layers: nn.ModuleList) -> None:
-        """Hook every megatron-core TransformerLayer of the decoder."""
-        for layer in layers:
+    def attach(self, layers: nn.ModuleList, moe_pattern: list[int] | None = None) -> None:
+        """Hook every megatron-core TransformerLayer of the decoder. `moe_pattern` [layers] (1
+        MoE, 0 dense; None: all MoE): a dense layer has no router to call `advance()`, but its
+        attention mixes the tokens all the same, so M advances there after the attention."""
+        for index, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._on_layer_input, with_kwargs=True)
             layer.self_attention.register_forward_hook(self._on_attention_output)
+            if moe_pattern is not None and not moe_pattern[index]:
+                layer.self_attention.register_forward_hook(self._advance_past_dense_layer)
             softmax = layer.self_attention.core_attention.scale_mask_softmax
             softmax.register_forward_hook(self._on_attention_probs)
 
@@ -55,6 +59,9 @@ class AttentionModality:
     def _on_attention_output(self, module, args, output) -> None:
         x_attn_SBH = output[0] if isinstance(output, tuple) else output
         self._attn_norm_BS = self._keep(x_attn_SBH.norm(dim=-1).T.float())
+
+    def _advance_past_dense_layer(self, module, args, output) -> None:
+        self.advance()  # (a forward hook returning a value would replace the attention output)
 
     def keep_vision_tokens(self, select, num_vision: int) -> None:
         """Token pruning shortened the sequence: the scores of the first `num_vision` (visual)
