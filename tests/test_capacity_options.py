@@ -135,7 +135,8 @@ def _worker(rank: int, ep: int, out: str) -> None:
                                       for f, _, _ in c),
                 "summary": {k: summary[k] for k in ("dropped_pairs", "dropped_pairs_text",
                                                     "dropped_pairs_vision", "padded_pairs",
-                                                    "rows_sent", "expert_rows")},
+                                                    "rows_sent", "expert_rows",
+                                                    "floor_rows")},
                 "summary_per_layer": [(x["dropped_pairs"], x["padded_pairs"])
                                       for x in summary["per_layer"]],
             }
@@ -196,8 +197,8 @@ def test_dropped_pairs_are_megatron_cores_and_the_ledger_counts_them(runs, name,
         assert s["padded_pairs"] == padded
         if kind == "alltoall":  # one row per remote (token, expert) pair, padding ones included
             assert s["rows_sent"] == s["expert_rows"]
-        else:
-            assert s["rows_sent"] <= s["expert_rows"]
+        elif kind == "dedup":  # one per remote (token, rank) pair of the capacity-applied map
+            assert s["rows_sent"] == s["floor_rows"] < s["expert_rows"]
         per_layer = [sum(x["dropped"][i] for x in (q[name, kind] for q in ranks))
                      for i in range(r[name, kind]["num_moe_layers"])]
         assert [d for d, _ in r[name, kind]["summary_per_layer"]] == per_layer
