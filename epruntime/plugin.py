@@ -250,6 +250,46 @@ class EPModel:
         """Record into another ledger (evaluation) for the enclosed block; results never change."""
         return self.plugged.observers.observing(ledger, timer)
 
+    def metrics(self, host: str = "127.0.0.1", port: int = 9400, serve: bool = True):
+        """epruntime's Prometheus exporter (`epruntime.metrics.MetricsExporter`, the catalog the
+        Grafana dashboard reads) for this rank of the plugged model: bytes and rows per layer and
+        rank pair from the ledger, phase seconds from the timer, expert load from the router tap.
+        The training loop calls `on_step(step, epruntime.engine.StepResult(...), seconds)` after
+        each step (collective: it all-reduces the EP balance); `close()` at the end."""
+        from epruntime.metrics.exporter import MetricsExporter
+
+        if self.ledger is None:
+            raise PluginError("metrics need the ledger: plug(..., ledger=True)")
+        return MetricsExporter(_ExporterSource.of(self), host, port, serve=serve)
+
+
+@dataclass(frozen=True)
+class _ExporterSource:
+    """What MetricsExporter reads of epruntime's Engine, for a plugged model (explicit values;
+    MoE layers only: `num_layers` counts the ledger's layers)."""
+
+    cfg: Any
+    env: Any
+    ledger: CommLedger
+    timer: PhaseTimer | None
+    model: EPModel
+
+    @classmethod
+    def of(cls, ep: EPModel) -> "_ExporterSource":
+        from types import SimpleNamespace
+
+        import torch.distributed as dist
+
+        config = ep.moe_layers[0].config
+        cfg = SimpleNamespace(
+            model=SimpleNamespace(num_layers=len(ep.moe_layers),
+                                  num_experts=config.num_moe_experts),
+            smoes=SimpleNamespace(enabled=False), num_bins=ep.plugged.ep_size,
+            dispatch=SimpleNamespace(ledger=True))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        env = SimpleNamespace(rank=rank, local_rank=rank % ep.plugged.ranks_per_node)
+        return cls(cfg, env, ep.ledger, ep.timer, ep)
+
 
 def attach(model: torch.nn.Module, plugged: Plugged,
            placements: list[Placement] | None = None) -> EPModel:

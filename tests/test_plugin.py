@@ -120,6 +120,19 @@ def _spec_worker(rank: int, out_dir: str) -> None:
     pos = torch.arange(8)[None].expand(2, -1)
     model(ids, pos, attention_mask=None, labels=ids).sum().backward()
     report["ledger_rows"] = int(plugged.ledger.summary(dist.group.WORLD)["rows_sent"])
+    # epruntime's Prometheus exporter on the plugged model: the step's bytes and expert load.
+    from epruntime.engine import StepResult
+
+    exporter = ep.metrics(serve=False)
+    model(ids, pos, attention_mask=None, labels=ids).sum().backward()
+    exporter.on_step(0, StepResult(1.0, 1.0, 1e-3, ids.numel(), {}), 0.1)
+    text = exporter.exposition().decode()
+    report["metrics_rows"] = sum(float(line.split()[-1]) for line in text.splitlines()
+                                 if line.startswith("epruntime_alltoall_rows_sent_total{"))
+    report["metrics_load"] = sum(float(line.split()[-1]) for line in text.splitlines()
+                                 if line.startswith("epruntime_expert_load_tokens{"))
+    exporter.close()
+    report["ledger_rows_both"] = int(plugged.ledger.summary(dist.group.WORLD)["rows_sent"])
 
     # A layer spec: repeated per layer, each layer with its own runtime; alltoall keeps
     # megatron-core's contiguous placement and refuses another one by name.
@@ -170,6 +183,10 @@ def test_plug_rewrites_megatron_specs(tmp_path):
     assert r["router_types"] == ["MyRouter", "MyRouter"]
     assert r["runtime_layers"] == [0, 1] and r["ledger_layers"] == 2
     assert all(rep["ledger_rows"] > 0 for rep in reports)
+    # Each rank's exporter counted its own sends since the ledger began (both passes), and the
+    # expert load its routers saw in the second: 16 tokens x top-2 in each of the 2 MoE layers.
+    assert sum(rep["metrics_rows"] for rep in reports) == r["ledger_rows_both"] > r["ledger_rows"]
+    assert all(rep["metrics_load"] == 2 * 16 * 2 for rep in reports)
     assert r["layer_spec_runtimes"] == [0, 1] and r["layer_spec_original_mlp"]
     assert r["placement_set"]
     assert "contiguous" in r["alltoall_refuses"]
