@@ -172,7 +172,14 @@ def plug(config: TransformerConfig, spec: ModuleSpec | TransformerBlockSubmodule
     `epruntime.transport` object for it. `ledger`: True for a new CommLedger, a ledger, or False.
     `ranks_per_node`: EP ranks per node (default: all of them on one node).
     """
-    cls = dispatcher_class(dispatcher) if isinstance(dispatcher, str) else dispatcher
+    if not ps.model_parallel_is_initialized():
+        raise PluginError("plug() needs megatron-core's process groups: call "
+                          "parallel_state.initialize_model_parallel(expert_model_parallel_size="
+                          "...) first")
+    try:
+        cls = dispatcher_class(dispatcher) if isinstance(dispatcher, str) else dispatcher
+    except ValueError as err:
+        raise PluginError(str(err).replace("dispatch.kind=", "dispatcher=")) from None
     check_config(config, cls)
     block = _block(config, spec)
     moe_numbers = tuple(i + 1 for i, layer in enumerate(block.layer_specs) if _is_moe(layer))

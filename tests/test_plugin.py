@@ -161,6 +161,10 @@ def _spec_worker(rank: int, out_dir: str) -> None:
                         dispatcher="dedup")
         except plugin.PluginError as err:
             errors[name] = str(err)
+    try:
+        plugin.plug(cfg2, layer, dispatcher="flex")
+    except plugin.PluginError as err:
+        errors["unknown"] = str(err)
     if not plugin.transformer_engine_available():  # CPU hosts: asking for TE is a named error
         try:
             plugin.layer_spec(cfg2, transformer_engine=True)
@@ -193,6 +197,7 @@ def test_plug_rewrites_megatron_specs(tmp_path):
     assert "was not built from this plugged spec" in r["wrong_model"]
     assert "the spec has no MoE layer" in r["errors"]["dense"]
     assert "moe_token_dispatcher_type='allgather'" in r["errors"]["allgather"]
+    assert "dispatcher='flex'" in r["errors"]["unknown"] and "dedup" in r["errors"]["unknown"]
     assert r["auto_layer_spec"] == ("SequentialMLP" if importlib.util.find_spec(
         "transformer_engine") is None else "TEGroupedMLP")
     if importlib.util.find_spec("transformer_engine") is None:
