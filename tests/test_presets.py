@@ -8,6 +8,7 @@ easy-vqa); the EP=4 runs (4 CPU ranks on the same cores) are marked `slow`: dese
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from epruntime.config import load_config
 from tests.conftest import ROOT
 from tests.launch import check, run, sets, summary, torchrun_cmd
+from tests.test_bench import bench
 
 PRESETS = ROOT / "launch" / "configs" / "presets"
 # name: (routed experts, top-k) as the family routes.
@@ -77,3 +79,31 @@ def test_preset_trains_and_infers_at_ep2(preset, tmp_path):
 @pytest.mark.parametrize("preset", sorted(ROUTING))
 def test_preset_trains_and_infers_at_ep4(preset, tmp_path):
     _check_preset(preset, 4, tmp_path)
+
+
+def test_bench_dispatch_unknown_preset_exits_2_naming_the_known_ones(python_env):
+    proc = bench("dispatch", "--preset", "no-such-model", "--quick", env=python_env, timeout=120)
+    assert proc.returncode == 2
+    assert "launch/configs/presets/no-such-model.yaml" in proc.stderr
+    assert "mixtral" in proc.stderr and "qwen3-vl-moe" in proc.stderr
+
+
+def test_bench_dispatch_preset_reports_the_dispatch_table(python_env, tmp_path):
+    out = tmp_path / "dispatch.json"
+    proc = bench("dispatch", "--preset", "mixtral", "--quick", "--json", str(out),
+                 env=python_env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["params"]["preset"] == "mixtral"
+    assert result["params"]["config"] == "launch/configs/presets/mixtral.yaml"
+    by = {row["variant"]: row for row in result["rows"]}
+    assert set(by) == {"megatron-alltoall", "dedup", "dedup+traffic"}
+    for row in by.values():
+        assert row["detail"]["model"] == "preset"
+        assert 0 < row["balancedness"] <= 1 and row["tokens_per_s"] > 0
+    # Mixtral's top-2: megatron-core sends a row per remote (token, expert), dedup the floor.
+    a2a, dedup = by["megatron-alltoall"], by["dedup"]
+    assert dedup["rows_sent"] == dedup["floor_rows"] == a2a["floor_rows"] < a2a["rows_sent"]
+    assert dedup["cross_rank_bytes"] < a2a["cross_rank_bytes"]
+    assert result["ratios"]["dedup/megatron-alltoall_rows_sent"] == pytest.approx(
+        dedup["rows_sent"] / a2a["rows_sent"])
