@@ -279,3 +279,33 @@ def test_cpu_dispatcher_off_cpu_is_megatrons(restore_compat, monkeypatch, world_
     with cpu_dispatcher.no_dtoh_stream(), pytest.raises(RuntimeError, match="CUDA"):
         cpu_dispatcher.CpuAlltoAllTokenDispatcher(4, [0, 1, 2, 3], config=config,
                                                   pg_collection=world_of_one)
+
+
+@cpu_only
+def test_stock_dispatcher_runs_megatrons_own_on_cpu_and_undoes(restore_compat, monkeypatch,
+                                                                world_of_one):
+    """enable(stock_dispatcher=True): megatron-core's own MoEAlltoAllTokenDispatcher (as its stock
+    MoELayer builds it) constructs and dispatches on CPU; disable() restores the class."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    monkeypatch.setattr(adapters, "PATCH_BASE_DISPATCHER", False)
+    compat.disable()
+    before = _state()
+    compat.enable()  # without: megatron-core's own dispatcher makes a CUDA stream
+    with pytest.raises(RuntimeError, match="CUDA"):
+        MoEAlltoAllTokenDispatcher(4, [0, 1, 2, 3], config=_dispatcher_config(),
+                                   pg_collection=world_of_one)
+    assert compat.enable(stock_dispatcher=True)  # added on top of the enabled adapter
+    dispatcher = MoEAlltoAllTokenDispatcher(4, [0, 1, 2, 3], config=_dispatcher_config(),
+                                            pg_collection=world_of_one)
+    hidden = torch.randn(6, 8)
+    routing_map = torch.zeros(6, 4, dtype=torch.bool)
+    routing_map[torch.arange(6), torch.arange(6) % 4] = True
+    h, p = dispatcher.dispatch_preprocess(hidden, routing_map, routing_map * 1.0)
+    h, p = dispatcher.token_dispatch(h, p)
+    h, tokens_per_expert, p = dispatcher.dispatch_postprocess(h, p)
+    assert tokens_per_expert.tolist() == routing_map.sum(0).tolist()
+    out = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(h)))
+    torch.testing.assert_close(out, hidden)
+    compat.disable()
+    _same(before, _state())

@@ -43,6 +43,7 @@ def cpu_model_parallel_manual_seed(seed: int, *args, **kwargs) -> None:
 
 
 _ENABLED = False
+_STOCK = False  # megatron-core's own alltoall dispatcher adapted too (enable(stock_dispatcher))
 _MISSING = object()
 # (owner, attribute) -> the raw value in owner's own namespace before enable(), or _MISSING
 # where the attribute was not there (disable() deletes it again).
@@ -58,15 +59,21 @@ def is_enabled() -> bool:
     return _ENABLED
 
 
-def enable(force: bool = False) -> bool:
+def enable(force: bool = False, stock_dispatcher: bool = False) -> bool:
     """Adapt megatron-core to CPU + gloo. Returns True when the adaptation is active.
 
     A no-op on hosts with CUDA (unless `force`, used by tests that want the CPU path on a GPU
     host); idempotent. Raises MegatronVersionError, before changing anything, on a megatron-core
     it was not written for or when a declared adapter's target is missing or not as expected.
+
+    `stock_dispatcher`: also adapt megatron-core's own `MoEAlltoAllTokenDispatcher` in place (its
+    two `subclass` adapters, patched onto the base class), so that a model built from
+    megatron-core's stock specs (`MoELayer` choosing its dispatcher from
+    `moe_token_dispatcher_type="alltoall"`) runs on CPU. epruntime's own specs do not need it:
+    they select the CPU-safe subclass. A later call with it adds those two patches.
     """
-    global _ENABLED
-    if _ENABLED:
+    global _ENABLED, _STOCK
+    if _ENABLED and (_STOCK or not stock_dispatcher):
         return True
     if torch.cuda.is_available() and not force:
         return False
@@ -74,7 +81,8 @@ def enable(force: bool = False) -> bool:
     applicable = _adapters.check(_adapters.ADAPTERS, version)
     try:
         for adapter in applicable:
-            if not adapter.patched():
+            stock = stock_dispatcher and adapter.by == "subclass" and adapter.replacement is not None
+            if not (adapter.patched() or stock) or (_ENABLED and not stock):
                 continue
             owner, name = adapter.resolve()
             if adapter.only_if_missing and hasattr(owner, name):
@@ -83,7 +91,7 @@ def enable(force: bool = False) -> bool:
     except BaseException:
         disable()
         raise
-    _ENABLED = True
+    _ENABLED, _STOCK = True, _STOCK or stock_dispatcher
     return True
 
 
@@ -104,7 +112,7 @@ def enable_host_independent() -> None:
 def disable() -> None:
     """Undo every patch: restore what was there, delete what was added (tests use it to show
     what breaks without the adapter)."""
-    global _ENABLED
+    global _ENABLED, _STOCK
     for (owner, name), value in reversed(list(_ORIGINALS.items())):
         if value is _MISSING:
             if name in vars(owner):
@@ -112,4 +120,4 @@ def disable() -> None:
         else:
             setattr(owner, name, value)
     _ORIGINALS.clear()
-    _ENABLED = False
+    _ENABLED = _STOCK = False

@@ -19,6 +19,11 @@ by live migration), `dedup+traffic` (traffic-aware placement from co-activation 
 training batches), `dedup+traffic+shm` (the same over the shared-memory transport). The paper's end-to-end comparison (arXiv 2604.23996: 56.1% fewer EP bytes,
 +12.3% throughput) is `baseline:megatron-alltoall` against `dedup+bins`; `baseline:dedup+traffic`
 shows what placement alone does for a model trained without SMoES.
+
+`--preset NAME` (issue 14): the model is `launch/configs/presets/NAME.yaml` as it is (its shape
+and router; no SMoES), trained once, and the variants are `megatron-alltoall`, `dedup` and
+`dedup+traffic` on it: the dispatch table (bytes, rows, floor, balancedness, tokens/s) of that
+architecture's routing structure.
 """
 
 from __future__ import annotations
@@ -50,10 +55,17 @@ VARIANTS = {  # name: (model, dispatch.kind, placement[, dispatch.transport])
     "baseline:megatron-alltoall": ("baseline", "alltoall", "contiguous"),
     "baseline:dedup+traffic": ("baseline", "dedup", "traffic"),
 }
+PRESET_DIR = ROOT / "launch" / "configs" / "presets"
+PRESET_MODELS = {"preset": []}  # the preset's own model and router
+PRESET_VARIANTS = {"megatron-alltoall": ("preset", "alltoall", "contiguous"),
+                   "dedup": ("preset", "dedup", "contiguous"),
+                   "dedup+traffic": ("preset", "dedup", "traffic")}
 FULL = dict(ep=4, shape="fine", steps=600, samples=32, repeats=7, warmup=2, calib_batches=8,
-            workdir=None, mi_coeff=None)
+            workdir=None, mi_coeff=None, preset=None)
 QUICK = dict(ep=2, shape="tiny", steps=4, samples=4, repeats=2, warmup=1, calib_batches=1,
-             workdir=None, mi_coeff=None)
+             workdir=None, mi_coeff=None, preset=None)
+# With --preset: a fixed architecture, fewer training steps (the table is about its routing).
+PRESET_FULL = dict(FULL, steps=100, samples=16, repeats=5)
 ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows", "balancedness")
 DETAIL_KEYS = ("expert_rows", "payload_bytes", "meta_bytes", "control_bytes", "local_bytes",
                "intra_node_bytes", "inter_node_bytes")
@@ -70,17 +82,35 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="keep trained checkpoints here and reuse them")
     parser.add_argument("--mi-coeff", dest="mi_coeff", type=float,
                         help="smoes.mi_coeff of the SMoES model (default: the paper's 1e-4)")
+    parser.add_argument("--preset", help="an architecture preset, launch/configs/presets/"
+                        "NAME.yaml: its model, megatron-alltoall vs dedup vs dedup+traffic")
+
+
+def _config_path(p: dict[str, Any]) -> Path:
+    return PRESET_DIR / f"{p['preset']}.yaml" if p["preset"] else TINY_CONFIG
+
+
+def _models(p: dict[str, Any]) -> dict[str, list[str]]:
+    return PRESET_MODELS if p["preset"] else MODELS
+
+
+def _variants(p: dict[str, Any]) -> dict[str, tuple]:
+    return PRESET_VARIANTS if p["preset"] else VARIANTS
+
+
+def _shape(p: dict[str, Any]) -> list[str]:
+    return [] if p["preset"] else SHAPES[p["shape"]]
 
 
 def _model_overrides(p: dict[str, Any], model: str) -> list[str]:
-    extra = list(MODELS[model])
+    extra = list(_models(p)[model])
     if model == "smoes" and p["mi_coeff"] is not None:
         extra.append(f"smoes.mi_coeff={p['mi_coeff']}")
     return extra
 
 
 def _common(p: dict[str, Any]) -> list[str]:
-    return [*SHAPES[p["shape"]], f"parallel.ep_size={p['ep']}", "train.progress=false",
+    return [*_shape(p), f"parallel.ep_size={p['ep']}", "train.progress=false",
             f"train.max_steps={p['steps']}", f"train.checkpoint_interval={p['steps']}",
             "data.max_eval_items=1024"]
 
@@ -88,9 +118,9 @@ def _common(p: dict[str, Any]) -> list[str]:
 def _trained(p: dict[str, Any], workdir: Path) -> dict[str, dict]:
     """Train (or reuse) the baseline and SMoES checkpoints; their training summaries."""
     out = {}
-    for model in MODELS:
+    for model in _models(p):
         overrides = [*_common(p), *_model_overrides(p, model)]
-        tag = f"{p['shape']}-ep{p['ep']}-s{p['steps']}-{model}"
+        tag = f"{p['preset'] or p['shape']}-ep{p['ep']}-s{p['steps']}-{model}"
         if model == "smoes" and p["mi_coeff"] is not None:
             tag += f"-mi{p['mi_coeff']:g}"
         run_dir = workdir / tag
@@ -99,7 +129,7 @@ def _trained(p: dict[str, Any], workdir: Path) -> dict[str, dict]:
             out[model] = json.loads(summary.read_text())
         else:
             print(f"dispatch: training {tag}...", file=sys.stderr, flush=True)
-            out[model] = torchrun_train(TINY_CONFIG, [*overrides, f"train.output_dir={run_dir}"],
+            out[model] = torchrun_train(_config_path(p), [*overrides, f"train.output_dir={run_dir}"],
                                         p["ep"], tag)
         out[model]["dir"] = str(run_dir)
     return out
@@ -117,18 +147,20 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     from epruntime.placement.recording import CoactivationRecorder, traffic_placements
 
     def config(model: str, kind: str, transport: str = "pg"):
-        return load_config(TINY_CONFIG, [*_common(p), *_model_overrides(p, model),
+        return load_config(_config_path(p), [*_common(p), *_model_overrides(p, model),
                                          f"dispatch.kind={kind}", f"dispatch.transport={transport}",
                                          "dispatch.timing=on"])
 
-    env = distributed.init_distributed(config("smoes", "alltoall"))
-    train_ds, eval_ds = build_datasets(config("smoes", "alltoall"))
+    first = next(iter(_models(p)))
+    env = distributed.init_distributed(config(first, "alltoall"))
+    train_ds, eval_ds = build_datasets(config(first, "alltoall"))
     world, per_rank = env.world_size, p["samples"]
     batch = eval_ds.batch(torch.arange(rank * per_rank, (rank + 1) * per_rank))
     global_batch = per_rank * world
 
     engines, rows = {}, {}
-    for name, (model, kind, placement, *transport) in VARIANTS.items():
+    variants = _variants(p)
+    for name, (model, kind, placement, *transport) in variants.items():
         distributed.seed_all(0)
         cfg = config(model, kind, *transport)
         engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
@@ -164,8 +196,8 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
 
     # Round-robin so that drift of a noisy host spreads over every variant alike. The ledger is
     # off while timed (its row plan for megatron-core's dispatcher is not megatron-core's cost).
-    samples = {name: [] for name in VARIANTS}
-    comm = {name: [] for name in VARIANTS}
+    samples = {name: [] for name in variants}
+    comm = {name: [] for name in variants}
     parts = {name: torch.zeros_like(engine.timer.seconds) for name, engine in engines.items()}
     for i in range(p["warmup"] + p["repeats"]):
         for name, engine in engines.items():
@@ -206,7 +238,12 @@ def _inputs(batch):
 @register("dispatch", add_arguments=add_options)
 def run(args: argparse.Namespace) -> BenchResult:
     """megatron-core alltoall vs dedup dispatch x placement: bytes, rows, step time."""
-    p = resolve(args, FULL, QUICK)
+    preset = getattr(args, "preset", None)
+    if preset is not None and not (PRESET_DIR / f"{preset}.yaml").is_file():
+        known = ", ".join(sorted(f.stem for f in PRESET_DIR.glob("*.yaml"))) or "(none)"
+        raise BenchUsageError(f"--preset {preset}: no file {PRESET_DIR.relative_to(ROOT)}/"
+                              f"{preset}.yaml; known presets: {known}")
+    p = resolve(args, PRESET_FULL if preset else FULL, QUICK)
     if p["ep"] < 2:
         raise BenchUsageError(f"--ep must be at least 2 (dispatch needs remote ranks), got {p['ep']}")
     with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as tmp:
@@ -227,6 +264,10 @@ def run(args: argparse.Namespace) -> BenchResult:
             for key in ("cross_rank_bytes", "rows_sent", "tokens_per_s", "comm_seconds",
                         "comm_seconds_min"):
                 ratios[f"{r['variant']}/megatron-alltoall_{key}"] = r[key] / ref[key]
+    ratios["dedup+traffic/floor_rows_of_megatron-placement"] = (
+        by["dedup+traffic"]["rows_sent"] / ref["floor_rows"])
+    if p["preset"]:
+        return _result(args, p, rows, ratios)
     base = by["baseline:megatron-alltoall"]
     for key in ("cross_rank_bytes", "tokens_per_s"):
         ratios[f"e2e:dedup+bins/baseline:megatron-alltoall_{key}"] = by["dedup+bins"][key] / base[key]
@@ -236,14 +277,18 @@ def run(args: argparse.Namespace) -> BenchResult:
         by["dedup+traffic+shm"]["comm_seconds"] / base["comm_seconds"])
     ratios["dedup+traffic+shm/dedup+traffic_tokens_per_s"] = (
         by["dedup+traffic+shm"]["tokens_per_s"] / by["dedup+traffic"]["tokens_per_s"])
-    ratios["dedup+traffic/floor_rows_of_megatron-placement"] = (
-        by["dedup+traffic"]["rows_sent"] / ref["floor_rows"])
-    params = {"shape": p["shape"], "shape_overrides": SHAPES[p["shape"]], "ep_size": p["ep"],
+    return _result(args, p, rows, ratios)
+
+
+def _result(args, p: dict[str, Any], rows: list[dict], ratios: dict) -> BenchResult:
+    by = {r["variant"]: r for r in rows}
+    params = {"preset": p["preset"], "shape": None if p["preset"] else p["shape"],
+              "shape_overrides": _shape(p), "ep_size": p["ep"],
               "train_steps": p["steps"], "samples_per_rank": p["samples"],
               "tokens_per_step": by["megatron-alltoall"]["tokens_per_step"], "repeats": p["repeats"],
               "warmup": p["warmup"], "calib_batches": p["calib_batches"],
               "smoes_mi_coeff": p["mi_coeff"] if p["mi_coeff"] is not None else "config",
-              "config": str(TINY_CONFIG.relative_to(ROOT)), "quick": bool(args.quick)}
+              "config": str(_config_path(p).relative_to(ROOT)), "quick": bool(args.quick)}
     notes = ["cross_rank_bytes: forward dispatch + combine payload and metadata between different "
              "ranks (backward mirrors it); rows_sent/floor_rows/expert_rows: dispatch rows off-rank",
              "step_time_s: forward+backward of the whole MoE-VLM incl. dense-gradient all-reduce, "
