@@ -20,7 +20,8 @@ from tests.test_bench import bench
 
 PRESETS = ROOT / "launch" / "configs" / "presets"
 # name: (routed experts, top-k) as the family routes.
-ROUTING = {"mixtral": (8, 2), "qwen3-vl-moe": (128, 8)}
+ROUTING = {"mixtral": (8, 2), "qwen3-vl-moe": (128, 8), "deepseek-v3-lite": (64, 6),
+           "deepseek-vl2-tiny": (64, 6)}
 STEPS = 20
 
 
@@ -68,6 +69,10 @@ def _check_preset(preset: str, ep: int, tmp_path) -> None:
     # dispatcher one row per remote (token, expert) pair: more for top-k > 1.
     assert dedup["comm"]["rows_sent"] == dedup["comm"]["floor_rows"] > 0
     assert a2a["comm"]["rows_sent"] > a2a["comm"]["floor_rows"]
+    group_topk = load_config(PRESETS / f"{preset}.yaml").model.moe_router_group_topk
+    if group_topk is not None:  # node-limited routing: the ledger shows the bound held
+        for trained, _ in runs.values():
+            assert 1 <= trained["comm"]["max_nodes_per_token"] <= group_topk
 
 
 @pytest.mark.parametrize("preset", sorted(ROUTING))
