@@ -67,7 +67,8 @@ class TokenReducer:
         """Switch policy, layers, k' or retention between passes (the same model and hooks)."""
         cfg.check_layers(self.num_layers)
         self.cfg = cfg
-        self.policy = build_policy(cfg.policy, cfg.similarity) if cfg.enabled else None
+        self.policy = (build_policy(cfg.policy, cfg.similarity, self.kernels) if cfg.enabled
+                       else None)
 
     def _prunes(self, index: int) -> bool:
         return self.policy is not None and self.cfg.retention_at(index) is not None
