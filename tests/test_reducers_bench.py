@@ -39,7 +39,7 @@ def test_deep_preset_trains_two_steps_at_ep2(tmp_path):
 
 
 COLUMNS = ("workload", "variant", "method", "eval_accuracy", "accuracy_retention", "flops_ratio",
-           "prefill_tokens_per_s", "prefill_speedup", "vision_tokens_kept",
+           "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_best", "vision_tokens_kept",
            "dispatched_pairs_per_item", "cross_rank_bytes_per_item", "selection_ms",
            "selection_fraction")
 

@@ -305,5 +305,5 @@ from epruntime.kernels.autograd import (  # noqa: E402
 )
 
 __all__ = ["Layout", "available_backends", "compact", "dispatch_layout", "greedy_keep",
-           "permute", "permute_differentiable", "register_backend", "resolve_backend", "unpermute_combine",
-           "unpermute_combine_differentiable"]
+           "permute", "permute_differentiable", "register_backend", "resolve_backend",
+           "unpermute_combine", "unpermute_combine_differentiable"]
