@@ -324,7 +324,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axvline(GOAL["flops_ratio"], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("FLOPs ratio (vs full model)")
         ax.set_ylabel("accuracy retention (vs full)")
-        ax.set_title(f"{workload}: 8-layer deep-vqa preset, EP=2 (labels: speedup)")
+        ax.set_title(f"{workload} (labels: visual-token budget, prefill speedup)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
