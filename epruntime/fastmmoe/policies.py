@@ -59,13 +59,14 @@ class FastMMoEPolicy(Policy):
     name = "fastmmoe"
     needs_routing = True
 
-    def __init__(self, similarity: str = "cosine"):
+    def __init__(self, similarity: str = "cosine", kernels: str | None = None):
         self.similarity = SIMILARITIES[similarity]
+        self.kernels = kernels  # epruntime.kernels backend of the greedy selection
 
     def select(self, obs: Observation, keep: int, merge: bool = False) -> Selection:
         sim_BPP = self.similarity(obs.routing_BPE.float())
         b, p, _ = sim_BPP.shape
-        keep_BK = greedy_keep(sim_BPP, keep)
+        keep_BK = greedy_keep(sim_BPP, keep, self.kernels)
         merge_into = None
         if merge and keep:
             # Each token joins its most similar kept token (a kept token joins itself).
@@ -76,34 +77,16 @@ class FastMMoEPolicy(Policy):
         return Selection(keep_BK, merge_into)
 
 
-def greedy_keep(sim_BPP: torch.Tensor, keep: int) -> torch.Tensor:
+def greedy_keep(sim_BPP: torch.Tensor, keep: int, kernels: str | None = None) -> torch.Tensor:
     """[B, P, P] pairwise similarity -> [B, keep] ascending indices that stay.
 
     Repeatedly drop the token most similar to another remaining token (its redundancy), first
-    index on ties, until `keep` remain. Each token's closest remaining neighbour is cached and
-    recomputed only when that neighbour is dropped, so a step costs O(P) per sample, not O(P^2).
+    index on ties, until `keep` remain. Runs as `epruntime.kernels.greedy_keep` (`kernels`: the
+    backend, None for automatic): a C++ loop on CPU, every sample at once in torch elsewhere.
     """
-    b, p, _ = sim_BPP.shape
-    device = sim_BPP.device
-    if keep >= p:
-        return torch.arange(p, device=device).expand(b, p).clone()
-    if keep <= 0:
-        return torch.empty(b, 0, dtype=torch.long, device=device)
-    eye = torch.eye(p, dtype=torch.bool, device=device)
-    work = sim_BPP.masked_fill(eye, float("-inf"))
-    redundancy_BP, nearest_BP = work.max(dim=2)
-    alive_BP = torch.ones(b, p, dtype=torch.bool, device=device)
-    rows = torch.arange(b, device=device)
-    for _ in range(p - keep):
-        drop_B = redundancy_BP.masked_fill(~alive_BP, float("-inf")).argmax(dim=1)
-        alive_BP[rows, drop_B] = False
-        work[rows, :, drop_B] = float("-inf")  # no longer anyone's neighbour
-        stale_b, stale_p = ((nearest_BP == drop_B[:, None]) & alive_BP).nonzero(as_tuple=True)
-        if stale_b.numel():
-            value, index = work[stale_b, stale_p].max(dim=1)
-            redundancy_BP[stale_b, stale_p] = value
-            nearest_BP[stale_b, stale_p] = index
-    return alive_BP.nonzero()[:, 1].view(b, keep)
+    from epruntime.kernels import greedy_keep as kernel
+
+    return kernel(sim_BPP, keep, kernels)
 
 
 class FastVPolicy(Policy):
@@ -141,12 +124,14 @@ class RandomPolicy(Policy):
         return Selection(top_scores(score_BP, keep).to(obs.query_valid_BS.device))
 
 
-def build_policy(name: str, similarity: str = "cosine") -> Policy | None:
-    """`fastmmoe.policy` -> Policy (None for "none")."""
+def build_policy(name: str, similarity: str = "cosine", kernels: str | None = None
+                 ) -> Policy | None:
+    """`fastmmoe.policy` -> Policy (None for "none"); `kernels`: the epruntime.kernels backend
+    of FastMMoE's selection (None: automatic)."""
     if name == "none":
         return None
     if name == "fastmmoe":
-        return FastMMoEPolicy(similarity)
+        return FastMMoEPolicy(similarity, kernels)
     policies = {"fastv": FastVPolicy, "text2vision": Text2VisionPolicy, "random": RandomPolicy}
     if name not in policies:
         raise ValueError(f"fastmmoe.policy={name!r}: expected none, fastmmoe, fastv, "

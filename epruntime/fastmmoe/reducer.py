@@ -24,6 +24,7 @@ training-free); FLOPs are counted in eval mode whether or not anything is reduce
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +63,16 @@ class TokenReducer:
         self.last_kept: dict[int, torch.Tensor] = {}  # layer -> [B, K] kept, in the last pass
         self.kept_vision = 0  # visual tokens per sample that reached the output, summed over passes
         self.passes = 0  # samples that went through (the denominator of kept_vision)
+        # Host seconds spent choosing tokens (the policy's inputs and its selection), summed over
+        # passes: exact on CPU; on CUDA it is launch time, as nothing here waits for the device.
+        self.selection_s = 0.0
 
     def configure(self, cfg: FastMMoEConfig) -> None:
         """Switch policy, layers, k' or retention between passes (the same model and hooks)."""
         cfg.check_layers(self.num_layers)
         self.cfg = cfg
-        self.policy = build_policy(cfg.policy, cfg.similarity) if cfg.enabled else None
+        self.policy = (build_policy(cfg.policy, cfg.similarity, self.kernels) if cfg.enabled
+                       else None)
 
     def _prunes(self, index: int) -> bool:
         return self.policy is not None and self.cfg.retention_at(index) is not None
@@ -109,6 +114,7 @@ class TokenReducer:
 
     def reset_stats(self) -> None:
         self.kept_vision = self.passes = 0
+        self.selection_s = 0.0
         if self.flops is not None:
             self.flops.reset()
 
@@ -159,6 +165,7 @@ class TokenReducer:
         """At a pruning layer, after attention and routing: choose the visual tokens that stay.
         In drop mode the others skip this layer's experts too (they leave at its output, so
         their expert output would be discarded): their routing rows are cleared."""
+        start = time.perf_counter()
         s, b = hidden_SBH.shape[:2]
         p = self.num_vision
         routing_BPE = None
@@ -175,6 +182,7 @@ class TokenReducer:
         keep_BP.scatter_(1, sel.keep_BK.to(keep_BP.device), True)
         self._selection = (keep, keep_BP, sel.merge_into_BP)
         self.last_kept[router.layer_number - 1] = sel.keep_BK
+        self.selection_s += time.perf_counter() - start
         if sel.merge_into_BP is None and not bool(keep_BP.all()):
             # Tokens are s-major ([S, B] flattened): position s of sample b is row s * B + b.
             skip_T = torch.cat([~keep_BP.T, keep_BP.new_zeros(s - p, b)]).reshape(-1)

@@ -4,6 +4,7 @@
     rows_NH = permute(x_TH, layout)                       # one row per (token, rank), rank-major
     out_TH = unpermute_combine(rows_NH, layout, weight_TR, num_tokens)
     x_KH, index_K = compact(x_TH, keep_T)
+    keep_BK = greedy_keep(sim_BPP, keep)                 # FastMMoE's token selection (optional op)
 
 Backends: "torch" (reference.py, the definition), "cpu" (C++ row copies loaded with ctypes),
 "triton" (Triton kernels; on CPU only under TRITON_INTERPRET=1) and "cuda" (registered by
@@ -16,6 +17,9 @@ layout, weight_TR | None, num_tokens)` and `compact(x_TH, keep_T)`; the front ch
 dtypes and devices before calling it, so backends may assume valid input. Register one with
 `register_backend(name, obj, reason_fn)`, where `reason_fn()` returns None when it can run, else
 why not.
+
+`greedy_keep` is optional for a backend: one without it (or a dtype it does not take) runs the
+torch reference; the "cpu" backend has it for float32.
 
 `permute_differentiable` / `unpermute_combine_differentiable` are the autograd wrappers.
 """
@@ -269,6 +273,28 @@ def compact(x_TH: torch.Tensor, keep_T: torch.Tensor, backend: str | None = None
     return _impl(backend, x_TH.device).compact(x_TH.contiguous(), keep_T.contiguous())
 
 
+def greedy_keep(sim_BPP: torch.Tensor, keep: int, backend: str | None = None) -> torch.Tensor:
+    """sim_BPP [B, P, P] pairwise similarity of each sample's tokens -> keep_BK [B, keep] int64
+    ascending: the tokens that stay after repeatedly dropping the token most similar to another
+    remaining one (its redundancy: max similarity to the others still there), first index on
+    ties, until `keep` remain (FastMMoE's greedy selection, epruntime.fastmmoe.policies)."""
+    _check(isinstance(sim_BPP, torch.Tensor) and sim_BPP.is_floating_point()
+           and sim_BPP.dim() == 3 and sim_BPP.shape[1] == sim_BPP.shape[2],
+           "sim_BPP must be a float [B, P, P] tensor, got "
+           + (_describe(sim_BPP) if isinstance(sim_BPP, torch.Tensor) else type(sim_BPP).__name__))
+    b, p, _ = sim_BPP.shape
+    _check(isinstance(keep, int) and 0 <= keep, f"keep must be an int >= 0, got {keep!r}")
+    if keep >= p:
+        return torch.arange(p, device=sim_BPP.device).expand(b, p).clone()
+    if keep == 0:
+        return torch.empty(b, 0, dtype=torch.long, device=sim_BPP.device)
+    impl = _impl(backend, sim_BPP.device)
+    if not hasattr(impl, "greedy_keep") or (impl is not _reference
+                                            and sim_BPP.dtype != torch.float32):
+        impl = _reference
+    return impl.greedy_keep(sim_BPP.contiguous(), keep)
+
+
 from epruntime.kernels import reference as _reference  # noqa: E402
 
 register_backend("torch", _reference, lambda: None)
@@ -278,6 +304,6 @@ from epruntime.kernels.autograd import (  # noqa: E402
     unpermute_combine_differentiable,
 )
 
-__all__ = ["Layout", "available_backends", "compact", "dispatch_layout", "permute",
-           "permute_differentiable", "register_backend", "resolve_backend", "unpermute_combine",
-           "unpermute_combine_differentiable"]
+__all__ = ["Layout", "available_backends", "compact", "dispatch_layout", "greedy_keep",
+           "permute", "permute_differentiable", "register_backend", "resolve_backend",
+           "unpermute_combine", "unpermute_combine_differentiable"]

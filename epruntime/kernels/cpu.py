@@ -41,6 +41,7 @@ _SIGNATURES = {
     "ep_cpu_combine_bf16": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr], None),
     "ep_cpu_combine_f16": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr], None),
     "ep_cpu_compact": ([_ptr, _i64, _i64, _ptr, _ptr, _ptr], _i64),
+    "ep_cpu_greedy_keep": ([_ptr, _i64, _i64, _i64, _ptr], None),
 }
 _COMBINE = {torch.float32: "ep_cpu_combine_f32", torch.bfloat16: "ep_cpu_combine_bf16",
             torch.float16: "ep_cpu_combine_f16"}
@@ -171,6 +172,15 @@ def compact(x_TH, keep_T):
     _library().ep_cpu_compact(_p(x_TH), x_TH.shape[0], x_TH.shape[1] * x_TH.element_size(),
                               _p(keep_T), _p(out), _p(index_K))
     return out, index_K
+
+
+def greedy_keep(sim_BPP, keep):
+    """FastMMoE's greedy selection (csrc/cpu/greedy_select.cpp); float32 only (the front
+    falls back to the torch reference for other dtypes)."""
+    b, p, _ = sim_BPP.shape
+    keep_BK = torch.empty(b, keep, dtype=torch.int64)
+    _library().ep_cpu_greedy_keep(_p(sim_BPP), b, p, keep, _p(keep_BK))
+    return keep_BK
 
 
 def _register() -> None:

@@ -55,3 +55,23 @@ def compact(x_TH: torch.Tensor, keep_T: torch.Tensor) -> tuple[torch.Tensor, tor
     """x_TH [T, H], keep_T bool [T] -> (x_KH [K, H], index_K int64 [K]) in original order."""
     index_K = keep_T.nonzero().squeeze(1)
     return x_TH.index_select(0, index_K), index_K
+
+
+def greedy_keep(sim_BPP: torch.Tensor, keep: int) -> torch.Tensor:
+    """sim_BPP [B, P, P] float, 0 < keep < P -> keep_BK [B, keep] int64 ascending: FastMMoE's
+    greedy redundancy selection (see the front). Every sample at once and no host sync: each
+    step takes every row's max over the remaining tokens afresh (O(P^2) per sample and step),
+    which equals a cached nearest-neighbour update because a max is exact."""
+    b, p, _ = sim_BPP.shape
+    device = sim_BPP.device
+    eye = torch.eye(p, dtype=torch.bool, device=device)
+    work_BPP = sim_BPP.masked_fill(eye, float("-inf"))
+    alive_BP = torch.ones(b, p, dtype=torch.bool, device=device)
+    rows_B = torch.arange(b, device=device)
+    for _ in range(p - keep):
+        redundancy_BP = work_BPP.amax(dim=2).masked_fill_(~alive_BP, float("-inf"))
+        drop_B = redundancy_BP.argmax(dim=1)  # first index on ties
+        alive_BP[rows_B, drop_B] = False
+        work_BPP[rows_B, :, drop_B] = float("-inf")  # no longer anyone's neighbour
+    index_BP = torch.arange(p, device=device).expand(b, p)
+    return torch.where(alive_BP, index_BP, p).sort(dim=1).values[:, :keep]

@@ -1,0 +1,413 @@
+"""Visual-token and expert reducers side by side on a deeper MoE-VLM (issue 17): accuracy, FLOPs,
+prefill speed, dispatched pairs, cross-rank bytes and selection cost, one table per workload.
+
+    python profiling/bench.py reducers --json profiling/results/reducers_ep2.json
+    python profiling/bench.py reducers --workloads easy-vqa --variants fastmmoe@0.0625
+
+For each workload a model of `launch/configs/deep-vqa.yaml` (8 layers, conv stem, 64 visual
+tokens) is trained once with the real entry point at EP=2 and cached under
+`--workdir/<workload>/<model>` (default runs/bench-reducers), so reruns only evaluate. Workloads:
+`easy-vqa`, and `scenes` (real Fashion-MNIST photos, epruntime.data.scenes; generated into the
+workdir on first use). One set of EP ranks per trained model evaluates every variant that runs
+on it, all on the same test items (the model never trained on them):
+- accuracy over `--eval-items` test items, its retention against `full`, analytic FLOPs and their
+  ratio to the full model, visual tokens kept, (token, expert) pairs the experts computed and the
+  ledger's cross-rank bytes, both per item;
+- prefill tokens/s (prompt tokens over the slowest rank's forward time) and the host time spent
+  choosing tokens, timed round-robin over the variants (so drift hits all of them alike): median
+  of `--repeats` passes over `--timing-items` items after `--warmup` untimed ones.
+
+Adding a method is one registry entry: `VARIANTS["modes@0.5"] = Variant("modes@0.5", "modes",
+apply_fn)`, where `apply_fn(engine, params)` sets the loaded model up for the variant on every
+rank, after every registered `RESETS` function has turned all methods off; `model="name"` with
+`MODELS["name"] = [overrides]` runs it on a model trained with those overrides (LearnPruner's
+and QMoP's modules are trained with the model). Functions must be module-level (or partials of
+them) so that spawned ranks can look them up by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, collect_env,
+                                register, resolve, spawn_ranks, torchrun_train)
+
+DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
+FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
+            eval_items=2048, timing_items=256, repeats=5, warmup=1, transport="pg",
+            scenes_train=8000, scenes_test=1000)
+QUICK = dict(ep=2, workloads="easy-vqa", steps=2, workdir=None, vision_topk=1, layer=0,
+             eval_items=32, timing_items=16, repeats=1, warmup=0, transport="pg",
+             scenes_train=64, scenes_test=16)
+BUDGETS = (0.5, 0.25, 0.125)  # visual-token retention of every pruning method
+GOAL = dict(retention=0.955, flops_ratio=0.45, speedup=2.0)  # FastMMoE's, on the deep preset
+
+
+# ---- registries ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str  # the row's label, e.g. "fastmmoe@0.25"
+    method: str  # one plot line per method
+    apply: Callable[[Any, dict], None]  # (engine, params): set the model up, on every rank
+    model: str = "base"  # the trained model it runs on (MODELS)
+
+
+def _fastmmoe_section(section: dict, engine, p: dict) -> None:
+    from epruntime.config import FastMMoEConfig
+
+    section = dict(section)
+    if section.pop("reduced_topk", False):
+        section["vision_topk"] = p["vision_topk"]
+    if section.get("policy", "none") != "none":
+        section["layers"] = [p["layer"]]
+    engine.model.reducer.configure(FastMMoEConfig(**section))
+
+
+def _fastmmoe_off(engine) -> None:
+    from epruntime.config import FastMMoEConfig
+
+    engine.model.reducer.configure(FastMMoEConfig(enabled=False))
+
+
+def _pruning(policy: str, retention: float, reduced_topk: bool) -> Variant:
+    section = {"enabled": True, "policy": policy, "retention": retention,
+               "reduced_topk": reduced_topk}
+    return Variant(f"{policy}@{retention:g}", policy, functools.partial(_fastmmoe_section, section))
+
+
+MODELS: dict[str, list[str]] = {"base": []}  # model name -> training overrides on the workload's
+RESETS: list[Callable[[Any], None]] = [_fastmmoe_off]  # every method off (run before each apply)
+VARIANTS: dict[str, Variant] = {
+    "full": Variant("full", "full", functools.partial(_fastmmoe_section, {"enabled": False})),
+    "reduced": Variant("reduced", "fastmmoe", functools.partial(
+        _fastmmoe_section, {"enabled": True, "policy": "none", "reduced_topk": True})),
+    **{v.name: v for r in BUDGETS for v in (_pruning("fastmmoe", r, True),
+                                             _pruning("fastv", r, False),
+                                             _pruning("text2vision", r, False))},
+}
+DEFAULT_VARIANTS = ["full", "reduced", *(f"{m}@{r:g}" for m in ("fastmmoe", "fastv", "text2vision")
+                                         for r in BUDGETS)]
+# Hooks for the methods built on other branches (issue 17), at the same budgets:
+#   learnpruner@r / qmop@r (model="learnpruner" / "qmop", MODELS entries with their overrides),
+#   modes@calibrated and modes@<skip ratio> (on "base").
+
+
+def variant(name: str) -> Variant:
+    """A registered variant, or `<fastmmoe|fastv|text2vision|random>@<retention>` built on the
+    fly (e.g. fastmmoe@0.0625)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    policy, _, retention = name.partition("@")
+    try:
+        r = float(retention)
+    except ValueError:
+        r = -1.0
+    if policy in ("fastmmoe", "fastv", "text2vision", "random") and 0 <= r <= 1:
+        return _pruning(policy, r, policy == "fastmmoe")
+    raise BenchUsageError(f"unknown variant {name!r}: known {', '.join(VARIANTS)}, or "
+                          "<fastmmoe|fastv|text2vision|random>@<retention in [0, 1]>")
+
+
+# ---- workloads ----------------------------------------------------------------------------------
+def _scenes_data(work: Path, p: dict) -> list[str]:
+    """Generate the scenes workload into the workdir once; its data overrides."""
+    data = work / "scenes" / "data"
+    if not (data / "test.jsonl").is_file():
+        cmd = [sys.executable, "-m", "epruntime.data.scenes", "--out", str(data), "--seed", "0",
+               "--train", str(p["scenes_train"]), "--test", str(p["scenes_test"])]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"generating the scenes workload failed:\n{proc.stderr[-3000:]}")
+    return ["data.dataset=jsonl", f"data.train_jsonl={data / 'train.jsonl'}",
+            f"data.eval_jsonl={data / 'test.jsonl'}"]
+
+
+WORKLOADS: dict[str, Callable[[Path, dict], list[str]]] = {
+    "easy-vqa": lambda work, p: [],
+    "scenes": _scenes_data,
+}
+
+
+def _train(config: Path, work: Path, workload: str, model: str, data: list[str], p: dict,
+           quick: bool) -> tuple[str, dict]:
+    """The checkpoint of `model` on `workload`, trained (once) at EP=`ep` under the workdir."""
+    run_dir = work / workload / model
+    if not (run_dir / "summary.json").is_file():
+        overrides = [f"train.output_dir={run_dir}", f"parallel.ep_size={p['ep']}",
+                     "train.progress=false", "train.eval_at_end=false", *data, *MODELS[model]]
+        if p["steps"]:
+            overrides += [f"train.max_steps={p['steps']}",
+                          f"train.checkpoint_interval={p['steps']}"]
+        if quick:
+            overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
+        torchrun_train(config, overrides, p["ep"], f"training {model} on {workload}")
+    return str(run_dir), json.loads((run_dir / "summary.json").read_text())
+
+
+# ---- the ranks ----------------------------------------------------------------------------------
+class _Subset:
+    """The first `n` items of a dataset (what Engine.evaluate needs: len and batch)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx):
+        return self.dataset.batch(idx)
+
+
+def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from epruntime import checkpoint as ckpt
+    from epruntime import distributed
+    from epruntime.config import apply_overrides, config_from_dict
+    from epruntime.datasets import build_datasets
+    from epruntime.distributed import host_all_reduce
+    from epruntime.engine import Engine
+
+    path = ckpt.resolve_checkpoint(checkpoint)
+    meta = ckpt.read_meta(path)
+    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup",
+                 f"dispatch.transport={p['transport']}", f"data.max_eval_items={p['eval_items']}"]
+    cfg = config_from_dict(apply_overrides(meta["config"], overrides))
+    env = distributed.init_distributed(cfg)
+    train_ds, eval_ds = build_datasets(cfg)
+    engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
+                    train_ds.max_question_len)
+    ckpt.load_checkpoint(engine, path, restore_training_state=False)
+    reducer = engine.model.reducer
+    batch = max(1, cfg.data.eval_batch_size // env.dp_size)
+
+    def setup(name: str) -> None:
+        for reset in RESETS:
+            reset(engine)
+        variant(name).apply(engine, p)
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        host_all_reduce(t, group=dist.group.WORLD, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    results: dict[str, dict] = {}
+    for name in names:  # accuracy, FLOPs, pairs and bytes over the evaluation items
+        setup(name)
+        m = engine.evaluate(eval_ds, batch)
+        comm = m["comm"] or {}
+        results[name] = {"eval_accuracy": m["eval_accuracy"], "items": m["eval_items"],
+                         "flops": m["flops"]["total"], "flops_ratio": m["flops_ratio"],
+                         "vision_tokens": m["vision_tokens"],
+                         "vision_tokens_kept": m["vision_tokens_kept"],
+                         "dispatched_pairs": sum(comm.get("load_per_rank", [])),
+                         "cross_rank_bytes": comm.get("cross_rank_bytes"),
+                         "tokens_per_s": [], "prefill_s": [], "selection_s": []}
+    timing = _Subset(eval_ds, p["timing_items"])
+    for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
+        for name in names:
+            setup(name)
+            m = engine.evaluate(timing, batch)
+            selection = slowest(reducer.selection_s)  # of the pass just run (reset by evaluate)
+            if i >= p["warmup"]:
+                r = results[name]
+                r["tokens_per_s"].append(m["prefill_tokens_per_s"])
+                r["prefill_s"].append(m["prefill_seconds"])
+                r["selection_s"].append(selection)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"results": results, "timing_items": len(timing),
+                                         "seq_len": engine.model.seq_len}))
+    torch.distributed.barrier()
+
+
+# ---- rows, tables, plot -------------------------------------------------------------------------
+def build_rows(workload: str, results: dict[str, dict], names: list[str]) -> list[dict]:
+    """Per-variant results of one workload (as the ranks report them) -> table rows; `full`
+    must be among them (the reference of retention and speedup)."""
+    full = results["full"]
+    full_tps = statistics.median(full["tokens_per_s"])
+    full_best = max(full["tokens_per_s"])
+    rows = []
+    for name in names:
+        r = results[name]
+        tps = statistics.median(r["tokens_per_s"])
+        prefill = statistics.median(r["prefill_s"])
+        selection = statistics.median(r["selection_s"])
+        rows.append({
+            "workload": workload, "variant": name, "method": variant(name).method,
+            "eval_accuracy": r["eval_accuracy"],
+            "accuracy_retention": (r["eval_accuracy"] / full["eval_accuracy"]
+                                   if full["eval_accuracy"] else 0.0),
+            "flops_ratio": r["flops_ratio"],
+            "prefill_tokens_per_s": tps, "prefill_speedup": tps / full_tps,
+            # the fastest pass of each (least disturbed by other jobs on a shared machine)
+            "prefill_speedup_best": max(r["tokens_per_s"]) / full_best,
+            "vision_tokens_kept": r["vision_tokens_kept"],
+            "dispatched_pairs_per_item": r["dispatched_pairs"] / r["items"],
+            "cross_rank_bytes_per_item": (r["cross_rank_bytes"] or 0) / r["items"],
+            "selection_ms": 1e3 * selection,  # per timed pass, slowest rank
+            "selection_fraction": selection / prefill if prefill else 0.0,
+            "items": r["items"], "tokens_per_s_samples": r["tokens_per_s"],
+            "selection_s_samples": r["selection_s"],
+        })
+    return rows
+
+
+TABLE_COLUMNS = [("variant", "variant"), ("eval_accuracy", "acc"),
+                 ("accuracy_retention", "retention"), ("flops_ratio", "FLOPs"),
+                 ("prefill_tokens_per_s", "prefill tok/s"), ("prefill_speedup", "speedup"),
+                 ("prefill_speedup_best", "best/best"),
+                 ("vision_tokens_kept", "visual kept"), ("dispatched_pairs_per_item", "pairs/item"),
+                 ("cross_rank_bytes_per_item", "x-rank B/item"), ("selection_ms", "select ms"),
+                 ("selection_fraction", "select/prefill")]
+
+
+def print_tables(rows: list[dict]) -> None:
+    """One table per workload."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console() if Console().is_terminal else Console(width=160)
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        table = Table(title=f"reducers: {workload}", title_justify="left")
+        for key, label in TABLE_COLUMNS:
+            table.add_column(label, justify="left" if key == "variant" else "right")
+        for r in (r for r in rows if r["workload"] == workload):
+            cells = []
+            for key, _ in TABLE_COLUMNS:
+                v = r[key]
+                cells.append(v if isinstance(v, str) else f"{100 * v:.2f}%" if key.endswith(
+                    "fraction") else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}")
+            table.add_row(*cells)
+        console.print(table)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy retention against FLOPs ratio, one line per method, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.4 * len(workloads), 4.6),
+                             squeeze=False)
+    full = {r["workload"]: r for r in rows if r["variant"] == "full"}
+    for ax, workload in zip(axes[0], workloads):
+        methods: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["workload"] == workload and r["method"] != "full":
+                methods.setdefault(r["method"], []).append(r)
+        for (method, group), marker in zip(sorted(methods.items()), "osD^vP*Xh"):
+            group = sorted(group, key=lambda r: r["flops_ratio"])
+            ax.plot([r["flops_ratio"] for r in group], [r["accuracy_retention"] for r in group],
+                    marker=marker, label=method)
+            for r in group:
+                ax.annotate(f"{r['variant'].partition('@')[2] or r['variant']} "
+                            f"{r['prefill_speedup']:.1f}x",
+                            (r["flops_ratio"], r["accuracy_retention"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        if workload in full:
+            ax.plot([1.0], [1.0], "k*", label="full")
+        ax.axhline(GOAL["retention"], color="grey", lw=0.8, ls="--")
+        ax.axvline(GOAL["flops_ratio"], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("FLOPs ratio (vs full model)")
+        ax.set_ylabel("accuracy retention (vs full)")
+        ax.set_title(f"{workload} (labels: visual-token budget, prefill speedup)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ep", type=int, help="EP size = ranks (default 2)")
+    parser.add_argument("--workloads", help="comma-separated: easy-vqa, scenes (default both)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    parser.add_argument("--workdir", help="trained models and scenes data are cached here "
+                        "(default runs/bench-reducers; --quick: a temporary folder)")
+    parser.add_argument("--vision-topk", dest="vision_topk", type=int,
+                        help="k' of visual tokens in reduced and fastmmoe variants (default 1)")
+    parser.add_argument("--layer", type=int, help="pruning layer (default 0)")
+    parser.add_argument("--eval-items", dest="eval_items", type=int,
+                        help="test items for accuracy (default 2048: whole eval batches)")
+    parser.add_argument("--timing-items", dest="timing_items", type=int,
+                        help="test items per timed pass (default 256)")
+    parser.add_argument("--transport", choices=("pg", "shm"),
+                        help="dispatch.transport of the dedup dispatcher (default pg)")
+    parser.add_argument("--variants", help="comma-separated variants instead of the default "
+                        "list (full is always run), e.g. full,fastmmoe@0.125")
+    parser.add_argument("--scenes-train", dest="scenes_train", type=int,
+                        help="training scenes generated for the scenes workload (default 8000)")
+    parser.add_argument("--scenes-test", dest="scenes_test", type=int,
+                        help="test scenes generated for the scenes workload (default 1000)")
+
+
+@register("reducers", add_options)
+def run(args: argparse.Namespace) -> BenchResult:
+    """Token/expert reducers on the 8-layer preset: accuracy, FLOPs, prefill, pairs, bytes."""
+    p = resolve(args, FULL, QUICK)
+    names = ([n for n in args.variants.split(",") if n] if getattr(args, "variants", None)
+             else list(DEFAULT_VARIANTS))
+    names = ["full"] + [n for n in names if n != "full"]
+    for n in names:
+        variant(n)  # a bad name fails here, before any training
+    workloads = [w for w in p["workloads"].split(",") if w]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        raise BenchUsageError(f"--workloads {p['workloads']!r}: expected a comma-separated "
+                              f"subset of {', '.join(WORKLOADS)}")
+    if args.quick and not p["workdir"]:
+        work = Path(tempfile.mkdtemp(prefix="bench-reducers-"))
+    else:
+        work = Path(p["workdir"] or ROOT / "runs" / "bench-reducers")
+    config = TINY_CONFIG if args.quick else DEEP_CONFIG
+    rows, notes = [], []
+    for workload in workloads:
+        data = WORKLOADS[workload](work, p)
+        by_model: dict[str, list[str]] = {}
+        for n in names:
+            by_model.setdefault(variant(n).model, []).append(n)
+        results: dict[str, dict] = {}
+        for model, group in by_model.items():
+            checkpoint, trained = _train(config, work, workload, model, data, p, args.quick)
+            out = work / workload / f"results-{model}.json"
+            spawn_ranks(_worker, p["ep"], checkpoint, p, group, str(out))
+            got = json.loads(out.read_text())
+            results.update(got["results"])
+            notes.append(f"{workload}/{model}: {checkpoint} ({trained['steps']} training steps); "
+                         f"prefill timed on {got['timing_items']} items x {p['repeats']} "
+                         f"round-robin repeats, {got['seq_len']} prompt tokens per item")
+        rows += build_rows(workload, results, names)
+    print_tables(rows)
+    png = Path(args.json).with_suffix(".png") if args.json else work / "reducers.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, png)
+    goal = [r for r in rows if r["method"] == "fastmmoe"
+            and r["accuracy_retention"] >= GOAL["retention"]
+            and r["flops_ratio"] <= GOAL["flops_ratio"] and r["prefill_speedup"] >= GOAL["speedup"]]
+    notes += [f"plot: {png}",
+              "goal (fastmmoe: retention >= 0.955 at flops_ratio <= 0.45 and >= 2x prefill): "
+              + (", ".join(f"{r['workload']}/{r['variant']} ({r['accuracy_retention']:.3f}, "
+                           f"{r['flops_ratio']:.3f}, {r['prefill_speedup']:.2f}x)" for r in goal)
+                 or "not met by any fastmmoe variant"),
+              "selection_ms: host time choosing tokens per timed pass (slowest rank); "
+              "selection_fraction: of the variant's prefill time"]
+    ratios = {f"{r['workload']}/{r['variant']}/full_prefill_tokens_per_s": r["prefill_speedup"]
+              for r in rows if r["variant"] != "full"}
+    params = {**{k: v for k, v in p.items() if k != "workdir"}, "variants": names,
+              "config": str(config.relative_to(ROOT)), "quick": bool(args.quick)}
+    return BenchResult(name="reducers", params=params, rows=rows, ratios=ratios,
+                       env=collect_env(), notes=notes)

@@ -1,0 +1,83 @@
+"""The deeper preset for comparing reducers (launch/configs/deep-vqa.yaml) and `bench.py
+reducers`: the preset validates and trains at EP=2; the benchmark's rows carry every column
+issue 17 asks for, on a tiny model trained for two steps, evaluated on a few items."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from epruntime.config import load_config
+from tests.conftest import ROOT
+from tests.launch import check, run, sets, summary, torchrun_cmd
+from tests.test_bench import bench
+
+DEEP = ROOT / "launch/configs/deep-vqa.yaml"
+
+
+def test_deep_preset_validates_with_most_layers_after_an_early_pruning_layer():
+    cfg = load_config(DEEP)
+    m = cfg.model
+    assert 6 <= m.num_layers <= 8 and m.vision.kind == "conv"
+    assert m.num_vision_tokens == 64  # visual tokens are most of the 74-token prompt
+    assert cfg.parallel.ep_size == 2
+    cfg.fastmmoe.model_copy(update={"layers": [0]}).check_layers(m.num_layers)
+
+
+def test_deep_preset_trains_two_steps_at_ep2(tmp_path):
+    args = ["--config", str(DEEP),
+            *sets(train__output_dir=tmp_path, train__progress="false", train__max_steps=2,
+                  train__checkpoint_interval=2, train__eval_at_end="false",
+                  data__max_train_items=64, data__global_batch_size=8)]
+    check(run(torchrun_cmd("epruntime.train", 2, *args), timeout=900))
+    s = summary(tmp_path)
+    assert s["steps"] == 2 and s["ep_size"] == 2 and s["world_size"] == 2
+    assert math.isfinite(s["final_loss"])
+    assert (tmp_path / "checkpoints" / "step_000002").is_dir()
+
+
+COLUMNS = ("workload", "variant", "method", "eval_accuracy", "accuracy_retention", "flops_ratio",
+           "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_best", "vision_tokens_kept",
+           "dispatched_pairs_per_item", "cross_rank_bytes_per_item", "selection_ms",
+           "selection_fraction")
+
+
+def test_reducers_bench_smoke_has_every_column(python_env, tmp_path):
+    out = tmp_path / "reducers.json"
+    proc = bench("reducers", "--quick", "--workdir", str(tmp_path / "work"), "--variants",
+                 "reduced,fastmmoe@0.5,fastmmoe@0.125,fastv@0.25,text2vision@0.25",
+                 "--json", str(out), env=python_env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["full", "reduced", "fastmmoe@0.5", "fastmmoe@0.125", "fastv@0.25",
+                          "text2vision@0.25"]
+    for r in rows.values():
+        assert all(c in r for c in COLUMNS), [c for c in COLUMNS if c not in r]
+        assert r["workload"] == "easy-vqa" and r["items"] == 32
+    full = rows["full"]
+    assert full["accuracy_retention"] == 1 and full["flops_ratio"] == 1
+    assert full["prefill_speedup"] == 1 and full["selection_ms"] == 0
+    assert full["vision_tokens_kept"] == 16  # the tiny model's conv stem
+    # k' = 1 of k = 4 for visual tokens, then pruning: fewer pairs, fewer FLOPs, fewer tokens
+    assert rows["reduced"]["dispatched_pairs_per_item"] < full["dispatched_pairs_per_item"]
+    assert (rows["fastmmoe@0.125"]["dispatched_pairs_per_item"]
+            < rows["fastmmoe@0.5"]["dispatched_pairs_per_item"]
+            < rows["reduced"]["dispatched_pairs_per_item"])
+    assert rows["fastmmoe@0.125"]["flops_ratio"] < rows["fastmmoe@0.5"]["flops_ratio"] < 1
+    assert rows["fastmmoe@0.125"]["vision_tokens_kept"] == 2
+    assert rows["fastv@0.25"]["vision_tokens_kept"] == 4
+    assert rows["fastmmoe@0.5"]["selection_ms"] > 0 and rows["fastv@0.25"]["selection_ms"] > 0
+    assert rows["reduced"]["selection_ms"] == 0  # no pruning layer, nothing selected
+    assert 0 < rows["fastmmoe@0.5"]["cross_rank_bytes_per_item"] < full["cross_rank_bytes_per_item"]
+    assert tmp_path.joinpath("reducers.png").stat().st_size > 0
+    assert "reducers: easy-vqa" in proc.stdout  # one table per workload
+
+
+@pytest.mark.parametrize("option", [("--variants", "fastmmoe@2"), ("--variants", "nope"),
+                                    ("--workloads", "imagenet")])
+def test_reducers_bench_rejects_bad_names_before_training(python_env, option):
+    proc = bench("reducers", "--quick", *option, env=python_env, timeout=120)
+    assert proc.returncode == 2 and option[1] in proc.stderr
