@@ -351,3 +351,54 @@ def test_a_calibration_of_other_weights_is_refused(skipping):
         r = skipping[rank]["dedup"]
         assert r["fingerprint_matches"]
         assert "calibrated for other weights" in r["other_weights_error"]
+
+
+# ---- the entry points: calibrate a checkpoint, serve it, refuse another model's file ------------
+SMALL_SETS = [f"{k}" for k in configs.SMALL]
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_calibrate_then_infer_with_the_file_and_refuse_another_checkpoints(tmp_path):
+    from tests.launch import check, run, summary, torchrun_cmd
+
+    runs = {}
+    for seed in (1, 2):  # two checkpoints of the same shapes, different weights
+        runs[seed] = tmp_path / f"run{seed}"
+        check(run(torchrun_cmd("epruntime.train", 2, *_sets(
+            *SMALL_SETS, "parallel.ep_size=2", "train.max_steps=4",
+            "train.checkpoint_interval=4", f"train.output_dir={runs[seed]}",
+            "train.progress=false", "train.eval_at_end=false", f"train.seed={seed}",
+            "data.synthetic_items=64", "data.max_eval_items=32"))))
+    calib_file = tmp_path / "modes.json"
+    check(run(torchrun_cmd("epruntime.modes.calibrate", 2, "--checkpoint", str(runs[1]),
+                           "--out", str(calib_file), *_sets(
+                               "modes.calibration_samples=24", "modes.grid_points=4",
+                               "modes.kl_bound=0.001"))))
+    calib = load_calibration(calib_file, num_layers=2)
+    assert calib.fit["samples"] == 24 and calib.fit["kl"] <= 0.001
+
+    def infer(checkpoint, name, *extra):
+        return run(torchrun_cmd("epruntime.infer", 2, "--checkpoint", str(checkpoint), *_sets(
+            "modes.enabled=true", f"modes.calibration={calib_file}",
+            f"infer.output_dir={tmp_path / name}", "data.eval_batch_size=32", *extra)))
+
+    check(infer(runs[1], "infer"))
+    s = summary(tmp_path / "infer")
+    assert s["modes"]["text_threshold"] == calib.text_threshold
+    assert s["modes"]["vision_threshold"] == calib.vision_threshold
+    # 32 test items (16 per rank: no padding rows), 8 question tokens, 2 layers
+    assert s["modes"]["routed_pairs"] == 2 * 32 * (P + 8) * K
+    if s["modes"]["skipped_pairs"]:
+        assert s["flops_ratio"] < 1
+    # explicit thresholds override the file's
+    check(infer(runs[1], "override", "modes.text_threshold=0", "modes.vision_threshold=0"))
+    assert summary(tmp_path / "override")["modes"]["skipped_pairs"] == 0
+
+    other = infer(runs[2], "other")
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "calibrated for other weights" in other.stderr
+    bad = infer(runs[1], "bad", "modes.vision_threshold=1.5")
+    assert bad.returncode == 2 and "modes.vision_threshold=1.5: must be in [0, 1]" in bad.stderr
