@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 
 import pytest
 import torch
@@ -380,10 +381,13 @@ def test_calibrate_then_infer_with_the_file_and_refuse_another_checkpoints(tmp_p
     calib = load_calibration(calib_file, num_layers=2)
     assert calib.fit["samples"] == 24 and calib.fit["kl"] <= 0.001
 
-    def infer(checkpoint, name, *extra):
-        return run(torchrun_cmd("epruntime.infer", 2, "--checkpoint", str(checkpoint), *_sets(
-            "modes.enabled=true", f"modes.calibration={calib_file}",
-            f"infer.output_dir={tmp_path / name}", "data.eval_batch_size=32", *extra)))
+    def infer(checkpoint, name, *extra, ep=2):
+        # EP=1 is one plain process (its exit code is the entry point's, not torchrun's)
+        cmd = (torchrun_cmd("epruntime.infer", 2) if ep == 2 else
+               [sys.executable, "-m", "epruntime.infer"])
+        return run([*cmd, "--checkpoint", str(checkpoint), *_sets(
+            "modes.enabled=true", f"modes.calibration={calib_file}", f"parallel.ep_size={ep}",
+            f"infer.output_dir={tmp_path / name}", "data.eval_batch_size=32", *extra)])
 
     check(infer(runs[1], "infer"))
     s = summary(tmp_path / "infer")
@@ -393,12 +397,13 @@ def test_calibrate_then_infer_with_the_file_and_refuse_another_checkpoints(tmp_p
     assert s["modes"]["routed_pairs"] == 2 * 32 * (P + 8) * K
     if s["modes"]["skipped_pairs"]:
         assert s["flops_ratio"] < 1
-    # explicit thresholds override the file's
-    check(infer(runs[1], "override", "modes.text_threshold=0", "modes.vision_threshold=0"))
+    # explicit thresholds override the file's; the file calibrated at EP=2 serves EP=1 too
+    check(infer(runs[1], "override", "modes.text_threshold=0", "modes.vision_threshold=0", ep=1))
     assert summary(tmp_path / "override")["modes"]["skipped_pairs"] == 0
 
-    other = infer(runs[2], "other")
-    assert other.returncode == 2, other.stderr[-3000:]
+    other = infer(runs[2], "other", ep=1)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert "epruntime.infer: error: modes.calibration=" in other.stderr
     assert "calibrated for other weights" in other.stderr
-    bad = infer(runs[1], "bad", "modes.vision_threshold=1.5")
+    bad = infer(runs[1], "bad", "modes.vision_threshold=1.5", ep=1)
     assert bad.returncode == 2 and "modes.vision_threshold=1.5: must be in [0, 1]" in bad.stderr
