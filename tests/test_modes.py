@@ -407,3 +407,24 @@ def test_calibrate_then_infer_with_the_file_and_refuse_another_checkpoints(tmp_p
     assert "calibrated for other weights" in other.stderr
     bad = infer(runs[1], "bad", "modes.vision_threshold=1.5", ep=1)
     assert bad.returncode == 2 and "modes.vision_threshold=1.5: must be in [0, 1]" in bad.stderr
+
+    # the benchmark's entry point on the same checkpoint (what the reducers table calls)
+    from profiling.benchmarks.modes import evaluate_modes
+
+    rows, details = evaluate_modes(runs[1], ep=2, eval_items=32, calibration_samples=24,
+                                   kl_bound=0.001, grid_points=4, targets=(0.5,),
+                                   timing_items=16, repeats=1, warmup=0,
+                                   workdir=tmp_path / "bench")
+    by_name = {r["variant"]: r for r in rows}
+    assert list(by_name) == ["full", "modes@kl0.001", "modes@skip0.5"]
+    full = by_name["full"]
+    assert full["skip_ratio"] == 0 and full["flops_ratio"] == 1 and full["accuracy_retention"] == 1
+    for name, r in by_name.items():
+        assert {"eval_accuracy", "accuracy_retention", "flops_ratio", "dispatched_pairs",
+                "cross_rank_bytes", "skip_ratio", "prefill_tokens_per_s"} <= r.keys(), name
+        # every test pass routes the same text*k + vision*k pairs; the ledger sees the rest
+        routed = full["dispatched_pairs"]
+        assert r["dispatched_pairs"] == round(routed * (1 - r["skip_ratio"])), name
+    assert by_name["modes@skip0.5"]["calibration_skip_ratio"] >= 0.5
+    assert details["items"] == 32 and details["calibration_samples"] == 24
+    assert len(details["calibrations"]) == 2
