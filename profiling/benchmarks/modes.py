@@ -149,6 +149,8 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], out: str) -> None:
                               vision_threshold=calib.vision_threshold,
                               calibration_kl=calib.fit["kl"],
                               calibration_skip_ratio=calib.fit["skip_ratio"])
+    for v in calibrations:  # the cost of the skip decision itself
+        results[v]["selection_ms"] = _decision_ms(engine, eval_ds, batch, calibrations[v])
     timing = _Subset(eval_ds, p["timing_items"])
     for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
         for v in variants:
@@ -165,6 +167,39 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], out: str) -> None:
     torch.distributed.barrier()
 
 
+def _decision_ms(engine, dataset, batch_size: int, calib, repeats: int = 31) -> float:
+    """Median milliseconds MoDES adds to one forward pass of `batch_size` test items: the skip
+    decision and its device-side counts on every layer's routing (measured on layer 0's routing,
+    recorded from a full pass, times the number of layers). Local to this rank."""
+    import time
+
+    import torch
+
+    model, skipper = engine.model, engine.model.skipper
+    seen = []
+    skipper.configure(False)
+    model.router_tap.add("recording", lambda e: seen.append(e) if e.layer == 0 else None)
+    try:
+        with torch.no_grad():
+            b = dataset.batch(torch.arange(min(batch_size, len(dataset)))).to(engine.env.device)
+            model.eval()(b.images, b.question_ids, b.question_lens)
+    finally:
+        model.router_tap.remove("recording")
+    event = seen[-1]
+    skipper.configure(True, calib.alpha_tensor(), (calib.text_threshold, calib.vision_threshold))
+    samples = []
+    with torch.no_grad(), model.tokens.forward(event.modality_T[:, None]):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            skipper.on_routing(0, event.probs_TE, event.routing_map_TE)
+            if event.probs_TE.is_cuda:
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t0)
+    skipper.reset_stats()
+    samples.sort()
+    return samples[len(samples) // 2] * 1e3 * len(model.gpt.decoder.layers)
+
+
 def evaluate_modes(checkpoint: str, *, ep: int = 2, eval_items: int | None = None,
                    calibration_samples: int = 256, calibration_seed: int = 0,
                    kl_bound: float = 0.01, grid_points: int = 32,
@@ -175,7 +210,8 @@ def evaluate_modes(checkpoint: str, *, ep: int = 2, eval_items: int | None = Non
     samples, evaluate on the test split. Returns (rows, details): one row per variant (`full`,
     `modes@kl<bound>`, `modes@skip<t>` per target) with eval_accuracy, accuracy_retention,
     flops_ratio, dispatched_pairs, cross_rank_bytes, skip_ratio (and per modality),
-    prefill_tokens_per_s, prefill_speedup, the thresholds and the calibration's KL; details
+    prefill_tokens_per_s, prefill_speedup, selection_ms (the skip decisions of one forward pass
+    of an evaluation batch, rank 0), the thresholds and the calibration's KL; details
     hold the item counts, alpha and where the calibration files went."""
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-modes-"))
     work.mkdir(parents=True, exist_ok=True)
