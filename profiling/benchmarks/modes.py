@@ -244,7 +244,7 @@ def evaluate_modes(checkpoint: str, *, ep: int = 2, eval_items: int | None = Non
 
 @register("modes", add_options)
 def run(args: argparse.Namespace) -> BenchResult:
-    """MoDES expert skipping: accuracy retention, FLOPs, pairs and bytes at calibrated thresholds."""
+    """MoDES expert skipping: accuracy retention, FLOPs, pairs, bytes at calibrated thresholds."""
     p = resolve(args, FULL, QUICK)
     targets = _targets(p["targets"])
     work = Path(p["workdir"] or tempfile.mkdtemp(prefix="bench-modes-"))
@@ -269,13 +269,15 @@ def run(args: argparse.Namespace) -> BenchResult:
         calibration_samples=p["calibration_samples"], calibration_seed=p["calibration_seed"],
         kl_bound=p["kl_bound"], grid_points=p["grid_points"], targets=tuple(targets),
         timing_items=p["timing_items"], repeats=repeats, warmup=warmup, workdir=work)
-    ratios = {f"{r['variant']}/full_flops": r["flops_ratio"] for r in rows if r["variant"] != "full"}
+    ratios = {f"{r['variant']}/full_flops": r["flops_ratio"] for r in rows
+              if r["variant"] != "full"}
     notes = [f"checkpoint: {checkpoint}" + (f" (trained here: {trained['steps']} steps)"
                                             if trained else ""),
              f"calibration: {details['calibration_samples']} training samples (seed "
              f"{p['calibration_seed']}); scores on {details['items']} test items; prefill timed "
              f"on {details['timing_items']} items x {repeats} repeats",
-             f"alpha per layer (text, vision): {[[round(a, 4) for a in row] for row in details['alpha']]}",
+             "alpha per layer (text, vision): "
+             + str([[round(a, 4) for a in row] for row in details["alpha"]]),
              "calibration files: " + ", ".join(details["calibrations"])]
     params = {**{k: v for k, v in p.items() if k != "workdir"}, "targets": targets,
               "repeats": repeats, "config": str(TINY_CONFIG.relative_to(ROOT)),
