@@ -156,8 +156,8 @@ class MoEVLM(nn.Module):
         self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
                                     attention_modality, kernels=runtimes[0].kernels)
         # MoDES expert skipping at inference (off unless modes.enabled; alpha and thresholds
-        # from the modes.calibration file, or the thresholds given): the
-        # routers hand it their routing first, so FastMMoE and the FLOPs see what is left.
+        # from the modes.calibration file, or the thresholds given): the routers hand it their
+        # routing first, so FastMMoE, the FLOPs and the dispatchers see what is left.
         self.skipper = ExpertSkipper(cfg.modes, m.num_layers, self.tokens,
                                      *skipper_settings(cfg.modes, m))
         router_cls = reducing_router(skipping_router(router_cls or TopKRouter, self.skipper),
