@@ -442,6 +442,45 @@ class FastMMoEConfig(Section):
         return r[self.layers.index(layer)] if isinstance(r, list) else r
 
 
+class ModesConfig(Section):
+    """MoDES (arXiv 2511.15690): training-free expert skipping with one threshold per modality
+    (epruntime.modes). Within each token's top-k, an expert whose score alpha[layer, modality] x
+    routing weight is under the token's modality threshold is not dispatched. `alpha` and the
+    calibrated thresholds come from a calibration file (`python -m epruntime.modes.calibrate`);
+    without one alpha is 1 (the routing weight alone). Eval mode only; training never changes.
+    """
+
+    enabled: bool = False
+    calibration: Path | None = Field(None, description="calibration JSON (alpha, thresholds) "
+                                     "written by epruntime.modes.calibrate for this checkpoint")
+    # None: the calibration file's threshold (0 without a file: nothing skipped).
+    text_threshold: float | None = Field(None, description="skip under this score (text tokens)")
+    vision_threshold: float | None = Field(None, description="skip under this score (visual)")
+    # Calibration (epruntime.modes.calibrate): training samples, their seeded choice, the bound
+    # on mean KL(full || skipped) of the answer distributions, threshold grid points per modality.
+    calibration_samples: int = Field(256, gt=0)
+    calibration_seed: int = 0
+    kl_bound: float = Field(0.01, ge=0, description="mean KL bound of the threshold search")
+    grid_points: int = Field(32, ge=2, le=1000)
+
+    @field_validator("text_threshold", "vision_threshold")
+    @classmethod
+    def _threshold_in_range(cls, value: float | None, info) -> float | None:
+        # scores are alpha (a share of 1 over the layers) x a routing weight: both in [0, 1]
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"modes.{info.field_name}={value!r}: must be in [0, 1] (a score is "
+                             "alpha x routing weight, both in [0, 1]; 0 skips nothing)")
+        return value
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _calibration_given(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        return _non_empty_path("modes.calibration", value,
+                               "name a calibration JSON or leave it out (null)")
+
+
 class DispatchConfig(Section):
     # alltoall: megatron-core's MoEAlltoAllTokenDispatcher (one row per (token, expert) pair,
     # contiguous placement only). dedup: one row per (token, destination rank). dedup-hier: one
@@ -532,6 +571,7 @@ class Config(Section):
     infer: InferConfig = InferConfig()
     smoes: SmoesConfig = SmoesConfig()
     fastmmoe: FastMMoEConfig = FastMMoEConfig()
+    modes: ModesConfig = ModesConfig()
     dispatch: DispatchConfig = DispatchConfig()
     metrics: MetricsConfig = MetricsConfig()
     trace: TraceConfig = TraceConfig()

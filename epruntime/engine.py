@@ -192,6 +192,7 @@ class Engine:
         counts_dev = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # hit, n, ce
         reducer = self.model.reducer
         reducer.reset_stats()
+        self.model.skipper.reset_stats()  # MoDES: pairs skipped in this evaluation
         forward_s = 0.0  # prefill: the model's forward passes only, not batch assembly
         for start in range(0, n, per_step):
             idx = torch.arange(start + rank * batch_size, start + (rank + 1) * batch_size)
@@ -232,7 +233,9 @@ class Engine:
         slowest = torch.tensor([forward_s], dtype=torch.float64)
         host_all_reduce(slowest, group=world, op=dist.ReduceOp.MAX)
         samples = sums[0].item()
-        return {"flops": flops, "flops_ratio": flops["ratio"],
+        modes = ({"modes": self.model.skipper.summary(world)} if self.cfg.modes.enabled
+                 else {})  # MoDES skip ratios (collective)
+        return {**modes, "flops": flops, "flops_ratio": flops["ratio"],
                 "prefill_tokens_per_s": samples * self.model.seq_len / max(slowest.item(), 1e-9),
                 "prefill_seconds": slowest.item(),
                 "vision_tokens": self.model.num_vision_tokens,

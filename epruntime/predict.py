@@ -70,6 +70,9 @@ def build_engine(cfg: Config, env, vocab: DataVocab, path: Path):
     from epruntime.placement.controller import PlacementController
 
     meta = checkpoint.load_checkpoint(engine, path, restore_training_state=False)
+    from epruntime.modes.calibrate import verify_calibration
+
+    verify_calibration(engine)  # modes.calibration was fitted to these weights (collective)
     PlacementController(engine).start()  # dispatch.placement=file:PATH moves the experts there
     engine.model.eval()
     return engine, meta
@@ -124,6 +127,7 @@ def predict_dataset(engine, dataset, batch_size: int | None = None) -> tuple[tor
     ledger = CommLedger(engine.cfg.model.num_moe_layers, env.ep_size, env.ep_rank,
                         engine.ranks_per_node)
     model.reducer.reset_stats()
+    model.skipper.reset_stats()
     rows, labels, probs = [], [], []
     forward_s = 0.0
     try:

@@ -25,6 +25,9 @@ from epruntime.config import Config
 from epruntime.fastmmoe import FlopCounter, TokenReducer, TokenState
 from epruntime.fastmmoe.router import reducing_router
 from epruntime.modality import TEXT, VISION
+from epruntime.modes import ExpertSkipper
+from epruntime.modes.calibration import skipper_settings
+from epruntime.modes.router import skipping_router
 from epruntime.model.placement_support import PlacementAware, unsupported_reason
 from epruntime.model.router_tap import RouterTap
 from epruntime.model.sharding import to_global_name
@@ -155,7 +158,13 @@ class MoEVLM(nn.Module):
                             shared_ffn=m.moe_shared_expert_intermediate_size or 0)
         self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
                                     attention_modality, kernels=runtimes[0].kernels)
-        router_cls = reducing_router(router_cls or TopKRouter, self.reducer)
+        # MoDES expert skipping at inference (off unless modes.enabled; alpha and thresholds
+        # from the modes.calibration file, or the thresholds given): the routers hand it their
+        # routing first, so FastMMoE, the FLOPs and the dispatchers see what is left.
+        self.skipper = ExpertSkipper(cfg.modes, m.num_layers, self.tokens,
+                                     *skipper_settings(cfg.modes, m))
+        router_cls = reducing_router(skipping_router(router_cls or TopKRouter, self.skipper),
+                                     self.reducer)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
             transformer_layer_spec=decoder_block_spec(cfg, router_cls, dispatcher_cls, runtimes),
