@@ -14,7 +14,8 @@ faster (LLaVA-1.5, 576 visual tokens).
 What we assumed (the paper's module and its diversity tokens are described, not published as
 code): the scorer is a two-layer MLP on each token alone (query-agnostic, as stage 1 is); the
 straight-through estimator acts on the kept tokens' gates, so a kept token's score learns from
-the loss's sensitivity to that token. Diversity tokens cover what the top scores miss: seeds are
+the loss's sensitivity to that token; the scorer reads the tokens detached (it does not train
+the projector). Diversity tokens cover what the top scores miss: seeds are
 picked among the dropped tokens by greedy farthest-point sampling (cosine) away from the kept
 tokens, every other dropped token joins its most similar seed, and each group is merged into one
 token by a softmax of its members' scores, placed at the seed's position. Through that softmax
@@ -56,7 +57,10 @@ class LearnPrunerStage1(nn.Module):
                 text_valid_BL: torch.Tensor | None = None) -> torch.Tensor:
         """[P, B, D] -> [K, B, D]. The text arguments are unused (stage 1 is query-agnostic)."""
         x_BPD = vision_PBD.transpose(0, 1)
-        logit_BP = self.scores(x_BPD)
+        # The scorer reads the tokens without sending gradient back into them: it learns from
+        # the loss (straight-through), the projector only from the task, so at the full budget
+        # training is the full model's, gradients included.
+        logit_BP = self.scores(x_BPD.detach())
         prob_BP = torch.sigmoid(logit_BP)
         top = self.keep - self.num_diverse
         top_BK = top_k_ascending(logit_BP.detach(), top)
@@ -76,7 +80,9 @@ class LearnPrunerStage1(nn.Module):
         nd = self.num_diverse
         dropped_BP = torch.ones(b, p, dtype=torch.bool, device=x_BPD.device)
         dropped_BP.scatter_(1, top_BK, False)
-        rest_BN = dropped_BP.nonzero()[:, 1].view(b, p - top_BK.shape[1])  # ascending
+        # the dropped positions, ascending (a stable sort, not nonzero(): no host sync)
+        rest_BN = torch.sort(dropped_BP.to(torch.int8), dim=1, descending=True,
+                             stable=True).indices[:, :p - top_BK.shape[1]]
         feat_BPD = F.normalize(x_BPD.detach().float(), dim=-1)
         rest_feat = gather_rows(feat_BPD, rest_BN)
         seed_BS = farthest_seeds(rest_feat, gather_rows(feat_BPD, top_BK), nd)  # into rest

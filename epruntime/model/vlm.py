@@ -220,7 +220,7 @@ class MoEVLM(nn.Module):
         input_SBD = self.embed(images, question_ids)
         vision_KBD, module_flops = self.compress(input_SBD[:p], input_SBD[p:], question_lens)
         k = vision_KBD.shape[0]  # visual tokens the decoder sees
-        if k < p:
+        if self.compressor is not None:  # (at k = p too: the scorer still learns)
             input_SBD = torch.cat([vision_KBD, input_SBD[p:]], dim=0)
         state = TokenState(input_SBD, self.modality(b, images.device, k), k)
         self.reducer.begin(self.training, question_lens, k, k + self.max_question_len,
