@@ -36,6 +36,21 @@ def variant_config(base: Config, **sections: dict[str, Any]) -> Config:
     return config_from_dict(raw)
 
 
+METHODS = ("learnpruner", "learnpruner-s1", "qmop")
+
+
+def method_sections(method: str, budget: float, stage2_retention: float = 0.25) -> dict:
+    """Config sections of a variant: `learnpruner` (stage 1 keeps `budget`, stage 2 keeps
+    `stage2_retention` of those), `learnpruner-s1` (stage 1 only) or `qmop` at `budget`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "qmop":
+        return {"qmop": {"enabled": True, "budget": budget}}
+    return {"learnpruner": {"enabled": True, "budget": budget,
+                            "stage2": method == "learnpruner",
+                            "stage2_retention": stage2_retention}}
+
+
 def variant_engine(cfg: Config, env, text_vocab_size: int, num_answers: int,
                    max_question_len: int):
     from epruntime.engine import Engine

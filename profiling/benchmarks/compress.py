@@ -57,18 +57,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def variant_sections(name: str, p: dict[str, Any]) -> dict[str, dict]:
-    """Variant name -> the config sections it sets."""
+    """Variant name -> the config sections it sets (epruntime.compress.finetune)."""
+    from epruntime.compress.finetune import METHODS, method_sections
+
     if name in ("full", "full+ft"):
         return {}
     method, _, budget = name.partition("@")
-    if method not in ("learnpruner", "learnpruner-s1", "qmop") or not budget:
+    if method not in METHODS or not budget:
         raise ValueError(f"unknown variant {name!r}: expected full, full+ft or "
                          "<learnpruner|learnpruner-s1|qmop>@<budget>")
-    if method == "qmop":
-        return {"qmop": {"enabled": True, "budget": float(budget)}}
-    return {"learnpruner": {"enabled": True, "budget": float(budget),
-                            "stage2": method == "learnpruner",
-                            "stage2_retention": p["stage2_retention"]}}
+    return method_sections(method, float(budget), p["stage2_retention"])
 
 
 def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], out: str) -> None:
