@@ -154,8 +154,8 @@ class MoEVLM(nn.Module):
         # Learned visual-token compression after the projector (learnpruner / qmop; None: off),
         # trained with the model; LearnPruner's stage 2 is the reducer's text2vision policy.
         self.compressor = build_compressor(cfg)
-        self.reducer = TokenReducer(reducer_config(cfg), m.moe_topk, m.num_layers, self.tokens, flops,
-                                    attention_modality, kernels=runtimes[0].kernels)
+        self.reducer = TokenReducer(reducer_config(cfg), m.moe_topk, m.num_layers, self.tokens,
+                                    flops, attention_modality, kernels=runtimes[0].kernels)
         router_cls = reducing_router(router_cls or TopKRouter, self.reducer)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
