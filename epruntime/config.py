@@ -481,6 +481,72 @@ class ModesConfig(Section):
                                "name a calibration JSON or leave it out (null)")
 
 
+# ---- learned visual-token compression (issue 17): LearnPruner stage 1, QMoP ----------------------
+class VisualBudget(Section):
+    """How many visual tokens a learned compressor hands the language model: `tokens` when given,
+    else round(budget * P) (at least 1), P the visual tokens the model makes."""
+
+    enabled: bool = False
+    budget: float = Field(0.25, gt=0, le=1, description="fraction of the visual tokens kept")
+    tokens: int | None = Field(None, ge=1, description="visual tokens kept (overrides budget)")
+
+    def keep(self, num_vision: int) -> int:
+        if self.tokens is not None:
+            return self.tokens
+        return max(1, min(num_vision, round(self.budget * num_vision)))
+
+
+class LearnPrunerConfig(VisualBudget):
+    """LearnPruner (arXiv 2604.23950): a learned scorer after the projector keeps the budget of
+    visual tokens (straight-through top-k, trained with the model; epruntime.compress), then
+    text-to-vision attention keeps `stage2_retention` of them after a middle decoder layer (the
+    token reducer's text2vision policy, eval only)."""
+
+    # Of the kept tokens, this fraction are diversity tokens: score-weighted merges of the
+    # tokens the scorer drops, grouped around the dropped tokens least like the kept ones.
+    diversity: float = Field(0.25, ge=0, lt=1)
+    scorer_hidden: int = Field(32, gt=0, description="width of the scorer MLP")
+    stage2: bool = True
+    stage2_layer: int | None = Field(None, ge=0, description="default: (num_layers - 1) // 2")
+    stage2_retention: float = Field(0.25, ge=0, le=1)
+
+
+class QMoPConfig(VisualBudget):
+    """QMoP (arXiv 2603.21232): pooling, resampler and pruning branches each give the budget of
+    visual tokens; a query-guided router (visual mean + question mean) weights them
+    (epruntime.compress). At the full budget nothing is compressed: the projector's tokens pass
+    through unchanged (the model without QMoP)."""
+
+    resampler_heads: int = Field(4, gt=0)
+    router_topk: int = Field(3, ge=1, le=3, description="branches mixed per sample")
+
+
+def check_visual_compression(cfg: "Config") -> None:
+    """ValueError naming the field when learnpruner/qmop do not fit the model."""
+    p, m = cfg.model.num_vision_tokens, cfg.model
+    for name in ("learnpruner", "qmop"):
+        section = getattr(cfg, name)
+        if section.enabled and section.tokens is not None and section.tokens > p:
+            raise ValueError(f"{name}.tokens={section.tokens} exceeds the {p} visual tokens the "
+                             f"model makes ((model.image_size / model.patch_size)^2 = "
+                             f"({m.image_size} / {m.patch_size})^2)")
+    lp, q = cfg.learnpruner, cfg.qmop
+    if lp.enabled and q.enabled:
+        raise ValueError("learnpruner.enabled and qmop.enabled are both true: choose one "
+                         "visual-token compressor")
+    if q.enabled and m.hidden_size % q.resampler_heads:
+        raise ValueError(f"qmop.resampler_heads={q.resampler_heads} does not divide "
+                         f"model.hidden_size={m.hidden_size}")
+    if lp.enabled and lp.stage2:
+        if lp.stage2_layer is not None and lp.stage2_layer >= m.num_layers:
+            raise ValueError(f"learnpruner.stage2_layer={lp.stage2_layer}: the model has layers "
+                             f"0..{m.num_layers - 1}")
+        if cfg.fastmmoe.enabled:
+            raise ValueError("learnpruner.stage2=true runs text-to-vision pruning through the "
+                             "token reducer: leave fastmmoe.enabled=false (or set "
+                             "learnpruner.stage2=false)")
+
+
 class DispatchConfig(Section):
     # alltoall: megatron-core's MoEAlltoAllTokenDispatcher (one row per (token, expert) pair,
     # contiguous placement only). dedup: one row per (token, destination rank). dedup-hier: one
@@ -572,6 +638,8 @@ class Config(Section):
     smoes: SmoesConfig = SmoesConfig()
     fastmmoe: FastMMoEConfig = FastMMoEConfig()
     modes: ModesConfig = ModesConfig()
+    learnpruner: LearnPrunerConfig = LearnPrunerConfig()
+    qmop: QMoPConfig = QMoPConfig()
     dispatch: DispatchConfig = DispatchConfig()
     metrics: MetricsConfig = MetricsConfig()
     trace: TraceConfig = TraceConfig()
@@ -593,6 +661,7 @@ class Config(Section):
                 f"model.num_experts={self.model.num_experts}"
             )
         self.fastmmoe.check_layers(self.model.num_layers)
+        check_visual_compression(self)
         d = self.dispatch
         if self.model.moe_shared_expert_overlap and d.kind != "alltoall":
             raise ValueError(f"model.moe_shared_expert_overlap=true needs dispatch.kind=alltoall "

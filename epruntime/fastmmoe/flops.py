@@ -9,7 +9,8 @@ percent at most and left out), per layer and per modality of the token that does
 - experts: 2*2*D*F per (token, expert) pair actually dispatched (fc1 and fc2 of a non-gated MLP),
   so reduced activation and pruning both show up here; plus, per token, 2*2*D*F_shared of the
   shared experts in an MoE layer, or 2*2*D*F_dense of the MLP in a dense layer (no router there);
-- the vision projector and the output layer (over every position, as GPTModel computes it).
+- the vision projector and the output layer (over every position, as GPTModel computes it);
+- a learned visual-token compressor (epruntime.compress) as its own analytic count.
 `full` counts the same batches through the unreduced model (every token, k experts each), which
 is what `flops_ratio` divides by.
 """
@@ -38,8 +39,9 @@ class FlopCounter:
         # [layer, {attention, router, experts}, modality]
         self.layer_LCM = torch.zeros(self.layers, 3, 2, dtype=torch.float64)
         self.full_LCM = torch.zeros(self.layers, 3, 2, dtype=torch.float64)
-        self.other = torch.zeros(2, dtype=torch.float64)  # projector, output layer (both as run)
-        self.full_other = torch.zeros(2, dtype=torch.float64)
+        # projector, output layer, token compressor (as run)
+        self.other = torch.zeros(3, dtype=torch.float64)
+        self.full_other = torch.zeros(3, dtype=torch.float64)
 
     def per_token_attention(self, seq: int) -> float:
         return 8 * self.d * self.d + 4 * seq * self.d
@@ -62,7 +64,7 @@ class FlopCounter:
                 self.full_LCM[layer, 2] += tokens_M * self.k * 4 * self.d * self.f
         projector = batch * num_vision * 2 * (self.patch_dim * self.d + self.d * self.d)
         head = batch * seq * 2 * self.d * self.vocab
-        self.full_other += torch.tensor([projector, head], dtype=torch.float64)
+        self.full_other += torch.tensor([projector, head, 0.0], dtype=torch.float64)
         self.other[0] += projector
 
     def on_layer(self, layer: int, modality_SB: torch.Tensor) -> None:
@@ -73,6 +75,10 @@ class FlopCounter:
     def on_experts(self, layer: int, pairs_M: torch.Tensor) -> None:
         """[2] (token, expert) pairs routed by text and by visual tokens in `layer`."""
         self.layer_LCM[layer, 2] += pairs_M.double().cpu() * 4 * self.d * self.f
+
+    def on_module(self, flops: float) -> None:
+        """A learned visual-token compressor ran (the full model has none)."""
+        self.other[2] += flops
 
     def on_output(self, batch: int, seq: int) -> None:
         self.other[1] += batch * seq * 2 * self.d * self.vocab
@@ -85,7 +91,7 @@ class FlopCounter:
             host_all_reduce(flat, group=group)
         n = self.layers * 6
         layer_LCM, full_LCM = flat[:n].view(self.layers, 3, 2), flat[n:2 * n].view(self.layers, 3, 2)
-        other, full_other = flat[2 * n:2 * n + 2], flat[2 * n + 2:]
+        other, full_other = flat[2 * n:2 * n + 3], flat[2 * n + 3:]
         per_layer = [{
             "layer": i,
             **{part: dict(zip(MODALITIES, layer_LCM[i, c].tolist()))
@@ -100,4 +106,5 @@ class FlopCounter:
                 "ratio": total / full if full else 1.0,
                 "by_modality": dict(zip(MODALITIES, by_modality.tolist())),
                 "projector": other[0].item(), "output_layer": other[1].item(),
+                "token_compressor": other[2].item(),
                 "per_layer": per_layer}

@@ -87,8 +87,10 @@ class TokenReducer:
             softmax.register_forward_hook(self._attention_probs(index))
 
     def begin(self, training: bool, question_lens: torch.Tensor, num_vision: int,
-              seq: int) -> None:
-        """A forward pass starts on B samples of `num_vision` visual + question tokens."""
+              seq: int, full_vision: int | None = None, module_flops: float = 0.0) -> None:
+        """A forward pass starts on B samples of `num_vision` visual + question tokens; a
+        learned compressor (epruntime.compress) may have cut the model's `full_vision` visual
+        tokens to `num_vision` at a cost of `module_flops`."""
         self.active = not training
         self.last_kept = {}
         self.num_vision = num_vision
@@ -96,7 +98,9 @@ class TokenReducer:
         text_valid_BQ = torch.arange(q, device=question_lens.device)[None] < question_lens[:, None]
         self.query_valid_BS = torch.cat([text_valid_BQ.new_ones(b, num_vision), text_valid_BQ], 1)
         if self.active and self.flops is not None:
-            self.flops.on_batch(b, num_vision, seq)
+            full = full_vision or num_vision
+            self.flops.on_batch(b, full, seq - num_vision + full)
+            self.flops.on_module(module_flops)
 
     def end(self, batch: int, seq: int) -> int:
         """The pass is over; returns the visual tokens per sample that reached the output."""

@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
+from epruntime.compress import build_compressor, reducer_config
 from epruntime.config import Config
 from epruntime.fastmmoe import FlopCounter, TokenReducer, TokenState
 from epruntime.fastmmoe.router import reducing_router
@@ -156,8 +157,11 @@ class MoEVLM(nn.Module):
                             patch_dim=self.vision.encoder.out_dim,  # projector input width
                             moe_pattern=m.moe_layer_pattern, dense_ffn=4 * m.hidden_size,
                             shared_ffn=m.moe_shared_expert_intermediate_size or 0)
-        self.reducer = TokenReducer(cfg.fastmmoe, m.moe_topk, m.num_layers, self.tokens, flops,
-                                    attention_modality, kernels=runtimes[0].kernels)
+        # Learned visual-token compression after the projector (learnpruner / qmop; None: off),
+        # trained with the model; LearnPruner's stage 2 is the reducer's text2vision policy.
+        self.compressor = build_compressor(cfg)
+        self.reducer = TokenReducer(reducer_config(cfg), m.moe_topk, m.num_layers, self.tokens,
+                                    flops, attention_modality, kernels=runtimes[0].kernels)
         # MoDES expert skipping at inference (off unless modes.enabled; alpha and thresholds
         # from the modes.calibration file, or the thresholds given): the routers hand it their
         # routing first, so FastMMoE, the FLOPs and the dispatchers see what is left.
@@ -191,9 +195,11 @@ class MoEVLM(nn.Module):
     def seq_len(self) -> int:
         return self.num_vision_tokens + self.max_question_len
 
-    def modality(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[S, B] int64 on `device`: VISION for the image positions, TEXT for the question."""
-        p, q = self.num_vision_tokens, self.max_question_len
+    def modality(self, batch_size: int, device: torch.device | str = "cpu",
+                 num_vision: int | None = None) -> torch.Tensor:
+        """[S, B] int64 on `device`: VISION for the `num_vision` (default: all) image
+        positions, TEXT for the question."""
+        p, q = num_vision or self.num_vision_tokens, self.max_question_len
         col = torch.cat([torch.full((p,), VISION, device=device),
                          torch.full((q,), TEXT, device=device)])
         return col[:, None].expand(p + q, batch_size)
@@ -227,8 +233,14 @@ class MoEVLM(nn.Module):
         if self.debug_checks if check is None else check:
             self.check_batch(images, question_ids, question_lens)
         b, p = images.shape[0], self.num_vision_tokens
-        state = TokenState(self.embed(images, question_ids), self.modality(b, images.device), p)
-        self.reducer.begin(self.training, question_lens, p, self.seq_len)
+        input_SBD = self.embed(images, question_ids)
+        vision_KBD, module_flops = self.compress(input_SBD[:p], input_SBD[p:], question_lens)
+        k = vision_KBD.shape[0]  # visual tokens the decoder sees
+        if self.compressor is not None:  # (at k = p too: the scorer still learns)
+            input_SBD = torch.cat([vision_KBD, input_SBD[p:]], dim=0)
+        state = TokenState(input_SBD, self.modality(b, images.device, k), k)
+        self.reducer.begin(self.training, question_lens, k, k + self.max_question_len,
+                           full_vision=p, module_flops=module_flops)
         try:
             with self.tokens.forward(state.modality_SB):
                 logits_SBV, state = self.decode(state)
@@ -239,6 +251,17 @@ class MoEVLM(nn.Module):
         last = state.num_vision + question_lens - 1  # visual tokens left after any pruning
         logits_BV = logits_SBV[last, torch.arange(b, device=last.device)]
         return logits_BV[:, self.answer_offset :]
+
+    def compress(self, vision_PBD: torch.Tensor, text_LBD: torch.Tensor,
+                 question_lens: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The learned compressor (epruntime.compress) on the visual rows of the decoder input:
+        [P, B, D] -> ([K, B, D], its analytic FLOPs for this batch); unchanged when off."""
+        if self.compressor is None:
+            return vision_PBD, 0.0
+        q = text_LBD.shape[0]
+        valid_BL = torch.arange(q, device=question_lens.device)[None] < question_lens[:, None]
+        out = self.compressor(vision_PBD, text_LBD, valid_BL)
+        return out.vision_KBD, self.compressor.flops(vision_PBD.shape[1])
 
     def decode(self, state: TokenState) -> tuple[torch.Tensor, TokenState]:
         """megatron-core's decoder layers one by one on an explicit token state, the token
