@@ -193,6 +193,15 @@ class TrainConfig(Section):
     skip_nonfinite_steps: int = Field(0, ge=0)
     eval_at_end: bool = True
     progress: bool = True
+    # mcore-ddp: gradients and updates. megatron: megatron-core's DistributedDataParallel (dense
+    # and expert grads in separate contiguous buffers, summed over the data- and expert-data-
+    # parallel groups) and its optimizer (AdamW, grad-norm clipping). epruntime: the earlier
+    # hand-written flat all-reduce, clipping loop and AdamW, kept for side-by-side step times.
+    optimizer: Literal["megatron", "epruntime"] = "megatron"
+    # megatron only: reduce each gradient bucket (ddp_bucket_size parameters, megatron-core's
+    # default when unset) as soon as its backward is done, overlapping backward.
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: int | None = Field(None, gt=0)
 
     @field_validator("output_dir", mode="before")
     @classmethod
