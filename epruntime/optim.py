@@ -145,8 +145,9 @@ class ParamStates:
         return param in self._owner and param in self._owner[param].state
 
     def get(self, param: torch.Tensor, default=None) -> dict | None:
-        state = self._state(param)
-        return state[param] if param in state else default
+        """The state of `param`; `default` when it has none or is no optimizer parameter (a
+        buffer)."""
+        return self._owner[param].state[param] if param in self else default
 
     def __getitem__(self, param: torch.Tensor) -> dict:
         state = self._state(param)
@@ -158,7 +159,7 @@ class ParamStates:
         self._state(param)[param] = value
 
     def pop(self, param: torch.Tensor, default=None):
-        return self._state(param).pop(param, default)
+        return self._owner[param].state.pop(param, default) if param in self._owner else default
 
     def params(self) -> Iterator[torch.Tensor]:
         return iter(self._owner)
