@@ -96,3 +96,26 @@ def test_weight_decay_groups_and_expert_optimizer(tmp_path):
     for name, dim, wd, is_expert in rows:
         assert wd == (0.0 if dim == 1 or name.endswith(".bias") else 0.1), name
         assert is_expert == (".local_experts." in name), name
+
+
+def test_optimizer_step_benchmark_quick_writes_the_schema(python_env, tmp_path):
+    """`profiling/bench.py optimizer_step --quick`: both paths timed side by side, and they
+    train to the same loss."""
+    import json
+    import subprocess
+
+    from tests.conftest import ROOT, python_bin
+
+    out = tmp_path / "optimizer_step.json"
+    proc = subprocess.run([python_bin(), str(ROOT / "profiling" / "bench.py"), "optimizer_step",
+                           "--quick", "--json", str(out)], cwd=ROOT, env=python_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    before, after = result["rows"]
+    assert (before["variant"], after["variant"]) == ("epruntime (before)", "megatron (after)")
+    assert after["final_loss"] == pytest.approx(before["final_loss"], rel=1e-5)
+    for row in result["rows"]:
+        assert row["steps"] == len(row["samples"]) > 0
+        assert 0 < row["grad_path_s"] < row["step_time_s"]
+    assert result["ratios"]["after/before_step_time"] > 0
