@@ -203,6 +203,17 @@ class TrainConfig(Section):
     overlap_grad_reduce: bool = False
     ddp_bucket_size: int | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _ddp_options(self) -> "TrainConfig":
+        if self.optimizer != "megatron" and (self.overlap_grad_reduce or self.ddp_bucket_size):
+            raise ValueError("train.overlap_grad_reduce and train.ddp_bucket_size configure "
+                             "megatron-core's DDP; they need train.optimizer=megatron")
+        if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
+            raise ValueError(f"train.ddp_bucket_size={self.ddp_bucket_size} needs "
+                             "train.overlap_grad_reduce=true (without overlap megatron-core "
+                             "reduces each gradient buffer as one bucket)")
+        return self
+
     @field_validator("output_dir", mode="before")
     @classmethod
     def _output_dir_given(cls, value: Any) -> Any:

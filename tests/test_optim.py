@@ -119,3 +119,17 @@ def test_optimizer_step_benchmark_quick_writes_the_schema(python_env, tmp_path):
         assert row["steps"] == len(row["samples"]) > 0
         assert 0 < row["grad_path_s"] < row["step_time_s"]
     assert result["ratios"]["after/before_step_time"] > 0
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (("train.optimizer=epruntime", "train.overlap_grad_reduce=true"), "train.optimizer=megatron"),
+    (("train.ddp_bucket_size=1000",), "train.overlap_grad_reduce=true"),
+    (("train.optimizer=adam",), "train.optimizer"),
+    (("train.overlap_grad_reduce=true", "train.ddp_bucket_size=0"), "ddp_bucket_size"),
+])
+def test_ddp_options_that_cannot_apply_are_named_config_errors(overrides, named):
+    from epruntime.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=named.replace(".", r"\.")):
+        configs.small_config(*overrides)
+    configs.small_config("train.overlap_grad_reduce=true", "train.ddp_bucket_size=1000")
