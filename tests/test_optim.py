@@ -23,9 +23,9 @@ def _worker(rank: int, world: int, ep: int, extra: tuple[str, ...], out: str) ->
     from epruntime.engine import Engine
 
     base = [f"parallel.ep_size={ep}", f"train.grad_clip={CLIP}", "train.warmup_steps=1",
-            "train.weight_decay=0.1", *extra]
-    cfgs = {v: configs.small_config(*base, f"train.optimizer={v}")
-            for v in ("epruntime", "megatron")}
+            "train.weight_decay=0.1"]
+    cfgs = {"epruntime": configs.small_config(*base, "train.optimizer=epruntime"),
+            "megatron": configs.small_config(*base, "train.optimizer=megatron", *extra)}
     env = distributed.init_distributed(cfgs["megatron"])
     ds = SyntheticVQA(64, image_size=16, question_len=6, seed=3)
     report = {}
