@@ -311,6 +311,26 @@ class TrainConfig(Section):
     skip_nonfinite_steps: int = Field(0, ge=0)
     eval_at_end: bool = True
     progress: bool = True
+    # mcore-ddp: gradients and updates. megatron: megatron-core's DistributedDataParallel (dense
+    # and expert grads in separate contiguous buffers, summed over the data- and expert-data-
+    # parallel groups) and its optimizer (AdamW, grad-norm clipping). epruntime: the earlier
+    # hand-written flat all-reduce, clipping loop and AdamW, kept for side-by-side step times.
+    optimizer: Literal["megatron", "epruntime"] = "megatron"
+    # megatron only: reduce each gradient bucket (ddp_bucket_size parameters, megatron-core's
+    # default when unset) as soon as its backward is done, overlapping backward.
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ddp_options(self) -> "TrainConfig":
+        if self.optimizer != "megatron" and (self.overlap_grad_reduce or self.ddp_bucket_size):
+            raise ValueError("train.overlap_grad_reduce and train.ddp_bucket_size configure "
+                             "megatron-core's DDP; they need train.optimizer=megatron")
+        if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
+            raise ValueError(f"train.ddp_bucket_size={self.ddp_bucket_size} needs "
+                             "train.overlap_grad_reduce=true (without overlap megatron-core "
+                             "reduces each gradient buffer as one bucket)")
+        return self
 
     @field_validator("output_dir", mode="before")
     @classmethod

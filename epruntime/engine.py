@@ -26,7 +26,6 @@ from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.dispatch.timing import PhaseTimer, clock_for
 from epruntime.distributed import DistEnv, check_router_groups, host_all_reduce
-from epruntime.model.router_step import finish_router_step
 from epruntime.model.vlm import MoEVLM, init_weights_
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.runtime import Observers, layer_runtimes
@@ -81,8 +80,11 @@ class Engine:
         self.num_local_experts = cfg.model.num_experts // env.ep_size
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
                       env.ep_rank)
-        self.dense, self.expert = optim.split_params(self.model)
-        self.optimizer = optim.build_optimizer(self.model, cfg.train)
+        # train.optimizer: megatron-core's DDP + optimizer (or the earlier flat path); the model
+        # stays unwrapped (DDP's hooks fire on its parameters' gradients).
+        self.gradients = optim.build_gradients(self.model, self.model.gpt.config, cfg.train)
+        self.optimizer = self.gradients.optimizer
+        self.optimizer_state = optim.ParamStates(self.optimizer)  # keyed by parameter
 
     def _new_timer(self) -> PhaseTimer | None:
         if self.cfg.dispatch.timing == "off":
@@ -109,14 +111,14 @@ class Engine:
     def forward_backward(self, batch, global_batch_size: int) -> float:
         """Loss and reduced gradients of the global batch (this rank holds `batch` of it).
         Returns the global mean loss."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.gradients.zero_grad()
         loss, _ = self.local_loss(batch, global_batch_size)
         # Each rank's aux loss is over its own micro-batch; grads are summed over DP, so scale the
         # aux-loss gradient to the mean over ranks. megatron-core keeps this scale process-wide:
         # set it where this engine's backward uses it.
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.env.dp_size))
         loss.backward()
-        optim.reduce_gradients(self.dense, self.expert)
+        self.gradients.reduce()
         total = loss.detach().clone()
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total.item()
@@ -127,7 +129,7 @@ class Engine:
         updated, or, with `may_skip`, returns a result marked `skipped` without updating."""
         clear_aux_losses_tracker()
         loss = self.forward_backward(batch, self.cfg.data.global_batch_size)
-        grad_norm = optim.clip_gradients(self.dense, self.expert, self.cfg.train.grad_clip)
+        grad_norm = self.gradients.grad_norm()  # host sync: the clip and skip decisions
         lr = optim.lr_at(step, self.cfg.train)
         bad = [f"{name} is {value}" for name, value in (("the loss", loss),
                                                        ("the gradient norm", grad_norm))
@@ -139,15 +141,10 @@ class Engine:
                     f"step {lr:.3g}); stopped before the optimizer step, nothing was updated or "
                     "saved; lower train.lr, check the data, or set train.skip_nonfinite_steps=N "
                     "to skip up to N such steps")
-            self.optimizer.zero_grad(set_to_none=True)
-            finish_router_step(self.model, self.model.gpt.config, stepped=False)
+            self.gradients.zero_grad()
             return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, {},
                               skipped=True)
-        # megatron-core's finalize_model_grads: expert-bias update (collective), counters reset
-        finish_router_step(self.model, self.model.gpt.config, stepped=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        self.gradients.step(lr, grad_norm, self.cfg.train.grad_clip)
         if self.timer is not None:
             self.timer.settle()  # CUDA: the one host sync of phase timing, once per step
         aux = {name: entry["values"].mean().item()  # host sync: logged figures

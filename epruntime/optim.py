@@ -1,4 +1,5 @@
-"""Gradient reduction across expert- and data-parallel ranks, clipping, optimizer, LR schedule.
+"""Gradient reduction across expert- and data-parallel ranks, clipping, optimizer, LR schedule:
+megatron-core's DistributedDataParallel and optimizer.
 
 Loss convention: every rank's loss is (sum over its samples) / global_batch_size, so that the sum
 of rank losses is the global mean. Gradients are then SUMMED:
@@ -7,19 +8,35 @@ of rank losses is the global mean. Gradients are then SUMMED:
   expert-data-parallel group. Their all-to-all backward already summed the contributions of
   the tokens of every rank in the EP group.
 The result equals the gradient of the global-batch mean loss on one process, at any EP size.
+
+megatron-core's DDP averages over the data-parallel group unless told that the loss is already
+normalised: the config it gets says `calculate_per_token_loss=True` (gradient scaling factor 1,
+SUM collectives, no `num_tokens` division since none is passed), which is exactly the sum above.
+DDP keeps dense and expert gradients in separate contiguous buffers (expert parameters are the
+ones megatron-core marks `allreduce=False`) and reduces each over its own group, bucket by bucket.
+The optimizer is megatron-core's: one FP32Optimizer (AdamW) for dense and one for expert
+parameters in a ChainedOptimizer, gradient norm over the whole model (expert squares summed over
+the EP group) and its clipping. `MegatronGradients.step` is ChainedOptimizer.step with the
+non-finite check between norm and update (train.skip_nonfinite_steps) that megatron-core's FP32
+path does not make.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import clip_grads
 
 from epruntime.config import TrainConfig
 from epruntime.model.sharding import is_expert_param
+
+ADAM_BETAS = (0.9, 0.95)
 
 
 def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -31,64 +48,121 @@ def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list
     return dense, expert
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:
-    """One flat all-reduce (sum) for the grads of `params` over `group`."""
-    if dist.get_world_size(group) == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.copy_(g)
+def wrap_ddp(model: torch.nn.Module, config, cfg: TrainConfig) -> DistributedDataParallel:
+    """megatron-core's DDP around `model` (its TransformerConfig `config`), configured for summed
+    gradients (module docstring). Parameters keep their storage (no distributed optimizer), so
+    migration and checkpoints write them in place; `param.main_grad` views DDP's buffers."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
+        bucket_size=cfg.ddp_bucket_size, average_in_collective=False,
+        use_distributed_optimizer=False)
+    return DistributedDataParallel(dataclasses.replace(config, calculate_per_token_loss=True),
+                                   ddp_config, model)
 
 
-def reduce_gradients(dense: list, expert: list) -> None:
-    _all_reduce_grads(dense, ps.get_data_parallel_group())
-    if expert:
-        _all_reduce_grads(expert, ps.get_expert_data_parallel_group())
+def build_optimizer(ddp: DistributedDataParallel, cfg: TrainConfig):
+    """megatron-core's optimizer for `ddp`: AdamW, no weight decay on biases and 1-D parameters
+    (megatron-core's standard wd_mult=0 group), gradient clipping at train.grad_clip."""
+    config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=1e-8,
+        clip_grad=cfg.grad_clip, bf16=False, fp16=False, use_distributed_optimizer=False)
+    return get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False)
 
 
-def global_grad_norm(dense: list, expert: list) -> torch.Tensor:
-    """L2 norm over the whole model: dense grads are replicated (count once), expert grads are
-    sharded over the EP group (sum their squares over it)."""
-    device = next(iter((*dense, *expert))).device if (dense or expert) else None
+class MegatronGradients:
+    """One rank's gradients and updates through megatron-core: zero, reduce, norm, step."""
 
-    def sq(params):
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        return sum((p.grad.double().pow(2).sum() for p in params if p.grad is not None), zero)
+    def __init__(self, model: torch.nn.Module, config, cfg: TrainConfig):
+        self.ddp = wrap_ddp(model, config, cfg)
+        self.optimizer = build_optimizer(self.ddp, cfg)
+        self.weight_decay = cfg.weight_decay
 
-    expert_sq = sq(expert)
-    ep_group = ps.get_expert_model_parallel_group()
-    if dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert_sq, group=ep_group)
-    return (sq(dense) + expert_sq).sqrt()
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reduce(self) -> None:
+        """After backward: DDP's bucketed reductions (and megatron-core's other end-of-backward
+        work, e.g. the expert-bias update), then `param.grad` views the reduced buffer."""
+        finalize_model_grads([self.ddp])
+        self.optimizer.prepare_grads()
+
+    def grad_norm(self) -> float:
+        """megatron-core's L2 norm of all gradients; host sync (megatron-core returns a float,
+        one per chained optimizer whose stats group differs): the clip and skip decisions."""
+        return float(self.optimizer.get_grad_norm())
+
+    def step(self, lr: float, grad_norm: float, max_norm: float) -> None:
+        """Clip by `grad_norm` with megatron-core's clip, set the learning rate (and weight
+        decay) the way its param scheduler does (lr_mult / wd_mult per group), update."""
+        for opt in self.optimizer.chained_optimizers:
+            params = opt.get_parameters()
+            if params:
+                clip_grads.clip_grad_by_total_norm_fp32(params, max_norm, grad_norm)
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_mult", 1.0)
+                group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        self.optimizer.step_with_ready_grads()
 
 
-def clip_gradients(dense: list, expert: list, max_norm: float) -> float:
-    norm = global_grad_norm(dense, expert)
-    norm_value = norm.item()  # host sync: the clip decision and the non-finite guard need it
-    scale = max_norm / (norm_value + 1e-6)
-    if scale < 1.0:
-        for p in (*dense, *expert):
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm_value
+def build_gradients(model: torch.nn.Module, config, cfg: TrainConfig):
+    """train.optimizer: megatron (default) or the earlier hand-written path (epruntime)."""
+    if cfg.optimizer == "epruntime":
+        from epruntime.optim_flat import FlatGradients
+
+        return FlatGradients(model, config, cfg)
+    return MegatronGradients(model, config, cfg)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norms, biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=False)
+def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers that hold the per-parameter state: those inside megatron-core's
+    ChainedOptimizer / FP32Optimizer, or `optimizer` itself."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
+
+
+class ParamStates:
+    """Per-parameter optimizer state (AdamW: exp_avg, exp_avg_sq, step) keyed by the parameter,
+    over megatron-core's optimizer, whose own `state` is keyed by (chained index, parameter).
+    Live migration and checkpoints read and install expert state through this."""
+
+    def __init__(self, optimizer):
+        self._owner: dict[torch.Tensor, Any] = {
+            p: opt for opt in inner_optimizers(optimizer)
+            for group in opt.param_groups for p in group["params"]}
+
+    def _state(self, param: torch.Tensor) -> dict:
+        try:
+            return self._owner[param].state
+        except KeyError:
+            raise KeyError(f"parameter of shape {tuple(param.shape)} is not in the "
+                           "optimizer") from None
+
+    def __contains__(self, param: torch.Tensor) -> bool:
+        return param in self._owner and param in self._owner[param].state
+
+    def get(self, param: torch.Tensor, default=None) -> dict | None:
+        """The state of `param`; `default` when it has none or is no optimizer parameter (a
+        buffer)."""
+        return self._owner[param].state[param] if param in self else default
+
+    def __getitem__(self, param: torch.Tensor) -> dict:
+        state = self._state(param)
+        if param not in state:
+            raise KeyError(f"parameter of shape {tuple(param.shape)} has no optimizer state")
+        return state[param]
+
+    def __setitem__(self, param: torch.Tensor, value: dict) -> None:
+        self._state(param)[param] = value
+
+    def pop(self, param: torch.Tensor, default=None):
+        return self._owner[param].state.pop(param, default) if param in self._owner else default
+
+    def params(self) -> Iterator[torch.Tensor]:
+        return iter(self._owner)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

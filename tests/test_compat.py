@@ -309,3 +309,52 @@ def test_stock_dispatcher_runs_megatrons_own_on_cpu_and_undoes(restore_compat, m
     torch.testing.assert_close(out, hidden)
     compat.disable()
     _same(before, _state())
+
+
+@cpu_only
+def test_grad_norm_and_clip_are_megatrons_on_cpu(restore_compat, world_of_one):
+    """megatron-core's get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 (as the optimizer calls
+    them) on CPU gradients: the whole-list L2 norm, and an in-place scale to max_norm."""
+    from megatron.core.optimizer import clip_grads, optimizer as moptimizer
+
+    compat.enable()
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    want = torch.cat([p.grad.double().flatten() for p in params]).norm().item()
+    norm = moptimizer.get_grad_norm_fp32([p.grad for p in params],
+                                         grad_stats_parallel_group=world_of_one.ep)
+    assert norm == pytest.approx(want, rel=1e-6)
+    assert clip_grads.get_grad_norm_fp32([p.grad for p in params], 2,
+                                         world_of_one.ep) == pytest.approx(want, rel=1e-6)
+    before = [p.grad.clone() for p in params]
+    clip_grads.clip_grad_by_total_norm_fp32(params, 1.0, norm)
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * (1.0 / (norm + 1e-6)))
+    clip_grads.clip_grad_by_total_norm_fp32(params, 1e9, 1.0)  # below max_norm: unchanged
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * (1.0 / (norm + 1e-6)))
+
+
+@cpu_only
+def test_ddp_grad_buffer_on_cpu_leaves_torch_as_it_is(restore_compat, world_of_one):
+    """_ParamAndGradBuffer on CPU parameters: megatron-core's layout in a CPU buffer, while
+    torch.cuda.current_device() outside that one function is still torch's own."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    compat.enable()
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    names = {p: f"p{i}" for i, p in enumerate(params)}
+    groups = ProcessGroupCollection()
+    groups.tp = groups.dp_cp = world_of_one.ep  # as DistributedDataParallel passes them
+    buffer = _ParamAndGradBuffer(DistributedDataParallelConfig(), torch.float, torch.float,
+                                 params, world_of_one.ep, None, names, 1.0, [0, 1], False, groups)
+    assert buffer.grad_data.device.type == "cpu" and buffer.grad_data.numel() >= 17
+    for p in params:  # every parameter's main_grad is a view of the one buffer
+        assert p.main_grad.shape == p.shape
+        assert p.main_grad.untyped_storage().data_ptr() == buffer.grad_data.untyped_storage().data_ptr()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()

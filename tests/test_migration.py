@@ -184,9 +184,9 @@ def snapshot(engine, env) -> dict:
     for name, p in engine.model.global_named_parameters(env.ep_rank):
         params[name] = p.detach().clone()
         has_grad[name] = p.grad is not None
-        if p in engine.optimizer.state:
+        if p in engine.optimizer_state:
             state[name] = {k: v.clone() if torch.is_tensor(v) else v
-                           for k, v in engine.optimizer.state[p].items()}
+                           for k, v in engine.optimizer_state[p].items()}
     return {"params": params, "state": state, "has_grad": has_grad,
             "placements": [p.to_dict() for p in engine.model.placements]}
 
@@ -207,7 +207,7 @@ def _pop_state(engine, env, global_name: str) -> bool:
     """Forget an expert's optimizer state, as if it had never received a token."""
     for name, p in engine.model.global_named_parameters(env.ep_rank):
         if name == global_name:
-            engine.optimizer.state.pop(p, None)
+            engine.optimizer_state.pop(p, None)
             return True
     return False
 

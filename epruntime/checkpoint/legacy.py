@@ -40,8 +40,8 @@ def save_v1(engine, step: int, data_state: dict, directory: Path) -> Path:
     for name, param in engine.model.global_named_parameters(env.ep_rank):
         if _owns(name):
             model[name] = param.detach().clone()
-            if param in engine.optimizer.state:
-                optimizer[name] = {k: v.clone() for k, v in engine.optimizer.state[param].items()}
+            if param in engine.optimizer_state:
+                optimizer[name] = {k: v.clone() for k, v in engine.optimizer_state[param].items()}
     for name, buf in engine.model.global_named_buffers(env.ep_rank):
         if _owns(name):
             model[name] = buf.detach().clone()
@@ -96,5 +96,5 @@ def load_v1(engine, path: Path) -> dict:
                         *engine.model.global_named_buffers(engine.env.ep_rank)]:
         param.copy_(model[name])
         if name in optimizer:
-            engine.optimizer.state[param] = {k: v.clone() for k, v in optimizer[name].items()}
+            engine.optimizer_state[param] = {k: v.clone() for k, v in optimizer[name].items()}
     return meta

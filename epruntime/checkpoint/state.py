@@ -61,7 +61,7 @@ def save_state(engine, rank: int, snapshot: bool) -> dict[str, torch.Tensor]:
     (an asynchronous save writes them while training goes on); else the live tensors."""
     keep = (lambda t: t.detach().to("cpu", copy=True)) if snapshot else (lambda t: t.detach())
     state = {}
-    optimizer_state = engine.optimizer.state
+    optimizer_state = engine.optimizer_state  # megatron-core's optimizer state, keyed by parameter
     for name, copies in holdings(engine.model, engine.env.ep_rank).items():
         state[MODEL + name] = keep(copies[0])
         for k, v in optimizer_state.get(copies[0], {}).items():
@@ -134,8 +134,8 @@ def apply_loaded(engine, t: LoadTargets) -> None:
         saved = {k: t.state[key] if k == "step" else t.state[key].to(param.device)
                  for k, key in t.optim[name].items()}
         if saved:
-            engine.optimizer.state[param] = saved
+            engine.optimizer_state[param] = saved
         else:  # saved before its first update: no state from what was here before
-            engine.optimizer.state.pop(param, None)
+            engine.optimizer_state.pop(param, None)
     if t.rng:
         set_rng_state({k: t.state[key] for k, key in t.rng.items()})

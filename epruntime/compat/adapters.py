@@ -104,6 +104,47 @@ a2a-dtoh-sync
              maybe_move_tensor_to_cpu converts only CUDA tensors
     on CPU:  at the same point the splits become numpy arrays, as after megatron-core's copy; no
              stream work
+ddp-grad-buffer
+    megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__
+    patch; megatron-core 0.16.x; callable(self, ddp_config, param_dtype, grad_dtype, params,
+    data_parallel_group, bucket_size, param_to_name, gradient_scaling_factor, param_indices,
+    nccl_ub, pg_collection)
+    assumes: allocates DistributedDataParallel's contiguous gradient buffers on
+             torch.cuda.current_device()
+    on CPU:  megatron-core's own __init__ with torch.cuda.current_device() naming the CPU for
+             that one function (a copy of it whose `torch` name sees a view of torch; torch and
+             the module are left as they are); CUDA parameters run megatron-core's
+fp32-optimizer
+    megatron.core.optimizer.optimizer:FP32Optimizer.__init__
+    patch; megatron-core 0.16.x; callable(self, optimizer, config, init_state_fn)
+    assumes: keeps its constant loss scale in a tensor made with device="cuda"
+    on CPU:  the same tensor on the CPU; CUDA parameters run megatron-core's
+grad-norm
+    megatron.core.optimizer.optimizer:get_grad_norm_fp32
+    patch; megatron-core 0.16.x; callable(grads_for_norm, norm_type, grad_stats_parallel_group)
+    assumes: makes its overflow flag and empty norm with device="cuda"; the local multi-tensor
+             L2 norm returns a CUDA tensor (the name MegatronOptimizer and ChainedOptimizer
+             call)
+    on CPU:  the same fp32 norm of the per-tensor norms on the CPU, reduced over the grad-stats
+             group; CUDA gradients run megatron-core's
+grad-norm-clip-grads
+    megatron.core.optimizer.clip_grads:get_grad_norm_fp32
+    patch; megatron-core 0.16.x; callable(grads_for_norm, norm_type, grad_stats_parallel_group)
+    assumes: the same function in its own module (megatron.core.optimizer.clip_grads)
+    on CPU:  the same fp32 norm on the CPU
+grad-clip
+    megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32
+    patch; megatron-core 0.16.x; callable(parameters, max_norm, total_norm, use_decoupled_grad)
+    assumes: asserts every gradient is a torch.cuda.FloatTensor and makes its overflow flag with
+             device="cuda" (the name ChainedOptimizer calls)
+    on CPU:  the same in-place scale by max_norm / (total_norm + 1e-6) of CPU fp32 gradients;
+             CUDA gradients run megatron-core's
+grad-clip-clip-grads
+    megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32
+    patch; megatron-core 0.16.x; callable(parameters, max_norm, total_norm, use_decoupled_grad)
+    assumes: the same function in its own module (megatron.core.optimizer.clip_grads, the name
+             epruntime.optim calls)
+    on CPU:  the same in-place scale on the CPU
 """
 
 from __future__ import annotations
@@ -307,6 +348,11 @@ _DISPATCHER = f"{_MOE}.token_dispatcher:MoEAlltoAllTokenDispatcher"
 _CPU_DISPATCHER = "epruntime.compat.dispatcher:CpuAlltoAllTokenDispatcher"
 _CPU_TRACKER = "epruntime.compat.rng:CpuRNGStatesTracker"
 _CURRENT = "torch.cuda.current_device()"
+_GRAD_BUFFER = "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer"
+_OPTIMIZER = "megatron.core.optimizer.optimizer"
+_CLIP_GRADS = "megatron.core.optimizer.clip_grads"
+_NORM_PARAMS = ("grads_for_norm", "norm_type", "grad_stats_parallel_group")
+_CLIP_PARAMS = ("parameters", "max_norm", "total_norm", "use_decoupled_grad")
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
@@ -398,4 +444,48 @@ ADAPTERS: tuple[Adapter, ...] = (
         "stream work",
         params=("self", "point", "tokens_per_expert"), by="subclass", subclass=_CPU_DISPATCHER,
         replacement=_dtoh),
+    # DistributedDataParallel and the optimizer (epruntime.optim); each runs megatron-core's own
+    # code for CUDA tensors and differs only for CPU ones.
+    Adapter(
+        "ddp-grad-buffer", f"{_GRAD_BUFFER}.__init__",
+        "allocates DistributedDataParallel's contiguous gradient buffers on "
+        f"{_CURRENT}",
+        f"megatron-core's own __init__ with {_CURRENT} naming the CPU for that one function "
+        "(a copy of it whose `torch` name sees a view of torch; torch and the module are left "
+        "as they are); CUDA parameters run megatron-core's",
+        params=("self", "ddp_config", "param_dtype", "grad_dtype", "params",
+                "data_parallel_group", "bucket_size", "param_to_name", "gradient_scaling_factor",
+                "param_indices", "nccl_ub", "pg_collection"),
+        replacement=_cpu_op("grad_buffer_init")),
+    Adapter(
+        "fp32-optimizer", f"{_OPTIMIZER}:FP32Optimizer.__init__",
+        'keeps its constant loss scale in a tensor made with device="cuda"',
+        "the same tensor on the CPU; CUDA parameters run megatron-core's",
+        params=("self", "optimizer", "config", "init_state_fn"),
+        replacement=_cpu_op("fp32_optimizer_init")),
+    Adapter(
+        "grad-norm", f"{_OPTIMIZER}:get_grad_norm_fp32",
+        'makes its overflow flag and empty norm with device="cuda"; the local multi-tensor L2 '
+        "norm returns a CUDA tensor (the name MegatronOptimizer and ChainedOptimizer call)",
+        "the same fp32 norm of the per-tensor norms on the CPU, reduced over the grad-stats "
+        "group; CUDA gradients run megatron-core's",
+        params=_NORM_PARAMS, replacement=_cpu_op("grad_norm_fp32")),
+    Adapter(
+        "grad-norm-clip-grads", f"{_CLIP_GRADS}:get_grad_norm_fp32",
+        "the same function in its own module (megatron.core.optimizer.clip_grads)",
+        "the same fp32 norm on the CPU",
+        params=_NORM_PARAMS, replacement=_cpu_op("grad_norm_fp32")),
+    Adapter(
+        "grad-clip", f"{_OPTIMIZER}:clip_grad_by_total_norm_fp32",
+        "asserts every gradient is a torch.cuda.FloatTensor and makes its overflow flag with "
+        'device="cuda" (the name ChainedOptimizer calls)',
+        "the same in-place scale by max_norm / (total_norm + 1e-6) of CPU fp32 gradients; CUDA "
+        "gradients run megatron-core's",
+        params=_CLIP_PARAMS, replacement=_cpu_op("clip_grad_by_total_norm")),
+    Adapter(
+        "grad-clip-clip-grads", f"{_CLIP_GRADS}:clip_grad_by_total_norm_fp32",
+        "the same function in its own module (megatron.core.optimizer.clip_grads, the name "
+        "epruntime.optim calls)",
+        "the same in-place scale on the CPU",
+        params=_CLIP_PARAMS, replacement=_cpu_op("clip_grad_by_total_norm")),
 )

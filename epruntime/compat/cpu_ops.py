@@ -102,3 +102,130 @@ def cpu_default_causal_mask(sq: int) -> torch.Tensor:
     """True above the diagonal: the positions a query may not attend to (megatron-core builds
     the same mask with device="cuda")."""
     return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+# ---- DistributedDataParallel and the optimizer (epruntime.optim) -----------------------------
+
+class _CudaOnDevice:
+    """`torch.cuda` as seen by one megatron-core function: `current_device()` names `device`,
+    every other attribute is torch.cuda's own."""
+
+    def __init__(self, device: str):
+        self._device = device
+
+    def current_device(self) -> str:
+        return self._device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnDevice:
+    """`torch` as seen by one megatron-core function: only `torch.cuda.current_device()` differs
+    (it names `device`); torch itself is not changed."""
+
+    def __init__(self, device: str):
+        self.cuda = _CudaOnDevice(device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _with_torch_on(function: Callable, device: str) -> Callable:
+    """A copy of `function` whose global name `torch` resolves to `_TorchOnDevice(device)`; its
+    module's namespace is left as it is (the copy reads a snapshot of it)."""
+    import types
+
+    copy = types.FunctionType(function.__code__,
+                              {**function.__globals__, "torch": _TorchOnDevice(device)},
+                              function.__name__, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
+def grad_buffer_init(original: Callable) -> Callable:
+    """`_ParamAndGradBuffer.__init__` (DistributedDataParallel's contiguous gradient buffers, one
+    per group of parameters reduced together) allocates the buffers on
+    `torch.cuda.current_device()`; for CPU parameters megatron-core's own __init__ runs with that
+    one call naming the CPU, so the buffer layout, bucketing and padding are megatron-core's."""
+    on_cpu = _with_torch_on(original, "cpu")
+
+    @functools.wraps(original)
+    def __init__(self, ddp_config, param_dtype, grad_dtype, params, *args, **kwargs):
+        if any(p.is_cuda for p in params):
+            return original(self, ddp_config, param_dtype, grad_dtype, params, *args, **kwargs)
+        return on_cpu(self, ddp_config, param_dtype, grad_dtype, params, *args, **kwargs)
+
+    return __init__
+
+
+def fp32_optimizer_init(original: Callable) -> Callable:
+    """`FP32Optimizer.__init__` keeps its (constant 1.0) loss scale in a tensor made with
+    device="cuda"; for CPU parameters the same tensor is made on the CPU."""
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    @functools.wraps(original)
+    def __init__(self, optimizer, config, init_state_fn):
+        params = [p for g in getattr(optimizer, "param_groups", ()) for p in g["params"]]
+        if any(p.is_cuda for p in params):
+            return original(self, optimizer, config, init_state_fn)
+        MegatronOptimizer.__init__(self, optimizer, config, init_state_fn)
+        self._scale = torch.tensor([1.0], dtype=torch.float)
+        self.is_stub_optimizer = optimizer is None
+
+    return __init__
+
+
+def grad_norm_fp32(original: Callable) -> Callable:
+    """`get_grad_norm_fp32` makes its overflow flag and its empty-list norm with device="cuda"
+    (and megatron-core's local multi-tensor L2 norm returns a CUDA tensor); for CPU gradients the
+    same fp32 computation runs on the CPU: the L2 norm of the per-tensor norms (the p-th powers
+    summed for other p, the max for inf), reduced over `grad_stats_parallel_group`. One host
+    sync, as in megatron-core: the returned float."""
+
+    @functools.wraps(original)
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+        if any(g.is_cuda or hasattr(g, "_local_tensor") for g in grads):
+            return original(grads_for_norm, norm_type, grad_stats_parallel_group)
+        norm_type = float(norm_type)
+        if norm_type == math.inf:
+            total = torch.tensor([max((float(g.abs().max()) for g in grads), default=0.0)],
+                                 dtype=torch.float)
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=grad_stats_parallel_group)
+            return total[0].item()
+        if norm_type == 2.0:
+            norm = (torch.norm(torch.stack([torch.norm(g.float()) for g in grads]))
+                    if grads else torch.zeros((), dtype=torch.float))
+            total = (norm ** 2).reshape(1)
+        else:
+            total = sum((torch.norm(g, norm_type) ** norm_type for g in grads),
+                        torch.zeros((), dtype=torch.float)).reshape(1)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=grad_stats_parallel_group)
+        return total.item() ** (1.0 / norm_type)  # host sync: megatron-core returns a float
+
+    return get_grad_norm_fp32
+
+
+def clip_grad_by_total_norm(original: Callable) -> Callable:
+    """`clip_grad_by_total_norm_fp32` asserts every gradient is a torch.cuda.FloatTensor and makes
+    its overflow flag with device="cuda"; for CPU fp32 gradients the same clip runs on the CPU:
+    scaled in place by max_norm / (total_norm + 1e-6) when that is below 1."""
+    from megatron.core.utils import local_multi_tensor_applier, local_multi_tensor_scale
+
+    @functools.wraps(original)
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in params if getattr(p, attr, None) is not None]
+        if use_decoupled_grad or any(g.is_cuda for g in grads):
+            return original(params, max_norm, total_norm, use_decoupled_grad)
+        for g in grads:
+            if g.dtype != torch.float32:
+                raise TypeError(f"clip_grad_by_total_norm_fp32: a {g.dtype} gradient; "
+                                "megatron-core clips fp32 gradients")
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            local_multi_tensor_applier(local_multi_tensor_scale, None, [grads, grads], clip_coeff)
+
+    return clip_grad_by_total_norm_fp32

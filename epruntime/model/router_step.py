@@ -11,7 +11,11 @@ pass of a global batch and before the optimizer step:
 - the temporary counters (those tokens, the global aux loss's running counts) are zeroed
   (`reset_model_temporary_tensors`).
 
-`Engine.train_step` calls `finish_router_step` at that point, with megatron-core's own functions.
+The default gradient path (`epruntime.optim.MegatronGradients`) runs megatron-core's
+`finalize_model_grads` itself, which does both; the hand-written path kept for comparison
+(`train.optimizer=epruntime`) calls `finish_router_step` at the same point, with megatron-core's
+own functions. Either way the bias moves after every backward pass, skipped step or not, as in
+megatron-core.
 `expert_bias` is a persistent buffer, so checkpoints carry it (`MoEVLM.global_named_buffers`).
 """
 

@@ -7,7 +7,9 @@ Collective over one EP group. Every rank of the group calls
 with the same placements (one per MoE layer). For every layer whose placement changes, each expert
 whose (rank, slot) changes travels from its old to its new position with everything that makes it
 that expert: its parameters, persistent buffers and optimizer state (AdamW's `step`, `exp_avg`,
-`exp_avg_sq`; whatever the optimizer keeps). Afterwards `model.set_placements(new_placements)`
+`exp_avg_sq`; whatever the optimizer keeps), read from and installed into megatron-core's
+optimizer through `epruntime.optim.ParamStates` (megatron-core keys its state by chained
+optimizer and parameter). Afterwards `model.set_placements(new_placements)`
 records the layout, so global names (`model.sharding`) and dispatchers follow.
 
 Exchange design: ONE `all_gather_object` of small metadata (placement digests, per-tensor layout
@@ -41,6 +43,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
+from epruntime.optim import ParamStates
 from epruntime.placement.core import Placement, PlacementError
 
 ALIGN = 16  # bytes: every tensor starts aligned so a uint8 slice can be viewed as any dtype
@@ -213,19 +216,19 @@ def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
             if isinstance(v, torch.Tensor) and id(v) not in params]
 
 
-def _expert_items(model, optimizer, layer: int, expert: int, slot: int):
+def _expert_items(model, states: ParamStates, layer: int, expert: int, slot: int):
     """What makes expert `expert` (now in `slot`): params, buffers, optimizer state."""
     module = expert_module(model, layer, slot)
     for name, p in module.named_parameters():
         yield TensorRecord(layer, expert, "param", name), p
-        for key, value in sorted(optimizer.state.get(p, {}).items()):
+        for key, value in sorted(states.get(p, {}).items()):
             on_dev = not isinstance(value, torch.Tensor) or value.device == p.device
             yield TensorRecord(layer, expert, "state", name, key, on_param_device=on_dev), value
     for name, b in _persistent_buffers(module):
         yield TensorRecord(layer, expert, "buffer", name), b
 
 
-def _install(model, optimizer, chunk: torch.Tensor, records: list[TensorRecord],
+def _install(model, states: ParamStates, chunk: torch.Tensor, records: list[TensorRecord],
              slot_of: dict[tuple[int, int], int]) -> int:
     """Write one source's records into their destination slots; returns checksums verified."""
     by_expert: dict[tuple[int, int], list[TensorRecord]] = {}
@@ -241,10 +244,10 @@ def _install(model, optimizer, chunk: torch.Tensor, records: list[TensorRecord],
             raise MigrationError(f"layer {layer} expert {expert}: sender has tensors "
                                  f"{sorted(sent)}, destination slot has "
                                  f"{sorted(set(params) | set(buffers))}")
-        states: dict[str, dict] = {name: {} for name in params}
+        received: dict[str, dict] = {name: {} for name in params}
         for rec in recs:
             if not rec.dtype:  # a plain (non-tensor) state value
-                states[rec.name][rec.key] = rec.value
+                received[rec.name][rec.key] = rec.value
                 continue
             data = unpack(chunk, rec)
             if rec.kind == "param":
@@ -258,14 +261,14 @@ def _install(model, optimizer, chunk: torch.Tensor, records: list[TensorRecord],
             else:
                 device = params[rec.name].device if rec.on_param_device else torch.device("cpu")
                 dst = data.to(device, copy=True)
-                states[rec.name][rec.key] = dst
+                received[rec.name][rec.key] = dst
             verify(rec, dst)
             verified += 1
         for name, p in params.items():
-            if states[name]:
-                optimizer.state[p] = states[name]
+            if received[name]:
+                states[p] = received[name]
             else:  # the expert had no optimizer state (never stepped): keep it absent
-                optimizer.state.pop(p, None)
+                states.pop(p, None)
     return verified
 
 
@@ -282,13 +285,16 @@ def _local_problems(model, new_placements: Sequence[Placement], world: int) -> s
     return model.unsupported_placements(list(new_placements))
 
 
-def migrate_experts(model, optimizer: torch.optim.Optimizer, new_placements: Sequence[Placement],
+def migrate_experts(model, optimizer, new_placements: Sequence[Placement],
                     group=None, timeout: float | timedelta | None = None) -> MigrationReport:
     """Move experts to `new_placements` on every rank of the EP `group` (default megatron-core's
     expert-model-parallel group). Collective: every rank of the group calls it with the same
-    placements, between optimizer steps. `timeout` bounds the byte exchange (default: the
-    group's own timeout). Returns this rank's `MigrationReport`."""
+    placements, between optimizer steps. `optimizer`: megatron-core's (or a torch optimizer);
+    its per-parameter state is read and installed through `epruntime.optim.ParamStates`.
+    `timeout` bounds the byte exchange (default: the group's own timeout). Returns this rank's
+    `MigrationReport`."""
     start = time.perf_counter()
+    states = ParamStates(optimizer)
     if group is None:
         from megatron.core import parallel_state as ps
         group = ps.get_expert_model_parallel_group()
@@ -303,7 +309,7 @@ def migrate_experts(model, optimizer: torch.optim.Optimizer, new_placements: Seq
     for mv in moves:
         if mv.src_rank == me:
             outgoing[mv.dst_rank].extend(
-                _expert_items(model, optimizer, mv.layer, mv.expert, mv.src_slot))
+                _expert_items(model, states, mv.layer, mv.expert, mv.src_slot))
     device = next(model.parameters()).device
     # Lay out every destination's chunk, then pack straight into one send buffer (no second
     # copy). Peak extra memory is this rank's moved bytes sent + received; callers that must bound
@@ -354,7 +360,7 @@ def migrate_experts(model, optimizer: torch.optim.Optimizer, new_placements: Seq
         offset = 0
         for src, size in enumerate(recv_splits):
             recs = everyone[src]["records"][me]
-            report.checksums_verified += _install(model, optimizer, recv[offset:offset + size],
+            report.checksums_verified += _install(model, states, recv[offset:offset + size],
                                                   recs, slot_of)
             report.tensors_received += sum(1 for r in recs if r.dtype)
             offset += size
