@@ -76,6 +76,30 @@ def test_reducers_bench_smoke_has_every_column(python_env, tmp_path):
     assert "reducers: easy-vqa" in proc.stdout  # one table per workload
 
 
+def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_path):
+    """LearnPruner and QMoP each on a model trained with the module; MoDES at a skip ratio
+    calibrated on the base model's training items (quick: two training steps, 32 test items)."""
+    out = tmp_path / "reducers.json"
+    proc = bench("reducers", "--quick", "--workdir", str(tmp_path / "work"), "--variants",
+                 "learnpruner@0.25,qmop@0.25,modes@skip0.5", "--json", str(out),
+                 env=python_env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    full = rows["full"]
+    assert list(rows) == ["full", "learnpruner@0.25", "qmop@0.25", "modes@skip0.5"]
+    for name in ("learnpruner@0.25", "qmop@0.25"):  # 4 of the 16 visual tokens enter the LM
+        assert rows[name]["method"] == name.split("@")[0]
+        assert rows[name]["flops_ratio"] < 1
+        assert rows[name]["dispatched_pairs_per_item"] < full["dispatched_pairs_per_item"]
+    assert rows["qmop@0.25"]["vision_tokens_kept"] == 4
+    # stage 2 keeps a quarter of stage 1's 4 tokens after the middle layer
+    assert rows["learnpruner@0.25"]["vision_tokens_kept"] <= 4
+    modes = rows["modes@skip0.5"]  # same tokens, half of the (token, expert) pairs skipped
+    assert modes["vision_tokens_kept"] == full["vision_tokens_kept"]
+    assert 0.3 < modes["dispatched_pairs_per_item"] / full["dispatched_pairs_per_item"] < 0.7
+    assert (tmp_path / "work" / "easy-vqa" / "base" / "modes_skip0.5.json").is_file()
+
+
 @pytest.mark.parametrize("option", [("--variants", "fastmmoe@2"), ("--variants", "nope"),
                                     ("--workloads", "imagenet")])
 def test_reducers_bench_rejects_bad_names_before_training(python_env, option):

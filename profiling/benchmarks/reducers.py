@@ -17,7 +17,7 @@ on it, all on the same test items (the model never trained on them):
   choosing tokens, timed round-robin over the variants (so drift hits all of them alike): median
   of `--repeats` passes over `--timing-items` items after `--warmup` untimed ones.
 
-Adding a method is one registry entry: `VARIANTS["modes@0.5"] = Variant("modes@0.5", "modes",
+Adding a method is one registry entry: `VARIANTS["fastv@0.4"] = Variant("fastv@0.4", "fastv",
 apply_fn)`, where `apply_fn(engine, params)` sets the loaded model up for the variant on every
 rank, after every registered `RESETS` function has turned all methods off; `model="name"` with
 `MODELS["name"] = [overrides]` runs it on a model trained with those overrides (LearnPruner's
@@ -85,8 +85,46 @@ def _pruning(policy: str, retention: float, reduced_topk: bool) -> Variant:
     return Variant(f"{policy}@{retention:g}", policy, functools.partial(_fastmmoe_section, section))
 
 
+def _modes_off(engine) -> None:
+    engine.model.skipper.configure(False)
+
+
+def _stage2(engine, p: dict) -> None:
+    """LearnPruner's stage 2 (text-to-vision pruning after a middle layer) as its model was
+    trained with it; QMoP's and LearnPruner's stage-1 modules are part of the trained model."""
+    from epruntime.compress import reducer_config
+
+    engine.model.reducer.configure(reducer_config(engine.cfg))
+
+
+def _learned(method: str, budget: float) -> Variant:
+    """learnpruner@r (stage 1 keeps r of the visual tokens, stage 2 a quarter of those after
+    the middle layer) or qmop@r, each on its own model trained with the module."""
+    name = f"{method}@{budget:g}"
+    MODELS[name] = [f"{method}.enabled=true", f"{method}.budget={budget:g}"]
+    return Variant(name, method, _stage2, model=name)
+
+
+def _modes_apply(name: str, engine, p: dict) -> None:
+    """MoDES at the thresholds of the variant's calibration file (written by `run` with
+    python -m epruntime.modes.calibrate on the base checkpoint's training split)."""
+    from epruntime.modes.calibration import load_calibration
+
+    calib = load_calibration(p["calibrations"][name])
+    engine.model.skipper.configure(True, calib.alpha_tensor(),
+                                   (calib.text_threshold, calib.vision_threshold))
+
+
+def _modes(name: str, calibrate_args: list[str]) -> Variant:
+    CALIBRATIONS[name] = calibrate_args
+    return Variant(name, "modes", functools.partial(_modes_apply, name))
+
+
 MODELS: dict[str, list[str]] = {"base": []}  # model name -> training overrides on the workload's
-RESETS: list[Callable[[Any], None]] = [_fastmmoe_off]  # every method off (run before each apply)
+RESETS: list[Callable[[Any], None]] = [_fastmmoe_off, _modes_off]  # every method off (run before
+#                                                                     each apply)
+# MoDES variant -> arguments of `python -m epruntime.modes.calibrate` (on the base checkpoint)
+CALIBRATIONS: dict[str, list[str]] = {}
 VARIANTS: dict[str, Variant] = {
     "full": Variant("full", "full", functools.partial(_fastmmoe_section, {"enabled": False})),
     "reduced": Variant("reduced", "fastmmoe", functools.partial(
@@ -94,12 +132,17 @@ VARIANTS: dict[str, Variant] = {
     **{v.name: v for r in BUDGETS for v in (_pruning("fastmmoe", r, True),
                                              _pruning("fastv", r, False),
                                              _pruning("text2vision", r, False))},
+    **{v.name: v for r in BUDGETS for v in (_learned("learnpruner", r), _learned("qmop", r))},
+    # MoDES: the highest skip ratio within the KL bound of modes.kl_bound (0.01), and the lowest
+    # KL at two target skip ratios
+    **{v.name: v for v in (_modes("modes@kl0.01", ["--set", "modes.kl_bound=0.01"]),
+                           _modes("modes@skip0.5", ["--target-skip", "0.5"]),
+                           _modes("modes@skip0.8", ["--target-skip", "0.8"]))},
 }
 DEFAULT_VARIANTS = ["full", "reduced", *(f"{m}@{r:g}" for m in ("fastmmoe", "fastv", "text2vision")
-                                         for r in BUDGETS)]
-# Hooks for the methods built on other branches (issue 17), at the same budgets:
-#   learnpruner@r / qmop@r (model="learnpruner" / "qmop", MODELS entries with their overrides),
-#   modes@calibrated and modes@<skip ratio> (on "base").
+                                         for r in BUDGETS),
+                    *(f"{m}@{r:g}" for m in ("learnpruner", "qmop") for r in BUDGETS),
+                    "modes@kl0.01", "modes@skip0.5", "modes@skip0.8"]
 
 
 def variant(name: str) -> Variant:
@@ -152,6 +195,20 @@ def _train(config: Path, work: Path, workload: str, model: str, data: list[str],
             overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
         torchrun_train(config, overrides, p["ep"], f"training {model} on {workload}")
     return str(run_dir), json.loads((run_dir / "summary.json").read_text())
+
+
+def _calibrate(checkpoint: str, name: str, p: dict) -> str:
+    """The MoDES calibration file of variant `name` for `checkpoint` (fitted once, on training
+    samples, with the real entry point at EP=`ep`; the table scores it on test items)."""
+    out = Path(checkpoint) / f"{name.replace('@', '_')}.json"
+    if not out.is_file():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={p['ep']}", "-m", "epruntime.modes.calibrate",
+               "--checkpoint", checkpoint, "--out", str(out), *CALIBRATIONS[name]]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"calibrating {name} failed:\n{proc.stderr[-4000:]}")
+    return str(out)
 
 
 # ---- the ranks ----------------------------------------------------------------------------------
@@ -383,8 +440,10 @@ def run(args: argparse.Namespace) -> BenchResult:
         results: dict[str, dict] = {}
         for model, group in by_model.items():
             checkpoint, trained = _train(config, work, workload, model, data, p, args.quick)
+            calibrations = {n: _calibrate(checkpoint, n, p) for n in group if n in CALIBRATIONS}
             out = work / workload / f"results-{model}.json"
-            spawn_ranks(_worker, p["ep"], checkpoint, p, group, str(out))
+            spawn_ranks(_worker, p["ep"], checkpoint, {**p, "calibrations": calibrations}, group,
+                        str(out))
             got = json.loads(out.read_text())
             results.update(got["results"])
             notes.append(f"{workload}/{model}: {checkpoint} ({trained['steps']} training steps); "
