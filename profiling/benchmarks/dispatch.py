@@ -182,7 +182,8 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
                         engine.model(*_inputs(train_ds.batch(idx)))
                 recorder.close()
                 target = traffic_placements(recorder.counts(dist.group.WORLD), env.ep_size,
-                                            engine.ranks_per_node)
+                                            engine.ranks_per_node,
+                                            num_groups=cfg.model.moe_router_num_groups)
             report = place(engine, target)
             detail["migration_bytes_sent"] = report["bytes_sent"] if report else 0
             detail["migration_s"] = report["seconds"] if report else 0.0
