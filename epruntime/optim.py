@@ -56,8 +56,11 @@ def wrap_ddp(model: torch.nn.Module, config, cfg: TrainConfig) -> DistributedDat
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
         bucket_size=cfg.ddp_bucket_size, average_in_collective=False,
         use_distributed_optimizer=False)
-    return DistributedDataParallel(dataclasses.replace(config, calculate_per_token_loss=True),
-                                   ddp_config, model)
+    # DDP hooks each parameter's gradient accumulator, found through a tiny autograd graph: an
+    # engine built inside no_grad (e.g. to read a checkpoint for inference) must still get them
+    with torch.enable_grad():
+        return DistributedDataParallel(dataclasses.replace(config, calculate_per_token_loss=True),
+                                       ddp_config, model)
 
 
 def build_optimizer(ddp: DistributedDataParallel, cfg: TrainConfig):

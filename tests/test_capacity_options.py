@@ -110,11 +110,11 @@ def _worker(rank: int, ep: int, out: str) -> None:
             logits = []
             engine.model.register_forward_hook(lambda m, a, o: logits.append(o.detach().clone()))
             # Engine.forward_backward, keeping the logits
-            engine.optimizer.zero_grad(set_to_none=True)
+            engine.gradients.zero_grad()
             loss, _ = engine.local_loss(batch, GB)
             MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / env.dp_size))
             loss.backward()
-            optim.reduce_gradients(engine.dense, engine.expert)
+            engine.gradients.reduce()
             total = loss.detach().clone()
             torch.distributed.all_reduce(total)
             summary = engine.comm_summary()

@@ -17,6 +17,7 @@ from epruntime.compress.select import (farthest_seeds, gather_rows, segment_soft
                                        straight_through_gate, top_k_ascending)
 from epruntime.config import ConfigError, load_config
 from epruntime.fastmmoe.flops import FlopCounter
+from epruntime.model.sharding import is_expert_param
 from tests import configs
 from tests.dist import spawn
 
@@ -292,8 +293,7 @@ def _train_worker(rank: int, out: str) -> None:
         for _ in range(TRAIN_STEPS - 2):  # to where `ref` was probed
             fresh.train_step(next(fresh_batches), meta["step"])
         results[name] = {
-            "names": names, "dense": set(names) <= {n for n, p in engine.model.named_parameters()
-                                                   if any(p is q for q in engine.dense)},
+            "names": names, "dense": not any(is_expert_param(n) for n in names),
             "replicated": all(torch.equal(gathered[0][n], gathered[1][n]) for n in names),
             "moved": all(not torch.equal(params[n], init[n]) for n in names),
             "grads_nonzero": {n: bool(g.abs().sum() > 0) for n, g in grads.items()},

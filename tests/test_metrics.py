@@ -57,7 +57,8 @@ class FakeRouter(nn.Module):
 
 def fake_engine(layers: int = 2, experts: int = 4):
     cfg = load_config(None, [f"model.num_layers={layers}", f"model.num_experts={experts}",
-                             "model.moe_topk=1", "parallel.ep_size=2"])
+                             "model.moe_topk=1", "model.moe_router_pre_softmax=true",
+                             "parallel.ep_size=2"])
     routers = [FakeRouter(experts) for _ in range(layers)]
     model = SimpleNamespace(moe_layers=[SimpleNamespace(router=r) for r in routers],
                             placements=[Placement.contiguous(experts, 2)] * layers,
