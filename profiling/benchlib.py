@@ -220,3 +220,16 @@ def torchrun_train(config: Path, overrides: list[str], nproc: int, label: str) -
     if proc.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
     return json.loads((Path(out) / "summary.json").read_text())
+
+
+class Subset:
+    """The first `n` items of a dataset (what Engine.evaluate needs: len and batch)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx):
+        return self.dataset.batch(idx)

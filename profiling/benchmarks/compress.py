@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, collect_env, register, resolve,
-                                spawn_ranks, torchrun_train)
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, collect_env, register,
+                                resolve, spawn_ranks, torchrun_train)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, finetune_steps=300,
             finetune_lr=1e-3, stage2_retention=0.25, eval_items=None, timing_items=512,
@@ -115,7 +115,7 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], 
                       "finetune_seconds": seconds,
                       "finetune_final_loss": losses[-1] if losses else None, "samples": []}
         engines[v] = engine
-    timing = _Subset(eval_ds, p["timing_items"])
+    timing = Subset(eval_ds, p["timing_items"])
     for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
         for v in variants:
             m = engines[v].evaluate(timing, batch)
@@ -127,19 +127,6 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], 
                                          "vision_tokens": engines["full"].model.num_vision_tokens,
                                          "base_step": meta["step"]}))
     torch.distributed.barrier()
-
-
-class _Subset:
-    """The first `n` items of a dataset (what Engine.evaluate needs: len and batch)."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, idx):
-        return self.dataset.batch(idx)
 
 
 @register("compress", add_options)

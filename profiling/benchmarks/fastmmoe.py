@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, collect_env, register, resolve,
-                                spawn_ranks, torchrun_train)
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, collect_env, register,
+                                resolve, spawn_ranks, torchrun_train)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, vision_topk=1, layer=0,
             eval_items=None, timing_items=512, repeats=5, warmup=1, transport="pg")
@@ -70,19 +70,6 @@ def variant_config(name: str, p: dict[str, Any]) -> dict:
     return section
 
 
-class _Subset:
-    """The first `n` items of a dataset (what Engine.evaluate needs: len and batch)."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, idx):
-        return self.dataset.batch(idx)
-
-
 def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], out: str) -> None:
     import torch
 
@@ -117,7 +104,7 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], 
                       "vision_tokens_kept": m["vision_tokens_kept"],
                       "cross_rank_bytes": (m["comm"] or {}).get("cross_rank_bytes"),
                       "samples": []}
-    timing = _Subset(eval_ds, p["timing_items"])
+    timing = Subset(eval_ds, p["timing_items"])
     for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
         for v in variants:
             reducer.configure(sections[v])

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, collect_env,
-                                register, resolve, spawn_ranks, torchrun_train)
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
+                                collect_env, register, resolve, spawn_ranks, torchrun_train)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, eval_items=None,
             calibration_samples=256, calibration_seed=0, kl_bound=0.01, grid_points=32,
@@ -64,19 +64,6 @@ def _targets(text: str) -> list[float]:
     if not all(0 < v <= 1 for v in values):
         raise BenchUsageError(f"--targets {text!r}: each skip ratio must be in (0, 1]")
     return values
-
-
-class _Subset:
-    """The first `n` items of a dataset (what Engine.evaluate needs: len and batch)."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, idx):
-        return self.dataset.batch(idx)
 
 
 def _worker(rank: int, checkpoint: str, p: dict[str, Any], out: str) -> None:
@@ -151,7 +138,7 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], out: str) -> None:
                               calibration_skip_ratio=calib.fit["skip_ratio"])
     for v in calibrations:  # the cost of the skip decision itself
         results[v]["selection_ms"] = _decision_ms(engine, eval_ds, batch, calibrations[v])
-    timing = _Subset(eval_ds, p["timing_items"])
+    timing = Subset(eval_ds, p["timing_items"])
     for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
         for v in variants:
             configure(v)

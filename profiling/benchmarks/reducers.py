@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, collect_env,
-                                register, resolve, spawn_ranks, torchrun_train)
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
+                                collect_env, register, resolve, spawn_ranks, torchrun_train)
 
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
@@ -212,19 +212,6 @@ def _calibrate(checkpoint: str, name: str, p: dict) -> str:
 
 
 # ---- the ranks ----------------------------------------------------------------------------------
-class _Subset:
-    """The first `n` items of a dataset (what Engine.evaluate needs: len and batch)."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, idx):
-        return self.dataset.batch(idx)
-
-
 def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -271,7 +258,7 @@ def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> 
                          "dispatched_pairs": sum(comm.get("load_per_rank", [])),
                          "cross_rank_bytes": comm.get("cross_rank_bytes"),
                          "tokens_per_s": [], "prefill_s": [], "selection_s": []}
-    timing = _Subset(eval_ds, p["timing_items"])
+    timing = Subset(eval_ds, p["timing_items"])
     for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
         for name in names:
             setup(name)
