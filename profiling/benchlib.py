@@ -233,3 +233,20 @@ class Subset:
 
     def batch(self, idx):
         return self.dataset.batch(idx)
+
+
+def trained_checkpoint(config: Path, run_dir: Path, p: dict[str, Any], quick: bool, label: str,
+                       extra: list[str] = ()) -> tuple[str, dict[str, Any]]:
+    """(run_dir, its summary.json): `config` trained once at EP=`p["ep"]` with the real entry
+    point into `run_dir` (`p["steps"]` steps when set, `extra` overrides after the bench's own;
+    `quick`: 256 training items, batch 16), or the run already there."""
+    if not (run_dir / "summary.json").is_file():
+        overrides = [f"train.output_dir={run_dir}", f"parallel.ep_size={p['ep']}",
+                     "train.progress=false", "train.eval_at_end=false", *extra]
+        if p["steps"]:
+            overrides += [f"train.max_steps={p['steps']}",
+                          f"train.checkpoint_interval={p['steps']}"]
+        if quick:
+            overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
+        torchrun_train(config, overrides, p["ep"], label)
+    return str(run_dir), json.loads((run_dir / "summary.json").read_text())

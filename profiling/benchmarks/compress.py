@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, collect_env, register,
-                                resolve, spawn_ranks, torchrun_train)
+                                resolve, spawn_ranks, trained_checkpoint)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, finetune_steps=300,
             finetune_lr=1e-3, stage2_retention=0.25, eval_items=None, timing_items=512,
@@ -143,18 +143,8 @@ def run(args: argparse.Namespace) -> BenchResult:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint, trained = p["checkpoint"], None
     if checkpoint is None:
-        run_dir = work / "train"
-        if not (run_dir / "summary.json").is_file():
-            overrides = [f"train.output_dir={run_dir}", f"parallel.ep_size={p['ep']}",
-                         "train.progress=false", "train.eval_at_end=false"]
-            if p["steps"]:
-                overrides += [f"train.max_steps={p['steps']}",
-                              f"train.checkpoint_interval={p['steps']}"]
-            if args.quick:
-                overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
-            torchrun_train(TINY_CONFIG, overrides, p["ep"], "training the full checkpoint")
-        trained = json.loads((run_dir / "summary.json").read_text())
-        checkpoint = str(run_dir)
+        checkpoint, trained = trained_checkpoint(TINY_CONFIG, work / "train", p, args.quick,
+                                                 "training the full checkpoint")
     out = work / "results.json"
     spawn_ranks(_worker, p["ep"], checkpoint, p, variants, str(out))
     data = json.loads(out.read_text())

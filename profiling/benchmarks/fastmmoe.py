@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, collect_env, register,
-                                resolve, spawn_ranks, torchrun_train)
+                                resolve, spawn_ranks, trained_checkpoint)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, vision_topk=1, layer=0,
             eval_items=None, timing_items=512, repeats=5, warmup=1, transport="pg")
@@ -162,18 +162,8 @@ def run(args: argparse.Namespace) -> BenchResult:
     checkpoint = p["checkpoint"]
     trained = None
     if checkpoint is None:
-        run_dir = work / "train"
-        if not (run_dir / "summary.json").is_file():
-            overrides = [f"train.output_dir={run_dir}", f"parallel.ep_size={p['ep']}",
-                         "train.progress=false", "train.eval_at_end=false"]
-            if p["steps"]:
-                overrides += [f"train.max_steps={p['steps']}",
-                              f"train.checkpoint_interval={p['steps']}"]
-            if args.quick:
-                overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
-            torchrun_train(TINY_CONFIG, overrides, p["ep"], "training the checkpoint")
-        trained = json.loads((run_dir / "summary.json").read_text())
-        checkpoint = str(run_dir)
+        checkpoint, trained = trained_checkpoint(TINY_CONFIG, work / "train", p, args.quick,
+                                                 "training the checkpoint")
     out = work / "results.json"
     spawn_ranks(_worker, p["ep"], checkpoint, p, variants, str(out))
     data = json.loads(out.read_text())

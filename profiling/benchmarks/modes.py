@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
-                                collect_env, register, resolve, spawn_ranks, torchrun_train)
+                                collect_env, register, resolve, spawn_ranks, trained_checkpoint)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, eval_items=None,
             calibration_samples=256, calibration_seed=0, kl_bound=0.01, grid_points=32,
@@ -238,18 +238,8 @@ def run(args: argparse.Namespace) -> BenchResult:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint, trained = p["checkpoint"], None
     if checkpoint is None:
-        run_dir = work / "train"
-        if not (run_dir / "summary.json").is_file():
-            overrides = [f"train.output_dir={run_dir}", f"parallel.ep_size={p['ep']}",
-                         "train.progress=false", "train.eval_at_end=false"]
-            if p["steps"]:
-                overrides += [f"train.max_steps={p['steps']}",
-                              f"train.checkpoint_interval={p['steps']}"]
-            if args.quick:
-                overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
-            torchrun_train(TINY_CONFIG, overrides, p["ep"], "training the checkpoint")
-        trained = json.loads((run_dir / "summary.json").read_text())
-        checkpoint = str(run_dir)
+        checkpoint, trained = trained_checkpoint(TINY_CONFIG, work / "train", p, args.quick,
+                                                 "training the checkpoint")
     repeats, warmup = p["repeats"], p["warmup"]
     rows, details = evaluate_modes(
         checkpoint, ep=p["ep"], eval_items=p["eval_items"],

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
-                                collect_env, register, resolve, spawn_ranks, torchrun_train)
+                                collect_env, register, resolve, spawn_ranks, trained_checkpoint)
 
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
@@ -184,17 +184,8 @@ WORKLOADS: dict[str, Callable[[Path, dict], list[str]]] = {
 def _train(config: Path, work: Path, workload: str, model: str, data: list[str], p: dict,
            quick: bool) -> tuple[str, dict]:
     """The checkpoint of `model` on `workload`, trained (once) at EP=`ep` under the workdir."""
-    run_dir = work / workload / model
-    if not (run_dir / "summary.json").is_file():
-        overrides = [f"train.output_dir={run_dir}", f"parallel.ep_size={p['ep']}",
-                     "train.progress=false", "train.eval_at_end=false", *data, *MODELS[model]]
-        if p["steps"]:
-            overrides += [f"train.max_steps={p['steps']}",
-                          f"train.checkpoint_interval={p['steps']}"]
-        if quick:
-            overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
-        torchrun_train(config, overrides, p["ep"], f"training {model} on {workload}")
-    return str(run_dir), json.loads((run_dir / "summary.json").read_text())
+    return trained_checkpoint(config, work / workload / model, p, quick,
+                              f"training {model} on {workload}", [*data, *MODELS[model]])
 
 
 def _calibrate(checkpoint: str, name: str, p: dict) -> str:
