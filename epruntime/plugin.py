@@ -290,6 +290,7 @@ class _ExporterSource:
         config = ep.moe_layers[0].config
         cfg = SimpleNamespace(
             model=SimpleNamespace(num_layers=len(ep.moe_layers),
+                                  num_moe_layers=len(ep.moe_layers),
                                   num_experts=config.num_moe_experts),
             smoes=SimpleNamespace(enabled=False), num_bins=ep.plugged.ep_size,
             dispatch=SimpleNamespace(ledger=True))
