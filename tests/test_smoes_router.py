@@ -131,6 +131,7 @@ def _aux_only_worker(rank: int, out: str) -> None:
         batch = ds.batch(torch.arange(8))
         logits = engine.model(batch.images, batch.question_ids, batch.question_lens)
         (0.0 * logits.sum()).backward()  # no task gradient: only aux losses reach the router
+        engine.gradients.reduce()  # megatron-core's DDP: param.grad views the reduced buffer
         grads[coeff] = [r.weight.grad.clone() for r in smoes_routers(engine.model)]
     torch.save(grads, f"{out}/rank{rank}.pt")
 
@@ -166,6 +167,7 @@ def _bal_form_worker(rank: int, out: str) -> None:
                 router.bin_of_expert.copy_(torch.tensor(bins))
             logits = engine.model(batch.images, batch.question_ids, batch.question_lens)
             (0.0 * logits.sum()).backward()  # only the balance loss reaches the router
+            engine.gradients.reduce()  # megatron-core's DDP: param.grad views the reduced buffer
             grads[form, name] = [r.weight.grad.clone() for r in smoes_routers(engine.model)]
     torch.save(grads, f"{out}/rank{rank}.pt")
 
