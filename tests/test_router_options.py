@@ -471,3 +471,18 @@ def test_planner_places_whole_groups_or_skips_the_strategy(tmp_path):
     assert ("traffic", 0) in kept and ("contiguous", 0) in kept
     assert all(group_violation(p, 4) is None for ps in kept.values() for p in ps)
     assert any("routing group" in s and "model.moe_router_num_groups=4" in s for s in skipped)
+
+
+def test_checkpoints_written_before_the_router_options_load_with_their_defaults():
+    import json
+
+    from epruntime.checkpoint import CheckpointError, check_compatible
+
+    cfg = configs.small_config()
+    model = json.loads(cfg.canonical_json())["model"]
+    older = {k: v for k, v in model.items() if not k.startswith(("moe_router", "moe_z_loss"))}
+    check_compatible({"config": {"model": older}}, cfg, "older")  # ran with today's defaults
+    with pytest.raises(CheckpointError, match="model.moe_router_score_function: checkpoint "
+                                              "'softmax' vs config 'sigmoid'"):
+        check_compatible({"config": {"model": older}},
+                         configs.small_config("model.moe_router_score_function=sigmoid"), "older")
