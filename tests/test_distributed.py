@@ -65,7 +65,7 @@ def _spec_classes():
         calls = 0
 
         def forward(self, *args, **kwargs):
-            Router.calls += 1  # the model builds a reducing subclass of it (fastmmoe.router)
+            Router.calls += 1  # the model builds a hooked subclass of it (routing_hooks)
             return super().forward(*args, **kwargs)
 
     class Dispatcher(MoEAlltoAllTokenDispatcher):

@@ -2,7 +2,7 @@
 
 The model's forward (`MoEVLM.decode`) runs megatron-core's decoder layers one by one on an
 explicit `TokenState` and calls the reducer around each; inside a layer, a hook on megatron-core's
-attention softmax and the layer's router (a reducing subclass, epruntime.fastmmoe.router) hand it
+attention softmax and the layer's router (a routing hook, epruntime.model.routing_hooks) hand it
 what only the layer computes:
 
     before layer l     (model loop)  count attention/router FLOPs for the tokens present
@@ -33,6 +33,7 @@ from epruntime.config import FastMMoEConfig
 from epruntime.fastmmoe.activation import reduce_topk
 from epruntime.fastmmoe.flops import FlopCounter
 from epruntime.fastmmoe.policies import Observation, build_policy
+from epruntime.model.routing_hooks import RouterCall
 from epruntime.modality import TEXT, VISION
 from epruntime.runtime import TokenStream
 
@@ -80,7 +81,7 @@ class TokenReducer:
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, layers) -> None:
         """Hook the attention softmax of every megatron-core TransformerLayer of the decoder (the
-        routers reach the reducer themselves: epruntime.fastmmoe.router); the hook reads the
+        routers reach the reducer themselves: epruntime.model.routing_hooks); the hook reads the
         current configuration, so `configure` takes effect on the next pass."""
         for index, layer in enumerate(layers):
             softmax = layer.self_attention.core_attention.scale_mask_softmax
@@ -138,13 +139,15 @@ class TokenReducer:
 
     # ---- hooks -----------------------------------------------------------------------------
 
-    def on_routing(self, index: int, router, hidden_SBH: torch.Tensor, probs_TE: torch.Tensor,
-                   map_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routing of layer `index` as it is dispatched (called by the reducing router): in
-        eval mode, visual tokens keep their top-k' experts, and at a pruning layer the policy
-        picks the visual tokens that stay; FLOPs of the (token, expert) pairs that run."""
+    def adjust_routing(self, call: RouterCall, probs_TE: torch.Tensor, map_TE: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing of layer `call.layer` as it is dispatched (a routing hook of the model's
+        routers, epruntime.model.routing_hooks): in eval mode, visual tokens keep their top-k'
+        experts, and at a pruning layer the policy picks the visual tokens that stay; FLOPs of
+        the (token, expert) pairs that run."""
         if not self.active:
             return probs_TE, map_TE
+        index, router, hidden_SBH = call.layer, call.router, call.hidden_SBH
         modality_T = self.tokens.modality_T.to(map_TE.device)
         if self.cfg.enabled:
             k_reduced = self.cfg.vision_topk_at(index, self.topk)

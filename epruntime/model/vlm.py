@@ -24,13 +24,12 @@ from torch import nn
 from epruntime.compress import build_compressor, reducer_config
 from epruntime.config import Config
 from epruntime.fastmmoe import FlopCounter, TokenReducer, TokenState
-from epruntime.fastmmoe.router import reducing_router
 from epruntime.modality import TEXT, VISION
 from epruntime.modes import ExpertSkipper
 from epruntime.modes.calibration import skipper_settings
-from epruntime.modes.router import skipping_router
 from epruntime.model.placement_support import PlacementAware, unsupported_reason
 from epruntime.model.router_tap import RouterTap
+from epruntime.model.routing_hooks import hooked_router
 from epruntime.model.sharding import to_global_name
 from epruntime.placement import Placement, PlacementError
 from epruntime.placement.groups import group_violation
@@ -150,7 +149,7 @@ class MoEVLM(nn.Module):
         if router_cls is None:
             router_cls, attention_modality = build_router(cfg, self.tokens)
         # FastMMoE-style reduction at inference (off unless fastmmoe.enabled) and FLOPs counting;
-        # the routers hand it their routing (a reducing subclass of whichever router is used).
+        # the routers hand it their routing (a routing hook on whichever router is used).
         flops = FlopCounter(hidden=m.hidden_size, num_layers=m.num_layers,
                             num_experts=m.num_experts, topk=m.moe_topk,
                             ffn=m.moe_ffn_hidden_size, vocab=text_vocab_size + num_answers,
@@ -167,8 +166,8 @@ class MoEVLM(nn.Module):
         # routing first, so FastMMoE, the FLOPs and the dispatchers see what is left.
         self.skipper = ExpertSkipper(cfg.modes, m.num_layers, self.tokens,
                                      *skipper_settings(cfg.modes, m))
-        router_cls = reducing_router(skipping_router(router_cls or TopKRouter, self.skipper),
-                                     self.reducer)
+        router_cls = hooked_router(router_cls or TopKRouter, self.skipper.adjust_routing,
+                                   self.reducer.adjust_routing)
         self.gpt = GPTModel(
             config=transformer_config(cfg),
             transformer_layer_spec=decoder_block_spec(cfg, router_cls, dispatcher_cls, runtimes),
@@ -188,7 +187,7 @@ class MoEVLM(nn.Module):
         if attention_modality is not None:
             attention_modality.attach(self.gpt.decoder.layers, m.moe_layer_pattern)
         self.reducer.attach(self.gpt.decoder.layers)
-        # On the reducing routers' output: observers see the routing that was dispatched.
+        # On the hooked routers' output: observers see the routing that was dispatched.
         self.router_tap = RouterTap([moe.router for moe in self.moe_layers], self.tokens)
 
     @property

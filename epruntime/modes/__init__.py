@@ -2,7 +2,7 @@
 
 - skip.py         the score alpha[layer, modality] x routing weight, the two thresholds, and the
                   ExpertSkipper every router hands its eval-mode routing to
-- router.py       the router subclass that does the handing (as FastMMoE's reducing router)
+                  (through its routing hook, epruntime.model.routing_hooks)
 - calibration.py  the calibration file (alpha, thresholds, the model it belongs to)
 - search.py       frontier searches over the two threshold grids (pure)
 - calibrate.py    alpha and the thresholds from training samples; `python -m

@@ -24,6 +24,7 @@ import torch
 
 from epruntime.config import ModesConfig
 from epruntime.modality import TEXT, VISION
+from epruntime.model.routing_hooks import RouterCall
 from epruntime.runtime import TokenStream
 
 MODALITIES = ("text", "vision")  # index = the modality id (epruntime.modality)
@@ -51,7 +52,8 @@ def drop_pairs(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, skip_TE: to
 class ExpertSkipper:
     """Per-model state of MoDES skipping: alpha [L, 2], the thresholds [2], and device-side
     counts of the pairs routed and skipped per (layer, modality). Routers reach it through
-    `epruntime.modes.router.skipping_router`; it acts in eval mode only.
+    `adjust_routing`, one of their routing hooks (epruntime.model.routing_hooks); it acts in
+    eval mode only.
 
     `removing(layer, modality)` (calibration) skips every pair of that modality in that layer:
     what the layer's experts contribute to those tokens, removed.
@@ -113,10 +115,18 @@ class ExpertSkipper:
         alpha_L2, threshold_2 = self._on_device[device]
         return alpha_L2[layer], threshold_2
 
+    def adjust_routing(self, call: RouterCall, probs_TE: torch.Tensor,
+                       routing_map_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A routing hook of the model's routers (epruntime.model.routing_hooks): the routing
+        `on_routing` leaves, in eval mode while skipping is on; else the routing unchanged."""
+        if call.router.training or not self.active:
+            return probs_TE, routing_map_TE
+        return self.on_routing(call.layer, probs_TE, routing_map_TE)
+
     def on_routing(self, layer: int, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s routing as it will be dispatched (called by the skipping router in
-        eval mode): counts the pairs routed per modality, then drops the skipped ones."""
+        """Layer `layer`'s routing as it will be dispatched (eval mode): counts the pairs routed
+        per modality, then drops the skipped ones."""
         modality_T = self.tokens.modality_T
         if modality_T is None:
             raise RuntimeError("MoDES skipping needs the token modality: run the router inside "
