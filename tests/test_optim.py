@@ -69,6 +69,96 @@ def test_megatron_ddp_and_optimizer_match_the_hand_written_path(tmp_path, world,
                                            rtol=1e-4, atol=1e-9, msg=f"{name} {k}")
 
 
+def _one_rank_groups_worker(rank: int, out: str) -> None:
+    """World 2 at EP=2: the expert buffer's data-parallel group and the dense optimizer's
+    grad-stats (model-parallel) group have one rank each, so the CPU shortcuts (no bucket
+    all-reduce, no norm all-reduce over them; the in-place clip) apply. Trains without them
+    (megatron-core's collectives and clip), then with them, from the same seed and batches."""
+    import contextlib
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+    from epruntime import compat, distributed
+    from epruntime.data import SyntheticVQA, shard_slice
+    from epruntime.engine import Engine
+
+    cfg = configs.small_config("parallel.ep_size=2", f"train.grad_clip={CLIP}",
+                               "train.warmup_steps=1", "train.weight_decay=0.1")
+    env = distributed.init_distributed(cfg)
+    ds = SyntheticVQA(64, image_size=16, question_len=6, seed=3)
+    shortcut = _ParamAndGradBucketGroup.start_grad_sync
+    report = {"group_sizes": [dist.get_world_size(ps.get_expert_data_parallel_group()),
+                              dist.get_world_size(ps.get_model_parallel_group())]}
+    for variant in ("megatron-core", "shortcut"):
+        with (compat.without_shortcuts() if variant == "megatron-core"
+              else contextlib.nullcontext()):
+            report[f"{variant}_sync_is_megatron_cores"] = (
+                _ParamAndGradBucketGroup.start_grad_sync is shortcut.__wrapped__)
+            engine = Engine(cfg, env, len(ds.vocab), ds.num_answers, ds.max_question_len)
+            steps = []
+            for step in range(STEPS):
+                idx = torch.arange(step * 8, step * 8 + 8)[shard_slice(8, env.dp_rank,
+                                                                       env.dp_size)]
+                r = engine.train_step(ds.batch(idx), step)
+                steps.append((r.loss, r.grad_norm))
+        report[variant] = {
+            "steps": steps,
+            "params": {n: p.detach().clone()
+                       for n, p in engine.model.global_named_parameters(env.ep_rank)},
+            "expert_groups": [dist.get_world_size(g.data_parallel_group)
+                              for g in engine.gradients.ddp.expert_parallel_bucket_groups]}
+    torch.save(report, f"{out}/rank{rank}.pt")
+
+
+def test_one_rank_group_shortcuts_leave_every_bit_as_megatron_core(tmp_path):
+    """The CPU shortcuts of the megatron path (compat adapters ddp-one-rank-sync, grad-norm and
+    grad-clip) skip collectives over one-rank groups and the clip's temporaries: losses, norms
+    and parameters are bit-identical to megatron-core's own collectives and clip
+    (compat.without_shortcuts) after clipped steps."""
+    spawn(_one_rank_groups_worker, 2, str(tmp_path))
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["group_sizes"] == [1, 1]
+        assert r["megatron-core_sync_is_megatron_cores"]
+        assert not r["shortcut_sync_is_megatron_cores"]
+        assert r["shortcut"]["expert_groups"] == [1]  # the expert buffer takes the shortcut
+        before, after = r["megatron-core"], r["shortcut"]
+        assert after["steps"] == before["steps"]
+        assert all(norm > 10 * CLIP for _, norm in after["steps"])  # the clip was active
+        assert before["params"].keys() == after["params"].keys()
+        for name, value in before["params"].items():
+            assert torch.equal(after["params"][name], value), name
+
+
+def test_cpu_clip_scales_as_megatron_cores_local_multi_tensor_scale():
+    """The grad-clip adapter multiplies in place; megatron-core's local path writes
+    `g * coeff` back: the same products, bit for bit."""
+    from megatron.core.utils import local_multi_tensor_applier, local_multi_tensor_scale
+
+    from epruntime.compat import cpu_ops
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen))
+              for shape in ((7, 5), (3,), (64, 2))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 10
+    total_norm = float(torch.stack([p.grad.norm() for p in params]).norm())
+    unclipped = [p.grad.clone() for p in params]
+    expected = [p.grad.clone() for p in params]
+    local_multi_tensor_applier(local_multi_tensor_scale, None, [expected, expected],
+                               CLIP / (total_norm + 1e-6))
+
+    def cuda_path(*args):
+        raise AssertionError("CPU gradients took megatron-core's CUDA path")
+
+    cpu_ops.clip_grad_by_total_norm(cuda_path)(params, CLIP, total_norm)
+    for p, e, u in zip(params, expected, unclipped):
+        assert torch.equal(p.grad, e)
+        assert not torch.equal(p.grad, u)  # the clip was active
+
+
 def _no_decay_worker(rank: int, out: str) -> None:
     """megatron-core's optimizer groups: 1-D parameters and biases get no weight decay, the
     rest train.weight_decay, dense and expert parameters in separate chained optimizers."""
@@ -112,13 +202,16 @@ def test_optimizer_step_benchmark_quick_writes_the_schema(python_env, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    before, after = result["rows"]
+    before, after, no_shortcuts = result["rows"]
     assert (before["variant"], after["variant"]) == ("epruntime (before)", "megatron (after)")
+    assert no_shortcuts["variant"] == "megatron without CPU shortcuts"
     assert after["final_loss"] == pytest.approx(before["final_loss"], rel=1e-5)
+    assert no_shortcuts["final_loss"] == after["final_loss"]  # the shortcuts change no bit
     for row in result["rows"]:
         assert row["steps"] == len(row["samples"]) > 0
         assert 0 < row["grad_path_s"] < row["step_time_s"]
     assert result["ratios"]["after/before_step_time"] > 0
+    assert result["ratios"]["shortcuts/no_shortcuts_grad_path"] > 0
 
 
 @pytest.mark.parametrize("overrides,named", [

@@ -15,6 +15,7 @@ from epruntime.compat.megatron_cpu import (
     enable,
     enable_host_independent,
     is_enabled,
+    without_shortcuts,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "enable_host_independent",
     "is_enabled",
     "render_table",
+    "without_shortcuts",
 ]
 
 

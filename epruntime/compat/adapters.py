@@ -114,6 +114,15 @@ ddp-grad-buffer
     on CPU:  megatron-core's own __init__ with torch.cuda.current_device() naming the CPU for
              that one function (a copy of it whose `torch` name sees a view of torch; torch and
              the module are left as they are); CUDA parameters run megatron-core's
+ddp-one-rank-sync
+    megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.start_grad_sync
+    patch; megatron-core 0.16.x; callable(self, force_all_reduce)
+    assumes: all-reduces the bucket group over its data-parallel group even when that group has
+             one rank (the expert buffer when EP spans the data-parallel ranks); NCCL queues the
+             no-op on a stream
+    on CPU:  over a one-rank group, synchronous and without nan checks, only megatron-core's
+             gradient scaling runs (gloo would block on its worker thread); otherwise
+             megatron-core's
 fp32-optimizer
     megatron.core.optimizer.optimizer:FP32Optimizer.__init__
     patch; megatron-core 0.16.x; callable(self, optimizer, config, init_state_fn)
@@ -126,7 +135,7 @@ grad-norm
              L2 norm returns a CUDA tensor (the name MegatronOptimizer and ChainedOptimizer
              call)
     on CPU:  the same fp32 norm of the per-tensor norms on the CPU, reduced over the grad-stats
-             group; CUDA gradients run megatron-core's
+             group (not over a group of one rank); CUDA gradients run megatron-core's
 grad-norm-clip-grads
     megatron.core.optimizer.clip_grads:get_grad_norm_fp32
     patch; megatron-core 0.16.x; callable(grads_for_norm, norm_type, grad_stats_parallel_group)
@@ -137,8 +146,8 @@ grad-clip
     patch; megatron-core 0.16.x; callable(parameters, max_norm, total_norm, use_decoupled_grad)
     assumes: asserts every gradient is a torch.cuda.FloatTensor and makes its overflow flag with
              device="cuda" (the name ChainedOptimizer calls)
-    on CPU:  the same in-place scale by max_norm / (total_norm + 1e-6) of CPU fp32 gradients;
-             CUDA gradients run megatron-core's
+    on CPU:  the same in-place scale by max_norm / (total_norm + 1e-6) of CPU fp32 gradients
+             (one in-place multiply, no temporary); CUDA gradients run megatron-core's
 grad-clip-clip-grads
     megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32
     patch; megatron-core 0.16.x; callable(parameters, max_norm, total_norm, use_decoupled_grad)
@@ -349,6 +358,7 @@ _CPU_DISPATCHER = "epruntime.compat.dispatcher:CpuAlltoAllTokenDispatcher"
 _CPU_TRACKER = "epruntime.compat.rng:CpuRNGStatesTracker"
 _CURRENT = "torch.cuda.current_device()"
 _GRAD_BUFFER = "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer"
+_BUCKET_GROUP = "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup"
 _OPTIMIZER = "megatron.core.optimizer.optimizer"
 _CLIP_GRADS = "megatron.core.optimizer.clip_grads"
 _NORM_PARAMS = ("grads_for_norm", "norm_type", "grad_stats_parallel_group")
@@ -458,6 +468,15 @@ ADAPTERS: tuple[Adapter, ...] = (
                 "param_indices", "nccl_ub", "pg_collection"),
         replacement=_cpu_op("grad_buffer_init")),
     Adapter(
+        "ddp-one-rank-sync", f"{_BUCKET_GROUP}.start_grad_sync",
+        "all-reduces the bucket group over its data-parallel group even when that group has one "
+        "rank (the expert buffer when EP spans the data-parallel ranks); NCCL queues the no-op "
+        "on a stream",
+        "over a one-rank group, synchronous and without nan checks, only megatron-core's "
+        "gradient scaling runs (gloo would block on its worker thread); otherwise "
+        "megatron-core's",
+        params=("self", "force_all_reduce"), replacement=_cpu_op("bucket_group_start_grad_sync")),
+    Adapter(
         "fp32-optimizer", f"{_OPTIMIZER}:FP32Optimizer.__init__",
         'keeps its constant loss scale in a tensor made with device="cuda"',
         "the same tensor on the CPU; CUDA parameters run megatron-core's",
@@ -468,7 +487,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         'makes its overflow flag and empty norm with device="cuda"; the local multi-tensor L2 '
         "norm returns a CUDA tensor (the name MegatronOptimizer and ChainedOptimizer call)",
         "the same fp32 norm of the per-tensor norms on the CPU, reduced over the grad-stats "
-        "group; CUDA gradients run megatron-core's",
+        "group (not over a group of one rank); CUDA gradients run megatron-core's",
         params=_NORM_PARAMS, replacement=_cpu_op("grad_norm_fp32")),
     Adapter(
         "grad-norm-clip-grads", f"{_CLIP_GRADS}:get_grad_norm_fp32",
@@ -479,8 +498,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         "grad-clip", f"{_OPTIMIZER}:clip_grad_by_total_norm_fp32",
         "asserts every gradient is a torch.cuda.FloatTensor and makes its overflow flag with "
         'device="cuda" (the name ChainedOptimizer calls)',
-        "the same in-place scale by max_norm / (total_norm + 1e-6) of CPU fp32 gradients; CUDA "
-        "gradients run megatron-core's",
+        "the same in-place scale by max_norm / (total_norm + 1e-6) of CPU fp32 gradients (one "
+        "in-place multiply, no temporary); CUDA gradients run megatron-core's",
         params=_CLIP_PARAMS, replacement=_cpu_op("clip_grad_by_total_norm")),
     Adapter(
         "grad-clip-clip-grads", f"{_CLIP_GRADS}:clip_grad_by_total_norm_fp32",

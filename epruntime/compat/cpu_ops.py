@@ -176,12 +176,47 @@ def fp32_optimizer_init(original: Callable) -> Callable:
     return __init__
 
 
-def grad_norm_fp32(original: Callable) -> Callable:
+def _reduce_over(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM, one_rank: bool = False
+                 ) -> None:
+    """All-reduce `tensor` in place over `group`; nothing over a group of one rank (unless
+    `one_rank`, as megatron-core does), where the result is the tensor itself (gloo would still
+    queue the call on its worker thread and wait for it: a context switch, and a scheduling
+    delay on a loaded host)."""
+    if one_rank or dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+def bucket_group_start_grad_sync(original: Callable) -> Callable:
+    """`_ParamAndGradBucketGroup.start_grad_sync` all-reduces its buckets over the data-parallel
+    group whatever its size; the expert buffer's group has one rank when EP spans the
+    data-parallel ranks (EP=2 on 2 ranks), and a sum over one rank is the gradient itself. For
+    CPU buckets reduced synchronously over such a group, only megatron-core's scaling runs
+    (factor 1 under epruntime's summed-gradient config); everything else runs megatron-core's."""
+
+    @functools.wraps(original)
+    def start_grad_sync(self, force_all_reduce=False):
+        ddp = self.ddp_config
+        if (ddp.overlap_grad_reduce or ddp.use_distributed_optimizer
+                or ddp.check_for_nan_in_grad or ddp.check_for_large_grads
+                or dist.get_world_size(self.data_parallel_group) > 1
+                or any(b.grad_data.is_cuda for b in self.buckets)):
+            return original(self, force_all_reduce)
+        for bucket in self.buckets:
+            if bucket.gradient_scaling_factor != 1.0:
+                bucket.grad_data *= bucket.gradient_scaling_factor
+        self.grad_reduce_handle = None
+
+    return start_grad_sync
+
+
+def grad_norm_fp32(original: Callable, shortcut: bool = True) -> Callable:
     """`get_grad_norm_fp32` makes its overflow flag and its empty-list norm with device="cuda"
     (and megatron-core's local multi-tensor L2 norm returns a CUDA tensor); for CPU gradients the
     same fp32 computation runs on the CPU: the L2 norm of the per-tensor norms (the p-th powers
-    summed for other p, the max for inf), reduced over `grad_stats_parallel_group`. One host
-    sync, as in megatron-core: the returned float."""
+    summed for other p, the max for inf), reduced over `grad_stats_parallel_group` unless that
+    group has one rank (the dense optimizer's model-parallel group without TP/PP; `shortcut`
+    False: reduced over it too, as megatron-core). One host sync, as in megatron-core: the
+    returned float."""
 
     @functools.wraps(original)
     def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
@@ -192,7 +227,7 @@ def grad_norm_fp32(original: Callable) -> Callable:
         if norm_type == math.inf:
             total = torch.tensor([max((float(g.abs().max()) for g in grads), default=0.0)],
                                  dtype=torch.float)
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=grad_stats_parallel_group)
+            _reduce_over(total, grad_stats_parallel_group, dist.ReduceOp.MAX, not shortcut)
             return total[0].item()
         if norm_type == 2.0:
             norm = (torch.norm(torch.stack([torch.norm(g.float()) for g in grads]))
@@ -201,16 +236,18 @@ def grad_norm_fp32(original: Callable) -> Callable:
         else:
             total = sum((torch.norm(g, norm_type) ** norm_type for g in grads),
                         torch.zeros((), dtype=torch.float)).reshape(1)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=grad_stats_parallel_group)
+        _reduce_over(total, grad_stats_parallel_group, one_rank=not shortcut)
         return total.item() ** (1.0 / norm_type)  # host sync: megatron-core returns a float
 
     return get_grad_norm_fp32
 
 
-def clip_grad_by_total_norm(original: Callable) -> Callable:
+def clip_grad_by_total_norm(original: Callable, shortcut: bool = True) -> Callable:
     """`clip_grad_by_total_norm_fp32` asserts every gradient is a torch.cuda.FloatTensor and makes
     its overflow flag with device="cuda"; for CPU fp32 gradients the same clip runs on the CPU:
-    scaled in place by max_norm / (total_norm + 1e-6) when that is below 1."""
+    scaled in place by max_norm / (total_norm + 1e-6) when that is below 1 (one in-place multiply
+    per tensor: the same products as megatron-core's local `copy_(g * scale)`, without the
+    temporary; `shortcut` False: megatron-core's local multi-tensor scale)."""
     from megatron.core.utils import local_multi_tensor_applier, local_multi_tensor_scale
 
     @functools.wraps(original)
@@ -226,6 +263,26 @@ def clip_grad_by_total_norm(original: Callable) -> Callable:
                                 "megatron-core clips fp32 gradients")
         clip_coeff = max_norm / (total_norm + 1.0e-6)
         if clip_coeff < 1.0:
-            local_multi_tensor_applier(local_multi_tensor_scale, None, [grads, grads], clip_coeff)
+            if shortcut:
+                torch._foreach_mul_(grads, clip_coeff)
+            else:
+                local_multi_tensor_applier(local_multi_tensor_scale, None, [grads, grads],
+                                           clip_coeff)
 
     return clip_grad_by_total_norm_fp32
+
+
+# What the CPU shortcuts above save: (adapter, the replacement megatron-core's way). A shortcut
+# changes no result; profiling/benchmarks/optimizer_step.py times the megatron path without them.
+def _megatron_core_sync(patched: Callable) -> Callable:
+    return patched.__wrapped__  # megatron-core's own start_grad_sync (CUDA-free)
+
+
+SHORTCUTS: dict[str, Callable[[Callable], Callable]] = {
+    "ddp-one-rank-sync": _megatron_core_sync,
+    "grad-norm": lambda patched: grad_norm_fp32(patched.__wrapped__, shortcut=False),
+    "grad-norm-clip-grads": lambda patched: grad_norm_fp32(patched.__wrapped__, shortcut=False),
+    "grad-clip": lambda patched: clip_grad_by_total_norm(patched.__wrapped__, shortcut=False),
+    "grad-clip-clip-grads": lambda patched: clip_grad_by_total_norm(patched.__wrapped__,
+                                                                    shortcut=False),
+}

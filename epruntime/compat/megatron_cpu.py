@@ -10,6 +10,8 @@ keeps torch's int result (or its error on a CPU build).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ SUPPORTED_VERSIONS = ("0.16.",)
 
 __all__ = ["MegatronVersionError", "SUPPORTED_VERSIONS", "check_version",
            "cpu_model_parallel_manual_seed", "disable", "enable", "is_enabled",
-           "megatron_version"]
+           "megatron_version", "without_shortcuts"]
 
 
 def check_version() -> str:
@@ -107,6 +109,30 @@ def enable_host_independent() -> None:
         if adapter.only_if_missing and hasattr(owner, name):
             continue
         _patch(owner, name, adapter.replacement(getattr(owner, name, None)))
+
+
+@contextlib.contextmanager
+def without_shortcuts() -> Iterator[None]:
+    """Within the block, the CPU shortcuts of the enabled adapters are off (epruntime.compat.
+    cpu_ops.SHORTCUTS: collectives over one-rank groups are issued, the clip goes through
+    megatron-core's local multi-tensor scale), as megatron-core would run them; results are
+    the same. For timing what the shortcuts save (profiling/benchmarks/optimizer_step.py)."""
+    from epruntime.compat.cpu_ops import SHORTCUTS
+
+    if not _ENABLED:
+        raise RuntimeError("without_shortcuts() needs the adapters enabled (compat.enable())")
+    saved = []
+    try:
+        for adapter in _adapters.ADAPTERS:
+            if adapter.name in SHORTCUTS:
+                owner, name = adapter.resolve()
+                patched = vars(owner)[name]
+                saved.append((owner, name, patched))
+                setattr(owner, name, SHORTCUTS[adapter.name](patched))
+        yield
+    finally:
+        for owner, name, patched in reversed(saved):
+            setattr(owner, name, patched)
 
 
 def disable() -> None:

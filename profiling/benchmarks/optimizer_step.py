@@ -8,11 +8,17 @@ same batches, so load from other processes drifting over the run falls on both a
 headline ratio is the median over adjacent (before, after) block pairs. Besides the whole
 `train_step`, the gradient path alone (reduce + norm + clip + update: what the switch changes)
 is timed by wrapping the Engine's `gradients` object. A step is as slow as its slowest rank.
+
+A third engine runs the megatron path with the CPU adapters' shortcuts off
+(`epruntime.compat.without_shortcuts`: megatron-core's collectives over one-rank groups and its
+local multi-tensor clip), in the same alternation, so what the shortcuts save is measured in the
+same processes; it must end on the bit-identical loss of the megatron row.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,7 +39,9 @@ from profiling.benchlib import (
 
 FULL = dict(layers=2, batch=32, steps=3, blocks=15, warmup=3, world=4, ep=2)
 QUICK = dict(layers=1, batch=8, steps=2, blocks=2, warmup=1, world=2, ep=2)
-VARIANTS = ("epruntime", "megatron")  # before, after
+VARIANTS = ("epruntime", "megatron", "megatron-no-shortcuts")  # before, after, after w/o
+LABELS = {"epruntime": "epruntime (before)", "megatron": "megatron (after)",
+          "megatron-no-shortcuts": "megatron without CPU shortcuts"}
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +80,7 @@ class _Timed:
 
 
 def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
-    from epruntime import distributed
+    from epruntime import compat, distributed
     from epruntime.config import load_config
     from epruntime.data import ShardedBatchIterator
     from epruntime.datasets import build_datasets
@@ -81,7 +89,8 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
     common = [f"model.num_layers={p['layers']}", f"data.global_batch_size={p['batch']}",
               "data.dataset=synthetic", "data.synthetic_items=1024",
               f"parallel.ep_size={p['ep']}", "train.progress=false"]
-    cfgs = {v: load_config(TINY_CONFIG, [*common, f"train.optimizer={v}"]) for v in VARIANTS}
+    cfgs = {v: load_config(TINY_CONFIG, [*common, f"train.optimizer={v.split('-')[0]}"])
+            for v in VARIANTS}
     env = distributed.init_distributed(cfgs["megatron"])
     train_ds, _ = build_datasets(cfgs["megatron"])
     engines, timers, batches = {}, {}, {}
@@ -98,9 +107,12 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
     def one_step(v: str, record: bool) -> None:
         batch = next(batches[v]).to(env.device)
         before = timers[v].seconds
-        t = time.perf_counter()
-        result = engines[v].train_step(batch, step[v])
-        dt = time.perf_counter() - t
+        shortcuts = (compat.without_shortcuts() if v == "megatron-no-shortcuts"
+                     else contextlib.nullcontext())
+        with shortcuts:
+            t = time.perf_counter()
+            result = engines[v].train_step(batch, step[v])
+            dt = time.perf_counter() - t
         step[v] += 1
         if record:
             times[v].append(dt)
@@ -145,17 +157,29 @@ def run(args: argparse.Namespace) -> BenchResult:
     for v in VARIANTS:
         t, g = slowest("times", v), slowest("grad_times", v)
         step_s[v], grad_s[v] = statistics.median(t), statistics.median(g)
-        rows.append({"variant": f"{v} ({'before' if v == 'epruntime' else 'after'})",
+        rows.append({"variant": LABELS[v],
                      "step_time_s": step_s[v], "grad_path_s": grad_s[v],
                      "grad_path_fraction": grad_s[v] / step_s[v],
                      "final_loss": ranks[0]["losses"][v][-1], "steps": len(t), "samples": t})
     n = p["steps"]
-    before, after = slowest("times", "epruntime"), slowest("times", "megatron")
-    paired = [statistics.mean(after[i:i + n]) / statistics.mean(before[i:i + n])
-              for i in range(0, len(before), n)]
-    ratios = {"after/before_paired_blocks": statistics.median(paired),
+
+    def paired(a: str, b: str) -> float:
+        """Median over adjacent blocks of mean step time of `a` / of `b`."""
+        ta, tb = slowest("times", a), slowest("times", b)
+        return statistics.median(statistics.mean(ta[i:i + n]) / statistics.mean(tb[i:i + n])
+                                 for i in range(0, len(ta), n))
+
+    ratios = {"after/before_paired_blocks": paired("megatron", "epruntime"),
               "after/before_step_time": step_s["megatron"] / step_s["epruntime"],
-              "after/before_grad_path": grad_s["megatron"] / grad_s["epruntime"]}
+              "after/before_grad_path": grad_s["megatron"] / grad_s["epruntime"],
+              "no_shortcuts/before_grad_path": grad_s["megatron-no-shortcuts"]
+              / grad_s["epruntime"],
+              "shortcuts/no_shortcuts_paired_blocks": paired("megatron",
+                                                             "megatron-no-shortcuts"),
+              "shortcuts/no_shortcuts_step_time": step_s["megatron"]
+              / step_s["megatron-no-shortcuts"],
+              "shortcuts/no_shortcuts_grad_path": grad_s["megatron"]
+              / grad_s["megatron-no-shortcuts"]}
     params = {**{k: p[k] for k in ("layers", "batch", "steps", "blocks", "warmup", "world",
                                    "ep")},
               "quick": bool(getattr(args, "quick", False)), "model": "tiny-vqa",
@@ -165,6 +189,9 @@ def run(args: argparse.Namespace) -> BenchResult:
              "step time = train_step, slowest rank, median over steps; grad path = reduce + "
              "norm + clip + update",
              "after/before_paired_blocks = median over adjacent blocks of mean after / mean "
-             "before"]
+             "before",
+             "megatron without CPU shortcuts = the same megatron path inside "
+             "compat.without_shortcuts() (collectives over one-rank groups issued, "
+             "megatron-core's local clip)"]
     return BenchResult(name="optimizer_step", params=params, rows=rows, ratios=ratios,
                        env=collect_env(), notes=notes)
