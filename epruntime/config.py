@@ -670,12 +670,17 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _experts_split_over_ep(self) -> "Config":
-        if self.model.num_experts % self.parallel.ep_size:
+        # A placement file may hold copies of hot experts, so that EP need not divide the
+        # experts (EP may exceed them): the Engine checks the file's slots against EP.
+        replicas_allowed = self.dispatch.placement.startswith("file:")
+        if self.model.num_experts % self.parallel.ep_size and not replicas_allowed:
             raise ValueError(
                 f"parallel.ep_size={self.parallel.ep_size} does not divide "
-                f"model.num_experts={self.model.num_experts}"
+                f"model.num_experts={self.model.num_experts} (unless dispatch.placement=file:PATH"
+                " names a placement with copies of experts)"
             )
-        if self.model.num_experts % self.num_bins:
+        if self.model.num_experts % self.num_bins and (self.smoes.enabled
+                                                       or not replicas_allowed):
             raise ValueError(
                 f"smoes.num_bins={self.num_bins} does not divide "
                 f"model.num_experts={self.model.num_experts}"

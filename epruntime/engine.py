@@ -27,6 +27,7 @@ from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.dispatch.timing import PhaseTimer, clock_for
 from epruntime.distributed import DistEnv, check_router_groups, host_all_reduce
 from epruntime.model.vlm import MoEVLM, init_weights_
+from epruntime.placement.controller import build_placements
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.runtime import Observers, layer_runtimes
 from epruntime.transport import setup_transport
@@ -73,11 +74,13 @@ class Engine:
         self.timer = self._new_timer()
         self.observers = Observers(self.ledger if cfg.dispatch.ledger else None, self.timer)
         runtimes = layer_runtimes(cfg.model.num_moe_layers, self.transport, backend, self.observers)
+        # A placement file with copies of hot experts sizes the expert slots: built with it.
+        placements = build_placements(cfg, per_node)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
                             dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node,
-                            runtimes=runtimes)
+                            runtimes=runtimes, placements=placements)
         self.model.to(env.device)
-        self.num_local_experts = cfg.model.num_experts // env.ep_size
+        self.num_local_experts = self.model.placements[0].num_local
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
                       env.ep_rank)
         # train.optimizer: megatron-core's DDP + optimizer (or the earlier flat path); the model

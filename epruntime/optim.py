@@ -35,6 +35,7 @@ from megatron.core.optimizer import clip_grads
 
 from epruntime.config import TrainConfig
 from epruntime.model.sharding import is_expert_param
+from epruntime.optim_copies import CopyGradients, corrected_norm
 
 ADAM_BETAS = (0.9, 0.95)
 
@@ -80,6 +81,8 @@ class MegatronGradients:
         self.ddp = wrap_ddp(model, config, cfg)
         self.optimizer = build_optimizer(self.ddp, cfg)
         self.weight_decay = cfg.weight_decay
+        self.copies = CopyGradients(model)  # replicated experts (epruntime.optim_copies)
+        self._copies_excess = 0.0
 
     def zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
@@ -90,11 +93,12 @@ class MegatronGradients:
         work, e.g. the expert-bias update), then `param.grad` views the reduced buffer."""
         finalize_model_grads([self.ddp])
         self.optimizer.prepare_grads()
+        self._copies_excess = self.copies.reduce()  # copies' grads summed over their ranks
 
     def grad_norm(self) -> float:
         """megatron-core's L2 norm of all gradients; host sync (megatron-core returns a float,
         one per chained optimizer whose stats group differs): the clip and skip decisions."""
-        return float(self.optimizer.get_grad_norm())
+        return corrected_norm(float(self.optimizer.get_grad_norm()), self._copies_excess)
 
     def step(self, lr: float, grad_norm: float, max_norm: float) -> None:
         """Clip by `grad_norm` with megatron-core's clip, set the learning rate (and weight

@@ -14,6 +14,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from epruntime.config import TrainConfig
 from epruntime.model.router_step import finish_router_step
 from epruntime.model.sharding import is_expert_param
+from epruntime.optim_copies import CopyGradients, corrected_norm
 
 
 def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -53,6 +54,8 @@ class FlatGradients:
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.95), foreach=False)
+        self.copies = CopyGradients(model)  # replicated experts (epruntime.optim_copies)
+        self._copies_excess = 0.0
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -61,6 +64,7 @@ class FlatGradients:
         _all_reduce_grads(self.dense, ps.get_data_parallel_group())
         if self.expert:
             _all_reduce_grads(self.expert, ps.get_expert_data_parallel_group())
+        self._copies_excess = self.copies.reduce()  # copies' grads summed over their ranks
         # what megatron-core's finalize_model_grads does besides reducing (the megatron path
         # calls it): the expert-bias update and the routers' per-step counters reset
         finish_router_step(self.model, self.config, stepped=True)
@@ -79,7 +83,8 @@ class FlatGradients:
         ep_group = ps.get_expert_model_parallel_group()
         if dist.get_world_size(ep_group) > 1:
             dist.all_reduce(expert_sq, group=ep_group)
-        return (sq(self.dense) + expert_sq).sqrt().item()  # host sync: clip and skip decisions
+        norm = (sq(self.dense) + expert_sq).sqrt().item()  # host sync: clip and skip decisions
+        return corrected_norm(norm, self._copies_excess)
 
     def step(self, lr: float, grad_norm: float, max_norm: float) -> None:
         scale = max_norm / (grad_norm + 1e-6)

@@ -44,9 +44,9 @@ def test_replicated_placement_maps():
     assert p.is_replicated and p.num_experts == 5 and p.num_redundant == 1
     assert p.logcnt_E.tolist() == [2, 1, 1, 1, 1]
     assert p.log2phy_EC[0].tolist() == [0, 3] and p.log2phy_EC[4].tolist() == [5, -1]
-    with pytest.raises(ReplicatedPlacementError, match="not yet routed by the runtime"):
+    with pytest.raises(ReplicatedPlacementError, match="rank_of_expert asked.*resolve_copies"):
         p.rank_of_expert
-    with pytest.raises(ReplicatedPlacementError, match="not yet routed"):
+    with pytest.raises(ReplicatedPlacementError, match="copy-free accessor"):
         p.physical_E
     # EP larger than the number of logical experts
     q = Placement.from_rank_lists([[0], [1], [0], [1]], 2)
@@ -65,9 +65,10 @@ def test_bad_replicated_placement_named(ranks, match):
 
 
 def test_runtime_refuses_replicated_placement_by_name():
+    """A dispatcher that does not route copies (megatron-core's) refuses them by name."""
     p = Placement.from_rank_lists([[0, 1, 2], [0, 3, 4]], 2)
     reason = unsupported_reason([object()], [p])
-    assert reason is not None and "not yet routed by the runtime" in reason and "layer 0" in reason
+    assert reason is not None and "cannot route copies" in reason and "layer 0" in reason
     assert unsupported_reason([object()], [Placement.contiguous(4, 2)]) is None
 
 

@@ -51,6 +51,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from epruntime import kernels
 from epruntime.dispatch.capacity import capacity_pairs, max_entries
 from epruntime.dispatch.collective import all_to_all, exchange_counts, last_wait_s
+from epruntime.dispatch.copies import route_to_copies
 from epruntime.dispatch.layout import FanOut, fan_out
 from epruntime.dispatch.plan import Hop, RowPlan, row_plan
 from epruntime.dispatch.timing import NULL_LAPS
@@ -99,6 +100,7 @@ class DispatchHandle:
 
 class DedupTokenDispatcher(MoETokenDispatcher):
     plan_kind = "rank"
+    routes_copies = True  # replicated placements: each pair to one copy (dispatch.copies)
     # Validate the routing in the row plan (a row needing more than M entries is an error).
     # Costs a host sync per dispatch: off by default; set it on an instance (or a subclass)
     # to check a new router.
@@ -112,7 +114,9 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         self.num_local_experts = num_local_experts
         self.ep_rank = utils.get_pg_rank(self.ep_group)
         self.runtime = runtime if runtime is not None else LayerRuntime()
-        self.placement = Placement.contiguous(config.num_moe_experts, self.ep_size)
+        # Until the model sets its placement: one slot per expert column of `config` (the
+        # physical slots when the layer holds copies, see SpecMoELayer).
+        self.placement = Placement.contiguous(num_local_experts * self.ep_size, self.ep_size)
         self._handle: DispatchHandle | None = None
 
     def supports(self, placement: Placement) -> bool:
@@ -161,7 +165,11 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         laps = self._laps("dispatch", first=True)
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         ledger = self._ledger()
-        plan = row_plan(routing_map, probs, self.placement, self.plan_kind,
+        # Replicated experts: each (token, logical expert) pair to one physical copy; the plan
+        # (and the ledger) then count physical rows. Unchanged without copies.
+        phys_map, phys_probs, slots = route_to_copies(routing_map, probs, self.placement,
+                                                      self.ep_rank)
+        plan = row_plan(phys_map, phys_probs, slots, self.plan_kind,
                         source_rank=self.ep_rank, topk=max_entries(self.config),
                         hidden_size=x_TH.shape[1], hidden_bytes=x_TH.element_size(),
                         modality_column=ledger is not None, debug_checks=self.debug_checks)

@@ -384,9 +384,15 @@ class MetricsExporter(NullMetrics):
             load_E = load.double().cpu()
             for e, value in enumerate(load_E.tolist()):
                 self.g_load[l][e].set(value)
-            rank_of_E = self._rank_of_expert(l, placements[l])
-            load_R = torch.zeros(placements[l].num_ranks, dtype=torch.float64)
-            load_R.index_add_(0, rank_of_E, load_E)
+            if placements[l].is_replicated:  # each expert's load split over its copies
+                from epruntime.placement.replicas import rank_loads_from_expert_loads
+
+                load_R = torch.from_numpy(rank_loads_from_expert_loads(load_E.numpy(),
+                                                                       placements[l]))
+            else:
+                rank_of_E = self._rank_of_expert(l, placements[l])
+                load_R = torch.zeros(placements[l].num_ranks, dtype=torch.float64)
+                load_R.index_add_(0, rank_of_E, load_E)
             peak = float(load_R.max())
             self.g_balance[l].set(float(load_R.mean()) / peak if peak > 0 else 1.0)
             if routers:

@@ -11,8 +11,11 @@ attribute writes afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+
+from megatron.core import utils
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import (
@@ -21,18 +24,50 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 
 from epruntime.compat.dispatcher import no_dtoh_stream
+from epruntime.placement.core import ReplicatedPlacementError
+
+# megatron-core's own token dispatchers send every (token, expert) pair to expert e's one rank.
+MEGATRON_REFUSES_COPIES = (
+    "cannot route copies of an expert (megatron-core's token dispatchers send every (token, "
+    "expert) pair to rank e // experts-per-rank, one copy per expert); replicated placements "
+    "need dispatch.kind=dedup or dedup-hier")
+
+
+def _routes_copies(dispatcher_cls) -> bool:
+    """Whether the dispatcher class routes replicated placements (epruntime's dedup family)."""
+    return bool(getattr(dispatcher_cls, "routes_copies", False))
 
 
 class SpecMoELayer(MoELayer):
+    """`num_local_experts` (spec parameter): physical expert slots per EP rank when the layer's
+    placement holds copies of hot experts (`Placement.num_local`); None: megatron-core's
+    num_moe_experts / EP. With copies the layer is built on a config whose `num_moe_experts` is
+    the number of physical slots (megatron-core sizes its experts by it and asserts that EP
+    divides it; EP may then exceed the logical experts), and the router is rebuilt on the
+    logical config: it scores the E logical experts, the dispatcher sends each pair to a copy."""
+
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
                  dispatcher_cls: type[MoETokenDispatcher] | None = None,
-                 runtime=None):
+                 runtime=None, num_local_experts: int | None = None):
         pg_collection = pg_collection or get_default_pg_collection()
+        logical = config
+        if num_local_experts is not None:
+            physical = num_local_experts * utils.get_pg_size(pg_collection.ep)
+            if physical != config.num_moe_experts:
+                if dispatcher_cls is None or not _routes_copies(dispatcher_cls):
+                    raise ReplicatedPlacementError(
+                        f"{num_local_experts} expert slots per rank hold copies of "
+                        f"{config.num_moe_experts} experts: "
+                        f"{getattr(dispatcher_cls, '__name__', 'the dispatcher')} "
+                        f"{MEGATRON_REFUSES_COPIES}")
+                config = dataclasses.replace(config, num_moe_experts=physical)
         # MoELayer always builds megatron-core's own alltoall dispatcher first (replaced below);
         # on CPU it must not create its CUDA side stream.
         with no_dtoh_stream():
             super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                              pg_collection=pg_collection)
+        if logical is not config:  # the router scores logical experts
+            self.router = submodules.router(config=logical, pg_collection=pg_collection)
         if dispatcher_cls is not None:
             # megatron-core's own dispatcher classes (and subclasses of them a user plugs in)
             # take no runtime: they count nothing and route contiguously.

@@ -34,12 +34,14 @@ def to_global_name(name: str, ep_rank: int,
 
 def to_local_name(global_name: str, ep_rank: int,
                   placements: Sequence[Placement] | Mapping[int, Placement]) -> str | None:
-    """Inverse of `to_global_name`; None when the expert lives on another EP rank."""
+    """Inverse of `to_global_name`; None when no copy of the expert lives on this EP rank (a
+    replicated placement holds at most one copy per rank)."""
     m = _LOCAL_EXPERT.search(global_name)
     if m is None:
         return global_name
     placement, expert = placements[int(m[2])], int(m[3])
-    if placement.rank_of_expert[expert] != ep_rank:
+    n = placement.num_local
+    here = [p % n for p in placement.log2phy_EC[expert].tolist() if p >= 0 and p // n == ep_rank]
+    if not here:
         return None
-    return _LOCAL_EXPERT.sub(
-        lambda m: f"{m[1]}{placement.slot_of_expert[expert]}{m[4]}", global_name)
+    return _LOCAL_EXPERT.sub(lambda m: f"{m[1]}{here[0]}{m[4]}", global_name)

@@ -77,12 +77,14 @@ def transformer_config(cfg: Config) -> TransformerConfig:
 
 def decoder_block_spec(cfg: Config, router: type[TopKRouter] | None,
                        dispatcher: type[MoETokenDispatcher] | None,
-                       runtimes: list) -> TransformerBlockSubmodules:
+                       runtimes: list, num_local: list[int | None] | None = None
+                       ) -> TransformerBlockSubmodules:
     """One layer spec per decoder layer: megatron-core's dense local layer where
     `model.moe_layer_freq` says dense (its get_gpt_decoder_block_spec reading), else the MoE
     layer spec handing the MoE layer's `LayerRuntime` (`runtimes`, one per MoE layer, in order)
     to the dispatcher's constructor (megatron-core sets layer numbers only after building a
-    layer)."""
+    layer). `num_local[i]`: physical expert slots per rank of MoE layer i when its placement
+    holds copies (SpecMoELayer), None: megatron-core's num_experts / EP."""
     pattern = cfg.model.moe_layer_pattern
     if len(runtimes) != sum(pattern):
         raise ValueError(f"{len(runtimes)} layer runtimes for {sum(pattern)} MoE layers "
@@ -90,15 +92,18 @@ def decoder_block_spec(cfg: Config, router: type[TopKRouter] | None,
     base = moe_layer_spec(cfg, router, dispatcher)
     dense = get_gpt_layer_local_spec(num_experts=None, moe_grouped_gemm=False)
     moe_runtimes = iter(runtimes)
+    slots = iter(num_local or [None] * len(runtimes))
     layers = []
     for is_moe in pattern:
         if not is_moe:
             layers.append(dense)
             continue
-        runtime = next(moe_runtimes)
+        runtime, n_local = next(moe_runtimes), next(slots)
         mlp = base.submodules.mlp
         if dispatcher is not None:
             mlp = dataclasses.replace(mlp, params={**mlp.params, "runtime": runtime})
+        if n_local is not None:
+            mlp = dataclasses.replace(mlp, params={**mlp.params, "num_local_experts": n_local})
         layers.append(dataclasses.replace(
             base, submodules=dataclasses.replace(base.submodules, mlp=mlp)))
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormImpl)

@@ -130,7 +130,11 @@ class MoEVLM(nn.Module):
         dispatcher_cls: type | None = None,
         ranks_per_node: int | None = None,
         runtimes: list[LayerRuntime] | None = None,
+        placements: list[Placement] | None = None,
     ):
+        """`placements`: one per MoE layer to build with (default contiguous); a replicated
+        one sizes the layer's expert slots (`Placement.num_local`), which stay fixed after:
+        migration moves experts and copies between those slots."""
         super().__init__()
         m = cfg.model
         self.num_vision_tokens = m.num_vision_tokens
@@ -168,9 +172,13 @@ class MoEVLM(nn.Module):
                                      *skipper_settings(cfg.modes, m))
         router_cls = hooked_router(router_cls or TopKRouter, self.skipper.adjust_routing,
                                    self.reducer.adjust_routing)
+        initial = placements or [Placement.contiguous(m.num_experts, cfg.parallel.ep_size,
+                                                      ranks_per_node)] * m.num_moe_layers
+        num_local = [p.num_local if p.is_replicated else None for p in initial]
         self.gpt = GPTModel(
             config=transformer_config(cfg),
-            transformer_layer_spec=decoder_block_spec(cfg, router_cls, dispatcher_cls, runtimes),
+            transformer_layer_spec=decoder_block_spec(cfg, router_cls, dispatcher_cls, runtimes,
+                                                      num_local),
             vocab_size=text_vocab_size + num_answers,
             max_sequence_length=self.num_vision_tokens + max_question_len,
             position_embedding_type="learned_absolute",
@@ -181,8 +189,7 @@ class MoEVLM(nn.Module):
         # Decoder-layer index of each MoE layer (dense layers among them: model.moe_layer_freq);
         # placements, runtimes and `moe_layers` are indexed by position in this list.
         self.moe_layer_indices = m.moe_layer_indices
-        self.placements = [Placement.contiguous(m.num_experts, cfg.parallel.ep_size,
-                                                ranks_per_node)] * m.num_moe_layers
+        self.placements = list(initial)
         self.set_placements(self.placements)
         if attention_modality is not None:
             attention_modality.attach(self.gpt.decoder.layers, m.moe_layer_pattern)

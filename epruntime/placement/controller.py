@@ -9,7 +9,7 @@ takes the step, so a benchmark or a test can step without ever moving an expert.
 
 from __future__ import annotations
 
-from epruntime.placement.core import Placement, PlacementError, not_yet_routed
+from epruntime.placement.core import Placement, PlacementError
 from epruntime.placement.file import check_fits, file_spec_path, load_placements
 from epruntime.placement.migrate import migrate_experts
 from epruntime.placement.strategies import placement_from_bins
@@ -60,8 +60,8 @@ def place(engine, placements: list[Placement]) -> dict | None:
 
 def file_placements(engine) -> list[Placement] | None:
     """The placements of dispatch.placement=file:PATH checked against the model (layers, experts,
-    EP size); None for any other placement spec. Replicated placements are refused by name: the
-    runtime's dispatchers route one copy per logical expert."""
+    EP size); None for any other placement spec. Replicated ones (copies of hot experts) are
+    routed by the dedup dispatchers of a model built with them (`build_placements`)."""
     path = file_spec_path(engine.cfg.dispatch.placement)
     if path is None:
         return None
@@ -69,8 +69,28 @@ def file_placements(engine) -> list[Placement] | None:
     current = engine.model.placements
     check_fits(placements, len(current), current[0].num_experts, current[0].num_ranks,
                f"dispatch.placement=file:{path}")
-    for layer, p in enumerate(placements):
-        if p.is_replicated:
-            raise PlacementError(not_yet_routed(
-                f"dispatch.placement=file:{path} layer {layer} ({p.num_redundant} redundant slots)"))
+    return placements
+
+
+def build_placements(cfg, ranks_per_node: int) -> list[Placement] | None:
+    """The placements to build the model with: a placement file's when it holds copies (they
+    size each MoE layer's expert slots, `Placement.num_local`), else None (contiguous, and
+    `PlacementController.start` migrates to the file's). PlacementError names the file."""
+    path = file_spec_path(cfg.dispatch.placement)
+    if path is None:
+        return None
+    placements, _ = load_placements(path, ranks_per_node)
+    check_fits(placements, cfg.model.num_moe_layers, cfg.model.num_experts,
+               cfg.parallel.ep_size, f"dispatch.placement=file:{path}")
+    if not any(p.is_replicated for p in placements):
+        if cfg.model.num_experts % cfg.parallel.ep_size:
+            raise PlacementError(f"dispatch.placement=file:{path}: parallel.ep_size="
+                                 f"{cfg.parallel.ep_size} does not divide model.num_experts="
+                                 f"{cfg.model.num_experts} and the file holds no copies")
+        return None
+    if cfg.dispatch.kind == "alltoall":
+        from epruntime.model.moe_layer import MEGATRON_REFUSES_COPIES
+
+        raise PlacementError(f"dispatch.placement=file:{path} holds copies of experts: "
+                             f"dispatch.kind=alltoall {MEGATRON_REFUSES_COPIES}")
     return placements

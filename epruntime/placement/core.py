@@ -9,9 +9,11 @@ expert module has a fixed `num_local_experts`.
 A placement may hold several copies of a logical expert (replicated hot experts, DeepSeek's
 EPLB): then it has more physical slots than logical experts, and EP may exceed the number of
 logical experts. `log2phy` [E, max copies] and `logcnt` [E] are the reverse maps. Each logical
-expert has at least one copy and at most one per rank. The runtime dispatchers route one copy
-per logical expert only, for now: `rank_of_expert` and friends refuse a replicated placement
-with `ReplicatedPlacementError`; the planner and the simulator score replicated placements.
+expert has at least one copy and at most one per rank. The dedup dispatchers route copies
+(`epruntime.dispatch.copies`: each (token, expert) pair to one copy), training sums the copies'
+gradients (`epruntime.optim_copies`), checkpoints store each logical expert once and migration
+adds and drops copies; the copy-free accessors (`rank_of_expert` and friends) refuse a
+replicated placement with `ReplicatedPlacementError`.
 
 Contiguous placement (expert e on rank e // num_local, slot e % num_local) is megatron-core's own
 and the default. Placements are immutable and JSON-able; they go into checkpoints.
@@ -30,14 +32,13 @@ class PlacementError(ValueError):
 
 
 class ReplicatedPlacementError(PlacementError):
-    """A replicated placement reached code that routes one copy per logical expert."""
+    """A replicated placement reached code that assumes one copy per logical expert."""
 
 
-def not_yet_routed(what: str) -> str:
-    return (f"{what} is replicated (several physical copies of a logical expert); replicated "
-            "placements are not yet routed by the runtime (its dispatchers, migration and "
-            "checkpoints place one copy per logical expert): score it with epruntime.plan or "
-            "epruntime.simulate, or plan with --redundant 0 for training and inference")
+def one_copy_only(what: str) -> str:
+    return (f"{what} is replicated (several physical copies of a logical expert): a copy-free "
+            "accessor has no single answer; use log2phy_EC / logcnt_E, or "
+            "epruntime.placement.replicas.resolve_copies to pick each token's copy")
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,10 @@ class Placement:
             fill[e] += 1
         return out
 
-    # ---- one copy per logical expert (what the runtime routes today) ----------------------
+    # ---- one copy per logical expert (copy-free accessors) ----------------------
     def _single(self, what: str) -> None:
         if self.is_replicated:
-            raise ReplicatedPlacementError(not_yet_routed(f"this placement ({what} asked)"))
+            raise ReplicatedPlacementError(one_copy_only(f"this placement ({what} asked)"))
 
     def _physical_of_expert(self, what: str) -> list[int]:
         """[E]: the one physical slot of each logical expert (non-replicated placements only)."""

@@ -9,7 +9,9 @@ whose (rank, slot) changes travels from its old to its new position with everyth
 that expert: its parameters, persistent buffers and optimizer state (AdamW's `step`, `exp_avg`,
 `exp_avg_sq`; whatever the optimizer keeps), read from and installed into megatron-core's
 optimizer through `epruntime.optim.ParamStates` (megatron-core keys its state by chained
-optimizer and parameter). Afterwards `model.set_placements(new_placements)`
+optimizer and parameter). Replicated placements: a slot that gets a copy of an expert receives it
+from one of the expert's current copies (adding a copy); a copy whose slot gets another expert is
+dropped; the number of slots per rank stays the model's. Afterwards `model.set_placements(new_placements)`
 records the layout, so global names (`model.sharding`) and dispatchers follow.
 
 Exchange design: ONE `all_gather_object` of small metadata (placement digests, per-tensor layout
@@ -107,9 +109,14 @@ class MigrationReport:
 
 # ---- pure helpers ------------------------------------------------------------------------------
 def plan_moves(old: Sequence[Placement], new: Sequence[Placement]) -> list[Move]:
-    """Every expert whose (rank, slot) differs between `old[l]` and `new[l]`, in (layer, expert)
-    order. Experts that stay put are not listed. Raises PlacementError if the two lists do not
-    describe the same layers, experts and ranks."""
+    """Every physical slot of `new[l]` whose logical expert differs from `old[l]`'s there gets
+    a copy of that expert from where `old[l]` has one (on the destination's own rank when it
+    has one there, else its first copy in slot order), in (layer, expert, destination rank)
+    order. Slots that keep their expert are not listed. Without copies this is every expert
+    whose (rank, slot) changes. With copies it adds copies (an expert moved to more slots) and
+    drops them (their slots get other experts); the slots per rank are fixed (the model's
+    expert modules). Raises PlacementError if the two lists do not describe the same layers,
+    experts, ranks and slots."""
     if len(old) != len(new):
         raise PlacementError(f"{len(new)} new placements for {len(old)} MoE layers")
     moves = []
@@ -117,11 +124,20 @@ def plan_moves(old: Sequence[Placement], new: Sequence[Placement]) -> list[Move]
         if (a.num_experts, a.num_ranks) != (b.num_experts, b.num_ranks):
             raise PlacementError(f"layer {layer}: cannot move {a.num_experts} experts on "
                                  f"{a.num_ranks} ranks to {b.num_experts} on {b.num_ranks}")
-        for e in range(a.num_experts):
-            src = (a.rank_of_expert[e], a.slot_of_expert[e])
-            dst = (b.rank_of_expert[e], b.slot_of_expert[e])
-            if src != dst:
-                moves.append(Move(layer, e, *src, *dst))
+        if a.num_local != b.num_local:
+            raise PlacementError(f"layer {layer}: cannot move experts from {a.num_local} to "
+                                 f"{b.num_local} slots per rank (the model's expert slots are "
+                                 "fixed when it is built; copies move between them)")
+        n, copies_of = a.num_local, a.log2phy_EC.tolist()
+        layer_moves = []
+        for p, e in enumerate(b.phy2log):
+            if a.phy2log[p] == e:
+                continue
+            sources = [q for q in copies_of[e] if q >= 0]
+            local = [q for q in sources if q // n == p // n]
+            q = (local or sources)[0]
+            layer_moves.append(Move(layer, e, q // n, q % n, p // n, p % n))
+        moves += sorted(layer_moves, key=lambda m: (m.expert, m.dst_rank))
     return moves
 
 
