@@ -101,11 +101,14 @@ def _worker(rank: int, ep_size: int, out: str) -> None:
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("overlap_ep2")
-    spawn(_worker, 2, 2, str(out))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda ep: f"ep{ep}")
+def runs(request, tmp_path_factory):
+    """Per rank {variant: results}. EP=4: dedup-hier on two nodes of two ranks, so the second
+    hop has local and remote rows."""
+    ep = request.param
+    out = tmp_path_factory.mktemp(f"overlap_ep{ep}")
+    spawn(_worker, ep, ep, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ep)]
 
 
 def _pairs(runs, base, on, off):
@@ -128,11 +131,16 @@ def test_shared_expert_overlap_is_bit_identical(runs, base):
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("on, off", [("plain+overlap", "plain"), ("shared+both", "shared")])
 def test_local_first_overlap_matches_overlap_off(runs, base, on, off):
+    """Output and every gradient but the routed experts' weights bit-identical (this BLAS
+    computes a row the same whatever the row count of the call, at these sizes); the experts'
+    weight gradients sum over two calls instead of one: equal to fp32 rounding."""
     worst = 0.0
     for rank, a, b in _pairs(runs, base, on, off):
-        torch.testing.assert_close(a["output"], b["output"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a["output"], b["output"]), (base, rank)
         assert a["grads"].keys() == b["grads"].keys()
         for name in a["grads"]:
+            if "experts.local_experts" not in name:
+                assert torch.equal(a["grads"][name], b["grads"][name]), (base, rank, name)
             torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=1e-5, atol=1e-6,
                                        msg=lambda m, n=name: f"{base} rank {rank} {n}: {m}")
             worst = max(worst, float((a["grads"][name] - b["grads"][name]).abs().max()))
