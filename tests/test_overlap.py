@@ -163,3 +163,28 @@ def test_overlap_needs_a_dedup_dispatcher():
                                "model.moe_shared_expert_intermediate_size=8",
                                "model.moe_shared_expert_overlap=true")
     assert cfg.dispatch.overlap and cfg.model.moe_shared_expert_overlap
+
+
+def test_overlap_bench_trains_the_same_model(python_env, tmp_path):
+    """bench.py overlap --quick: real Engines train paired steps with overlap off and on; the
+    shared-expert overlap gives the same losses bit for bit, local-first to rounding."""
+    import json
+    import subprocess
+
+    from tests.conftest import ROOT, python_bin
+
+    out = tmp_path / "overlap.json"
+    proc = subprocess.run([python_bin(), str(ROOT / "profiling" / "bench.py"), "overlap",
+                           "--quick", "--variants", "dedup,dedup+shared", "--json", str(out)],
+                          cwd=ROOT, env=python_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["dedup", "dedup+shared"]
+    for name, row in rows.items():
+        assert len(row["samples_off"]) == len(row["samples_on"]) == result["params"]["pairs"]
+        assert 0 < row["comm_seconds_on"] < row["step_time_on_s"]
+        assert 0 < row["comm_seconds_off"] < row["step_time_off_s"]
+        assert result["ratios"][f"{name}:step_on/off"] == row["step_on/off"] > 0
+    assert rows["dedup+shared"]["max_loss_gap"] == 0.0
+    assert rows["dedup"]["max_loss_gap"] < 1e-5

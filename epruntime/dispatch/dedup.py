@@ -63,7 +63,13 @@ from epruntime.dispatch.collective import (
     start_all_to_all,
 )
 from epruntime.dispatch.layout import FanOut, fan_out
-from epruntime.dispatch.overlap import HopInFlight, local_first, run_shared_experts, start_hop
+from epruntime.dispatch.overlap import (
+    HopInFlight,
+    backward_node_span,
+    local_first,
+    run_shared_experts,
+    start_hop,
+)
 from epruntime.dispatch.plan import Hop, RowPlan, row_plan
 from epruntime.dispatch.timing import NULL_LAPS
 from epruntime.placement import Placement, PlacementError
@@ -236,8 +242,14 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         this rank's own rows while the remote rows travel, then on those -> [X, H] one row per
         received row (epruntime.dispatch.overlap.local_first)."""
         self._laps("combine", first=True)  # counts the combine call (combine_preprocess's)
+        timer, layer = self._timer(), self.runtime.layer_index
+
+        def span(phase, part, inp, out):
+            if timer is not None:
+                backward_node_span(timer, layer, phase, part, inp, out)
+
         return local_first(flight, self.experts, self.num_local_experts,
-                           flight.sent.hop.max_entries, (self._laps, self._time_backward))
+                           flight.sent.hop.max_entries, (self._laps, span))
 
     def _send_hop(self, x_TH: torch.Tensor, hop: Hop, modality_T: torch.Tensor | None,
                   laps=NULL_LAPS, asynchronous: bool = False):

@@ -90,6 +90,27 @@ def run_shared_experts(shared_experts, hidden_SBH: torch.Tensor) -> torch.Tensor
     return shared_experts(alias)
 
 
+def backward_node_span(timer, layer: int, phase: str, part: str, inp: torch.Tensor,
+                       out: torch.Tensor) -> None:
+    """Time the backward of the single op that made `out` from `inp` as `part` (PhaseTimer's
+    backward_span, but starting when autograd runs that op's node, a node pre-hook, not when
+    `out`'s gradient is ready: the two expert calls' backward chains interleave, and the gradient
+    of one call's output is ready while the other call's experts still run backward)."""
+    if not (torch.is_grad_enabled() and inp.requires_grad and out.grad_fn is not None):
+        return
+    box: list = []
+
+    def start(grad_outputs):
+        box.append(timer.laps(layer, "backward", phase, first=True))
+
+    def end(grad):
+        if box:
+            box.pop().lap(part)
+
+    out.grad_fn.register_prehook(start)
+    inp.register_hook(end)
+
+
 def start_hop(rows_NH: torch.Tensor, meta_NC: torch.Tensor, sent, rank: int, start,
               transport=None) -> HopInFlight:
     """Start the exchange of a hop's send buffer (rows_NH [N, H], meta_NC [N, C]); `start(x)`
@@ -154,4 +175,5 @@ def local_first(flight: HopInFlight, experts, num_local: int, max_entries: int, 
     return torch.cat([remote_RH[:lo], local_LH, remote_RH[lo:]])
 
 
-__all__ = ["HopInFlight", "expert_rows", "local_first", "run_shared_experts", "start_hop"]
+__all__ = ["HopInFlight", "backward_node_span", "expert_rows", "local_first",
+           "run_shared_experts", "start_hop"]
