@@ -180,6 +180,8 @@ def test_overlap_bench_trains_the_same_model(python_env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
+    split = rows.pop("experts alone: two calls vs one (no communication)")
+    assert result["ratios"]["experts:two_calls/one_call"] == split["step_on/off"] > 0
     assert list(rows) == ["dedup", "dedup+shared"]
     for name, row in rows.items():
         assert len(row["samples_off"]) == len(row["samples_on"]) == result["params"]["pairs"]

@@ -57,6 +57,44 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS))
 
 
+def _expert_split_cost(experts, rows: int, hidden: int, num_local: int, repeats: int
+                       ) -> dict[str, float]:
+    """Seconds of megatron-core's experts, forward + backward, on `rows` rows spread evenly over
+    the local experts in one call, and in two calls of half the rows each (what local-first
+    runs), with no communication: what splitting the expert compute costs by itself."""
+    import torch
+
+    per = rows // num_local
+    x = torch.randn(per * num_local, hidden, requires_grad=True)
+    probs = torch.ones(per * num_local)
+    whole = torch.full((num_local,), per, dtype=torch.int64)
+    first = torch.arange(per * num_local).view(num_local, per)[:, :per // 2].reshape(-1)
+    second = torch.arange(per * num_local).view(num_local, per)[:, per // 2:].reshape(-1)
+    halves = [(x[idx].detach().requires_grad_(), probs[idx],
+               torch.full((num_local,), n, dtype=torch.int64))
+              for idx, n in ((first, per // 2), (second, per - per // 2))]
+
+    def one():
+        out, _ = experts(x, whole, probs)
+        out.sum().backward()
+
+    def two():
+        total = 0
+        for x_half, probs_half, counts in halves:
+            out, _ = experts(x_half, counts, probs_half)
+            total = total + out.sum()
+        total.backward()
+
+    samples = {"one_call_s": [], "two_calls_s": []}
+    for i in range(repeats + 1):
+        for name, fn in (("one_call_s", one), ("two_calls_s", two)):
+            t = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
     import torch
     import torch.distributed as dist
@@ -114,7 +152,16 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
                 out[name][f"comm_{side}"].append(comm_s)
                 out[name][f"loss_{side}"].append(loss)
     if rank == 0:
-        Path(out_dir, "result.json").write_text(json.dumps(out))
+        from epruntime.model.moe_layer import SpecMoELayer
+
+        engine = engines[p["variants"][0], "off"]
+        layer = next(m for m in engine.model.modules() if isinstance(m, SpecMoELayer))
+        rows = p["batch"] // WORLD * engine.model.seq_len * layer.config.moe_router_topk
+        cost = _expert_split_cost(layer.experts, rows, layer.config.hidden_size,
+                                  layer.num_local_experts, max(3, p["pairs"]))
+        Path(out_dir, "result.json").write_text(json.dumps(
+            {"variants": out, "split": {**cost, "rows": rows,
+                                        "local_experts": layer.num_local_experts}}))
 
 
 @register("overlap", add_arguments=add_options)
@@ -139,7 +186,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         spawn_ranks(_worker, WORLD, p, tmp)
         result = json.loads(Path(tmp, "result.json").read_text())
     rows, ratios = [], {}
-    for name, r in result.items():
+    for name, r in result["variants"].items():
         step = statistics.median(on / off for on, off in zip(r["on"], r["off"]))
         comm = statistics.median(on / off for on, off in zip(r["comm_on"], r["comm_off"]))
         rows.append({"variant": name, "step_time_off_s": statistics.median(r["off"]),
@@ -152,6 +199,12 @@ def run(args: argparse.Namespace) -> BenchResult:
                      "pairs": len(r["on"]), "samples_off": r["off"], "samples_on": r["on"]})
         ratios[f"{name}:step_on/off"] = step
         ratios[f"{name}:comm_on/off"] = comm
+    split = result["split"]
+    rows.append({"variant": "experts alone: two calls vs one (no communication)",
+                 "step_time_off_s": split["one_call_s"], "step_time_on_s": split["two_calls_s"],
+                 "step_on/off": split["two_calls_s"] / split["one_call_s"],
+                 "rows": split["rows"], "local_experts": split["local_experts"]})
+    ratios["experts:two_calls/one_call"] = split["two_calls_s"] / split["one_call_s"]
     params = {**{k: p[k] for k in ("layers", "batch", "pairs", "warmup", "shared")},
               "world": WORLD, "ep_size": WORLD, "model": "tiny-vqa", "data": "synthetic",
               "variants": names, "quick": bool(getattr(args, "quick", False))}
@@ -159,6 +212,8 @@ def run(args: argparse.Namespace) -> BenchResult:
              "dispatch.timing=on on both sides",
              "X_on/off = median over adjacent (off, on) steps of on / off (< 1: overlap helps)",
              "comm_seconds = dispatch/combine phase seconds per step (overlap on: exposed part)",
-             "max_loss_gap = largest |loss_on - loss_off| over the paired steps (same data)"]
+             "max_loss_gap = largest |loss_on - loss_off| over the paired steps (same data)",
+             "experts alone: one MoE layer's experts, fwd + bwd, on its rows in one call (off) "
+             "and as two calls of half the rows (on), rank 0, no communication"]
     return BenchResult(name="overlap", params=params, rows=rows, ratios=ratios,
                        env=collect_env(), notes=notes)
