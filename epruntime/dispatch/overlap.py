@@ -26,6 +26,10 @@ their rows into this rank's segment themselves, so the compute really does proce
 travel; with two cores shared by several ranks those threads compete with the compute for the
 same cores (profiling/benchmarks/overlap.py measures what it buys).
 
+Host syncs: starting the exchange needs none beyond the dispatch's split counts (already on the
+host); local-first fans out twice (`nonzero` on each call's slots) and megatron-core's experts
+read `tokens_per_expert` once per call, so those data-dependent syncs double.
+
 Phase timing: the compute between start and wait is not communication; the dispatcher closes its
 laps at the start and opens new ones after the compute, so `comm_time` is the exposed part.
 """
