@@ -163,6 +163,13 @@ def test_overlap_needs_a_dedup_dispatcher():
                                "model.moe_shared_expert_intermediate_size=8",
                                "model.moe_shared_expert_overlap=true")
     assert cfg.dispatch.overlap and cfg.model.moe_shared_expert_overlap
+    from epruntime.model.options import check_megatron_options
+
+    check_megatron_options(cfg, "gloo")  # the dedup dispatchers need no CUDA side stream
+    alltoall = configs.small_config("model.moe_shared_expert_intermediate_size=8",
+                                    "model.moe_shared_expert_overlap=true")
+    with pytest.raises(ConfigError, match="CUDA side stream"):
+        check_megatron_options(alltoall, "gloo")
 
 
 def test_overlap_bench_trains_the_same_model(python_env, tmp_path):
