@@ -123,7 +123,8 @@ class ModelConfig(Section):
         "(number of shared experts x their width); None: no shared expert")
     moe_shared_expert_overlap: bool = Field(
         False, description="run the shared experts on a CUDA side stream during the all-to-all "
-        "(megatron-core's alltoall dispatcher on CUDA only)")
+        "(megatron-core's alltoall dispatcher, CUDA only), or during the dedup dispatchers' "
+        "asynchronous all-to-all (any backend)")
     moe_layer_freq: int | list[int] = Field(
         1, description="which decoder layers are MoE: N = every N-th from layer 0, or a 0/1 "
         "list per layer (0 dense, 1 MoE), e.g. [0, 1, 1] for a dense first layer")
@@ -593,6 +594,11 @@ class DispatchConfig(Section):
         "free (the wait for the slowest peer is the split-count exchange, or the shm transport's "
         "arrival stamps); barrier = a timed 1-element all_reduce before every collective as the "
         "wait (one extra collective per phase)")
+    overlap: bool = Field(
+        False, description="dedup and dedup-hier: start the last hop's all-to-all asynchronously "
+        "and run this rank's own rows through its experts while the remote rows travel, then the "
+        "remote rows (epruntime.dispatch.overlap); results agree with overlap off to fp32 "
+        "rounding (the experts run as two calls)")
     shm_mib: int = Field(
         64, ge=1, description="MiB of /dev/shm receive buffer per rank with transport=shm; each "
         "of the node's other ranks gets shm_mib / (2 * (ranks_per_node - 1)) MiB of it "
@@ -614,6 +620,9 @@ class DispatchConfig(Section):
 
     @model_validator(mode="after")
     def _transport_fits_kind(self) -> "DispatchConfig":
+        if self.overlap and self.kind == "alltoall":
+            raise ValueError("dispatch.overlap=true needs dispatch.kind=dedup or dedup-hier: "
+                             "megatron-core's alltoall dispatcher runs its own collectives")
         if self.transport == "shm" and self.kind == "alltoall":
             raise ValueError(
                 "dispatch.transport=shm needs dispatch.kind=dedup or dedup-hier: megatron-core's "
@@ -688,11 +697,6 @@ class Config(Section):
         self.fastmmoe.check_layers(self.model.num_layers)
         check_visual_compression(self)
         d = self.dispatch
-        if self.model.moe_shared_expert_overlap and d.kind != "alltoall":
-            raise ValueError(f"model.moe_shared_expert_overlap=true needs dispatch.kind=alltoall "
-                             f"(megatron-core runs the shared experts inside its own alltoall "
-                             f"dispatcher), got dispatch.kind={d.kind}; the shared experts run "
-                             "without overlap under every dispatcher")
         pruned_dense = [x for x in self.fastmmoe.layers
                         if x < self.model.num_layers and not self.model.moe_layer_pattern[x]]
         if self.fastmmoe.enabled and self.fastmmoe.policy != "none" and pruned_dense:

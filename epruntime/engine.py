@@ -73,7 +73,8 @@ class Engine:
         # Seconds of every dispatch/combine phase (summary's `comm_time`), dispatch.timing.
         self.timer = self._new_timer()
         self.observers = Observers(self.ledger if cfg.dispatch.ledger else None, self.timer)
-        runtimes = layer_runtimes(cfg.model.num_moe_layers, self.transport, backend, self.observers)
+        runtimes = layer_runtimes(cfg.model.num_moe_layers, self.transport, backend, self.observers,
+                                  overlap=cfg.dispatch.overlap, timeout_s=cfg.parallel.timeout_s)
         # A placement file with copies of hot experts sizes the expert slots: built with it.
         placements = build_placements(cfg, per_node)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,

@@ -4,7 +4,7 @@ A `LayerRuntime` is built per MoE layer by the Engine *before* megatron-core bui
 reaches the layer's dispatcher (and router) through the ModuleSpec (`SpecMoELayer` passes it to
 the dispatcher's constructor); nothing is written onto megatron-core's objects afterwards.
 
-    LayerRuntime(layer_index, transport, kernels, observers, tokens)
+    LayerRuntime(layer_index, transport, kernels, observers, tokens, overlap, timeout_s)
       observers  the ledger (bytes) and the phase timer (seconds, `dispatch.timing`) that read what
                  the dispatcher sends; the ledger is swapped for evaluation with
                  `Observers.observing(ledger)`; neither changes results
@@ -108,6 +108,10 @@ class LayerRuntime:
     kernels: str | None = None  # epruntime.kernels backend; None: automatic
     observers: Observers = field(default_factory=Observers)
     tokens: TokenStream = field(default_factory=TokenStream)
+    # dispatch.overlap: the dedup dispatchers run this rank's own rows through the experts while
+    # the remote rows travel (epruntime.dispatch.overlap)
+    overlap: bool = False
+    timeout_s: float = 1800.0  # waits on asynchronous collectives (the group's, parallel.timeout_s)
 
     @property
     def ledger(self) -> "CommLedger | None":
@@ -120,8 +124,10 @@ class LayerRuntime:
 
 def layer_runtimes(num_layers: int, transport: Any = None, kernels: str | None = None,
                    observers: Observers | None = None,
-                   tokens: TokenStream | None = None) -> list[LayerRuntime]:
+                   tokens: TokenStream | None = None, overlap: bool = False,
+                   timeout_s: float = 1800.0) -> list[LayerRuntime]:
     """One runtime per MoE layer, sharing the observers and the token stream."""
     observers = observers or Observers()
     tokens = tokens or TokenStream()
-    return [LayerRuntime(i, transport, kernels, observers, tokens) for i in range(num_layers)]
+    return [LayerRuntime(i, transport, kernels, observers, tokens, overlap, timeout_s)
+            for i in range(num_layers)]

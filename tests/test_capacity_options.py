@@ -263,8 +263,7 @@ def test_dense_first_layer_trains_checkpoints_and_resumes_at_ep2(tmp_path):
     (["model.moe_layer_freq=[0,0]"], "model.moe_layer_freq"),
     (["model.moe_layer_freq=0"], "model.moe_layer_freq"),
     (["model.moe_shared_expert_overlap=true"], "model.moe_shared_expert_overlap"),
-    (["model.moe_shared_expert_intermediate_size=8", "model.moe_shared_expert_overlap=true",
-      "dispatch.kind=dedup"], "model.moe_shared_expert_overlap"),
+    (["dispatch.overlap=true"], "dispatch.overlap"),  # megatron-core's alltoall dispatcher
     (["model.moe_layer_freq=[0,1]", "fastmmoe.enabled=true", "fastmmoe.policy=fastmmoe",
       "fastmmoe.layers=[0]"], "fastmmoe.layers"),
 ])
@@ -304,5 +303,6 @@ def test_shared_expert_overlap_on_cpu_exits_2_before_any_process_group(tmp_path)
                                 "model.moe_shared_expert_overlap=true", "parallel.backend=gloo",
                                 f"train.output_dir={tmp_path}"]), [])], timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "model.moe_shared_expert_overlap=true runs the shared experts on a CUDA" in proc.stderr
+    assert ("model.moe_shared_expert_overlap=true with dispatch.kind=alltoall runs the shared "
+            "experts on a CUDA") in proc.stderr
     assert not any(Path(tmp_path).iterdir())  # nothing written, nothing started

@@ -84,6 +84,25 @@ def no_dtoh_stream():
             base.cuda_dtoh_stream = None
 
 
+@contextlib.contextmanager
+def no_shared_expert_stream():
+    """While megatron-core builds shared experts with `moe_shared_expert_overlap=true` on CPU, make
+    `SharedExpertMLP.stream` (class level, tested by its `__init__`) look created, so that no
+    `torch.cuda.Stream()` is made; a no-op off CPU. On CPU the dedup dispatchers run the shared
+    experts on the main thread while their all-to-all is in flight (epruntime.dispatch.overlap)."""
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    if not cpu_mode() or SharedExpertMLP.stream is not None:
+        yield
+        return
+    SharedExpertMLP.stream = NO_STREAM
+    try:
+        yield
+    finally:
+        if SharedExpertMLP.stream is NO_STREAM:
+            SharedExpertMLP.stream = None
+
+
 class CpuAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron-core's alltoall dispatcher; on CPU without the CUDA stream and DtoH copies."""
 

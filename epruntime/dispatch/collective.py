@@ -6,9 +6,20 @@ group's all_to_all_single. The tiny counts exchange always uses the process grou
 
 Timing (`epruntime.dispatch.timing`): the dispatcher times the forward call; the backward times
 itself when given `timing` = (PhaseTimer, layer, phase).
+
+Asynchronous (`dispatch.overlap`, shared-expert overlap): `start_all_to_all` issues the exchange
+and returns an `InFlight`; the caller computes, then `InFlight.wait()` gives the received rows
+(differentiable, as `all_to_all`). Over a process group this is `all_to_all_single(async_op=True)`
+(gloo runs it on its own threads; NCCL on its stream); the shared-memory transport copies this
+rank's rows into its peers' segments at start and its peers' rows out at wait. A transport
+without `all_to_all_start` (CUDA IPC) exchanges at start: nothing overlaps, results are the same.
+Every wait gives up after `timeout_s` (the group's timeout, parallel.timeout_s). The backward
+exchange is synchronous (autograd orders backward by itself).
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -71,3 +82,68 @@ def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:
     else:
         dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
     return recv
+
+
+class InFlight:
+    """A started row all-to-all (see the module docstring): `wait()` -> received rows."""
+
+    def __init__(self, x: torch.Tensor, out: torch.Tensor, send_splits: list[int],
+                 recv_splits: list[int], group, transport, timing, pending, timeout_s: float):
+        self._x, self._out, self._pending = x, out, pending
+        self._splits, self._group, self._transport = (send_splits, recv_splits), group, transport
+        self._timing, self._timeout_s = timing, timeout_s
+
+    def wait(self) -> torch.Tensor:
+        """[sum(recv_splits), ...] the received rows, differentiable w.r.t. the sent ones."""
+        return _AwaitAllToAll.apply(self._x, self)
+
+    def _finish(self) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return self._out
+        if isinstance(pending, dist.Work):
+            # wait: the exchange's remote rows (gloo: its threads; NCCL: stream-ordered)
+            pending.wait(timedelta(seconds=self._timeout_s))
+        else:
+            self._transport.all_to_all_finish(pending)
+        return self._out
+
+
+class _AwaitAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, flight: InFlight):
+        ctx.flight = flight
+        return flight._finish()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        f = ctx.flight
+        send_splits, recv_splits = f._splits
+        laps = None
+        if f._timing is not None:
+            timer, layer, phase = f._timing
+            laps = timer.laps(layer, "backward", phase)
+            laps.barrier(f._group)
+        back = exchange(grad.contiguous(), recv_splits, send_splits, f._group, f._transport)
+        if laps is not None:
+            laps.lap("collective", last_wait_s(f._transport))
+        return back, None
+
+
+def start_all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+                     transport=None, timing=None, timeout_s: float = 1800.0) -> InFlight:
+    """Issue `all_to_all(x, ...)` and return at once (see the module docstring)."""
+    send, recv = list(send_splits), list(recv_splits)
+    x = x.contiguous()
+    with torch.no_grad():
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        pending = None
+        if dist.get_world_size(group) == 1:
+            out.copy_(x)
+        elif transport is None:
+            pending = dist.all_to_all_single(out, x, recv, send, group=group, async_op=True)
+        elif hasattr(transport, "all_to_all_start"):
+            pending = transport.all_to_all_start(out, x, recv, send)
+        else:  # no asynchronous path (CUDA IPC): exchange now
+            transport.all_to_all_single(out, x, recv, send)
+    return InFlight(x, out, send, recv, group, transport, timing, pending, timeout_s)

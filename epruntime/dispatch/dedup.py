@@ -34,6 +34,12 @@ is the sum of those host counts). tests/test_host_syncs.py counts this. Not coun
 fan-out's data-dependent sizes (`nonzero` on the received slots; on CUDA megatron-core's experts
 sync on `tokens_per_expert` anyway).
 
+Overlap (epruntime.dispatch.overlap): with shared experts given at construction
+(`model.moe_shared_expert_overlap`) token_dispatch starts the all-to-all, runs them, then waits;
+with `runtime.overlap` (`dispatch.overlap`) token_dispatch returns the started hop and
+`experts_local_first` (called by SpecMoELayer in place of dispatch_postprocess, experts and
+combine_preprocess) runs the experts given at construction on this rank's own rows first.
+
 Timing (`dispatch.timing`, epruntime.dispatch.timing): each phase method marks its parts into the
 runtime's PhaseTimer; no host sync on CPU (perf_counter), and on CUDA the events are resolved once
 per step by the engine, not here. Off, every mark is `NULL_LAPS`.
@@ -50,9 +56,21 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from epruntime import kernels
 from epruntime.dispatch.capacity import capacity_pairs, max_entries
-from epruntime.dispatch.collective import all_to_all, exchange_counts, last_wait_s
+from epruntime.dispatch.collective import (
+    all_to_all,
+    exchange_counts,
+    last_wait_s,
+    start_all_to_all,
+)
 from epruntime.dispatch.copies import route_to_copies
 from epruntime.dispatch.layout import FanOut, fan_out
+from epruntime.dispatch.overlap import (
+    HopInFlight,
+    backward_node_span,
+    local_first,
+    run_shared_experts,
+    start_hop,
+)
 from epruntime.dispatch.plan import Hop, RowPlan, row_plan
 from epruntime.dispatch.timing import NULL_LAPS
 from epruntime.placement import Placement, PlacementError
@@ -92,6 +110,8 @@ class DispatchHandle:
     modality_T: torch.Tensor | None  # [T] modality of the layer's tokens; None: unknown
     sent: tuple[SentHop, ...] = ()  # hops in dispatch order
     fan: FanOut | None = None  # received rows -> local expert inputs
+    layer_input: torch.Tensor | None = None  # [S, B, H] for the shared experts (else None)
+    shared_out: torch.Tensor | None = None  # shared experts' output, run during the all-to-all
 
     @property
     def num_received(self) -> int:
@@ -107,7 +127,10 @@ class DedupTokenDispatcher(MoETokenDispatcher):
     debug_checks = False
 
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config,
-                 pg_collection=None, runtime: LayerRuntime | None = None):
+                 pg_collection=None, runtime: LayerRuntime | None = None, experts=None,
+                 shared_experts=None):
+        """`experts`: the layer's megatron-core experts, run here with `runtime.overlap`;
+        `shared_experts`: run during the dispatch all-to-all (moe_shared_expert_overlap)."""
         super().__init__(config=config, pg_collection=pg_collection)
         if self.tp_size > 1:
             raise NotImplementedError("dedup dispatch with expert tensor parallelism")
@@ -118,6 +141,10 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         # physical slots when the layer holds copies, see SpecMoELayer).
         self.placement = Placement.contiguous(num_local_experts * self.ep_size, self.ep_size)
         self._handle: DispatchHandle | None = None
+        if self.runtime.overlap and experts is None:
+            raise ValueError("dispatch.overlap=true: the dedup dispatcher runs the layer's experts "
+                             "itself and needs them at construction (experts=...)")
+        self.experts, self.shared_experts = experts, shared_experts
 
     def supports(self, placement: Placement) -> bool:
         """Any placement of this layer's experts over this EP group."""
@@ -183,7 +210,9 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             if self.config.moe_expert_capacity_factor is not None:
                 ledger.record_capacity(self.runtime.layer_index, *capacity_pairs(
                     routing_map, probs, self.config.moe_router_topk, modality_T))
-        self._handle = DispatchHandle(plan, hidden_states.shape, modality_T)
+        self._handle = DispatchHandle(plan, hidden_states.shape, modality_T,
+                                      layer_input=None if self.shared_experts is None
+                                      else hidden_states)
         laps.lap("layout")
         return x_TH, probs
 
@@ -192,14 +221,49 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         of their experts; returns what this rank receives."""
         laps = self._laps("dispatch")
         h = self._handle
-        rows, meta, sent = self._send_hop(x_TH, h.plan.hops[0], h.modality_T, laps)
-        self._handle = dataclasses.replace(h, sent=(sent,))
-        return rows, meta
+        if not self.runtime.overlap and self.shared_experts is None:
+            rows, meta, sent = self._send_hop(x_TH, h.plan.hops[0], h.modality_T, laps)
+            self._handle = dataclasses.replace(h, sent=(sent,))
+            return rows, meta
+        flight = self._send_hop(x_TH, h.plan.hops[0], h.modality_T, laps, asynchronous=True)
+        self._handle = dataclasses.replace(h, sent=(flight.sent,),
+                                           shared_out=self._shared_experts_now(h))
+        if self.runtime.overlap:  # SpecMoELayer hands it to experts_local_first
+            return flight, None
+        return self._wait_hop(flight)
+
+    def _shared_experts_now(self, h: DispatchHandle):
+        """The shared experts on the layer input [S, B, H] while rows travel (None: none)."""
+        if self.shared_experts is None:
+            return None
+        return run_shared_experts(self.shared_experts, h.layer_input)
+
+    def _wait_hop(self, flight: HopInFlight):
+        """Wait for a started hop -> (rows_XH, meta_XC), timed as the phase's collective."""
+        laps = self._laps("dispatch")
+        rows_XH, meta_XC, wait_s = flight.wait()
+        laps.lap("collective", wait_s)
+        return rows_XH, meta_XC
+
+    def experts_local_first(self, flight: HopInFlight) -> torch.Tensor:
+        """dispatch.overlap: dispatch_postprocess, the experts and combine_preprocess in one, on
+        this rank's own rows while the remote rows travel, then on those -> [X, H] one row per
+        received row (epruntime.dispatch.overlap.local_first)."""
+        self._laps("combine", first=True)  # counts the combine call (combine_preprocess's)
+        timer, layer = self._timer(), self.runtime.layer_index
+
+        def span(phase, part, inp, out):
+            if timer is not None:
+                backward_node_span(timer, layer, phase, part, inp, out)
+
+        return local_first(flight, self.experts, self.num_local_experts,
+                           flight.sent.hop.max_entries, (self._laps, span))
 
     def _send_hop(self, x_TH: torch.Tensor, hop: Hop, modality_T: torch.Tensor | None,
-                  laps=NULL_LAPS):
+                  laps=NULL_LAPS, asynchronous: bool = False):
         """One hop of the plan: exchange the counts, gather the rows (one per (token, rank) of
-        x_TH's rows) with their entries, hand both to the all-to-all. -> (rows, meta, SentHop).
+        x_TH's rows) with their entries, hand both to the all-to-all. -> (rows, meta, SentHop);
+        asynchronous: the started exchange (HopInFlight, epruntime.dispatch.overlap).
         `laps` times its parts: wait (the counts), permute, collective."""
         ledger, layer = self._ledger(), self.runtime.layer_index
         laps.barrier(self.ep_group)
@@ -228,6 +292,12 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             ledger.record_rows(layer, "dispatch", hop.rows_RR, hop.payload_row_bytes,
                                hop.meta_row_bytes, modality_rows)
         sent = SentHop(hop, tuple(send_splits), tuple(recv_splits), recv_R, layout, modality_rows)
+        if asynchronous:
+            laps.lap("permute")
+            flight = start_hop(rows_NH, meta_NC, sent, self.ep_rank,
+                               lambda x: self._start_exchange(x, sent), self.runtime.transport)
+            laps.lap("collective")
+            return flight
         if hop.packed:
             payload = torch.cat([rows_NH, meta_NC], dim=1)
             laps.lap("permute")
@@ -251,6 +321,12 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         transport = self.runtime.transport
         out = all_to_all(x_NC, send, recv, self.ep_group, transport, self._timing(phase))
         return out, last_wait_s(transport)
+
+    def _start_exchange(self, x_NC, sent: SentHop):
+        """Start `_exchange(x_NC, sent, "dispatch")` -> InFlight (waits: the group's timeout)."""
+        return start_all_to_all(x_NC, sent.send_splits, sent.recv_splits, self.ep_group,
+                                self.runtime.transport, self._timing("dispatch"),
+                                self.runtime.timeout_s)
 
     def dispatch_postprocess(self, rows_XH, meta_XC):
         """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights
@@ -305,4 +381,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
                                                        backend=self.runtime.kernels)
         self._time_backward("combine", "combine", back_NH, out)
         laps.lap("combine")
-        return out.view(h.hidden_shape)
+        out = out.view(h.hidden_shape)
+        if h.shared_out is not None:  # as MoELayer.postprocess adds them without overlap
+            out = out + h.shared_out
+        return out

@@ -38,12 +38,22 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
         laps = self._laps("dispatch")
         h = self._handle
         hop1 = h.plan.hops[0]
-        rows_YH, meta_YC, sent1 = self._send_hop(x_TH, hop1, h.modality_T, laps)
+        if self.shared_experts is None:
+            rows_YH, meta_YC, sent1 = self._send_hop(x_TH, hop1, h.modality_T, laps)
+        else:  # the shared experts run while hop 1 travels (epruntime.dispatch.overlap)
+            flight1 = self._send_hop(x_TH, hop1, h.modality_T, laps, asynchronous=True)
+            h = dataclasses.replace(h, shared_out=self._shared_experts_now(h))
+            (rows_YH, meta_YC), sent1 = self._wait_hop(flight1), flight1.sent
+            laps = self._laps("dispatch")
         plan2 = self._gateway_plan(rows_YH, meta_YC, hop1)
         modality_Y = None
         if h.modality_T is not None and hop1.modality_column:
             modality_Y = meta_YC[:, -1].detach().long()
         laps.lap("layout")
+        if self.runtime.overlap:  # hop 2 local rows first (SpecMoELayer: experts_local_first)
+            flight2 = self._send_hop(rows_YH, plan2.hops[0], modality_Y, laps, asynchronous=True)
+            self._handle = dataclasses.replace(h, sent=(sent1, flight2.sent))
+            return flight2, None
         rows_XH, meta_XC, sent2 = self._send_hop(rows_YH, plan2.hops[0], modality_Y, laps)
         self._handle = dataclasses.replace(h, sent=(sent1, sent2))
         return rows_XH, meta_XC

@@ -7,6 +7,12 @@ as the router: by spec, with megatron-core unchanged. With a `runtime` (the laye
 `epruntime.runtime.LayerRuntime`, one spec per layer) the dispatcher is constructed with it: layer
 index, transport, kernels, observers and the token stream arrive at construction, never by
 attribute writes afterwards.
+
+Overlap with epruntime's dedup dispatchers (epruntime.dispatch.overlap): they take the layer's
+shared experts (`moe_shared_expert_overlap`: run during the dispatch all-to-all) and, with
+`dispatch.overlap` (`runtime.overlap`), its experts (run on this rank's own rows while the remote
+rows travel) as constructor arguments; megatron-core's own dispatchers get the shared experts
+through their `set_shared_experts` as in MoELayer.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from megatron.core.transformer.moe.token_dispatcher import (
     MoETokenDispatcher,
 )
 
-from epruntime.compat.dispatcher import no_dtoh_stream
+from epruntime.compat.dispatcher import no_dtoh_stream, no_shared_expert_stream
+from epruntime.dispatch.overlap import HopInFlight
 from epruntime.placement.core import ReplicatedPlacementError
 
 # megatron-core's own token dispatchers send every (token, expert) pair to expert e's one rank.
@@ -63,7 +70,7 @@ class SpecMoELayer(MoELayer):
                 config = dataclasses.replace(config, num_moe_experts=physical)
         # MoELayer always builds megatron-core's own alltoall dispatcher first (replaced below);
         # on CPU it must not create its CUDA side stream.
-        with no_dtoh_stream():
+        with no_dtoh_stream(), no_shared_expert_stream():
             super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                              pg_collection=pg_collection)
         if logical is not config:  # the router scores logical experts
@@ -71,13 +78,18 @@ class SpecMoELayer(MoELayer):
         if dispatcher_cls is not None:
             # megatron-core's own dispatcher classes (and subclasses of them a user plugs in)
             # take no runtime: they count nothing and route contiguously.
-            takes_runtime = "runtime" in inspect.signature(dispatcher_cls).parameters
-            extra = {"runtime": runtime} if runtime is not None and takes_runtime else {}
+            takes = inspect.signature(dispatcher_cls).parameters
+            extra = {"runtime": runtime} if runtime is not None and "runtime" in takes else {}
+            if getattr(runtime, "overlap", False) and "experts" in takes:
+                extra["experts"] = self.experts
+            runs_shared = self.shared_expert_overlap and "shared_experts" in takes
+            if runs_shared:
+                extra["shared_experts"] = self.shared_experts
             self.token_dispatcher = dispatcher_cls(
                 self.num_local_experts, self.local_expert_indices, config=self.config,
                 pg_collection=pg_collection, **extra,
             )
-            if self.shared_expert_overlap:
+            if self.shared_expert_overlap and not runs_shared:
                 # MoELayer handed the shared experts to the dispatcher it built: the one that
                 # replaces it runs them during its all-to-all instead (megatron-core's alltoall
                 # dispatcher and subclasses of it; Config refuses the option for the others).
@@ -85,6 +97,14 @@ class SpecMoELayer(MoELayer):
                     raise ValueError(f"model.moe_shared_expert_overlap=true: "
                                      f"{dispatcher_cls.__name__} cannot run the shared experts")
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    def routed_experts_compute(self, hidden_states, probs):
+        """With dispatch.overlap the dedup dispatcher's token_dispatch returns its started last hop
+        (a HopInFlight): the dispatcher runs the experts on its own rows first, then the remote
+        ones; otherwise megatron-core's fan-out -> experts -> combine_preprocess."""
+        if isinstance(hidden_states, HopInFlight):
+            return self.token_dispatcher.experts_local_first(hidden_states), None
+        return super().routed_experts_compute(hidden_states, probs)
 
 
 class _KnownMoELayer(logging.Filter):

@@ -51,10 +51,12 @@ def check_megatron_options(cfg: Config, backend: str,
                           f"installed megatron-core {megatron.core.__version__} (its "
                           "TransformerConfig has no such field); leave it at its default or "
                           "upgrade megatron-core")
-    if cfg.model.moe_shared_expert_overlap and backend != "nccl":
-        raise ConfigError("model.moe_shared_expert_overlap=true runs the shared experts on a CUDA "
-                          f"side stream (megatron-core): not on backend {backend} (CPU); set it "
-                          "false, the shared experts then run before the router, same result")
+    if (cfg.model.moe_shared_expert_overlap and backend != "nccl"
+            and cfg.dispatch.kind not in DEDUP_KINDS):
+        raise ConfigError("model.moe_shared_expert_overlap=true with dispatch.kind=alltoall runs "
+                          "the shared experts on a CUDA side stream (megatron-core): not on "
+                          f"backend {backend} (CPU); use dispatch.kind=dedup or dedup-hier (they "
+                          "run them during their asynchronous all-to-all) or set it false")
 
 
 def check_transformer_config(config, dispatch_kind: str) -> None:
@@ -66,7 +68,3 @@ def check_transformer_config(config, dispatch_kind: str) -> None:
                           "sends whole hidden rows to whole experts (no expert tensor "
                           "parallelism); use dispatch.kind=alltoall or "
                           "expert_tensor_parallel_size=1")
-    if dispatch_kind in DEDUP_KINDS and getattr(config, "moe_shared_expert_overlap", False):
-        raise ConfigError(f"moe_shared_expert_overlap=true: dispatch.kind={dispatch_kind} does "
-                          "not run shared experts inside its all-to-all; use "
-                          "dispatch.kind=alltoall or moe_shared_expert_overlap=false")

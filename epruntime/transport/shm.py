@@ -81,6 +81,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -215,6 +216,19 @@ class _Segment:
             self.mm.close()
         except BufferError:  # a view still alive somewhere; the mapping goes with the process
             pass
+
+
+@dataclass(frozen=True, eq=False)
+class ShmCall:
+    """One all-to-all between `ShmTransport.all_to_all_start` and `all_to_all_finish`."""
+
+    n: int  # the call number
+    out: torch.Tensor  # the receive buffer
+    recv: list[int]  # rows from each group rank
+    recv_off: list[int]  # where they land in `out`
+    row: int  # bytes per row
+    arrived: int  # this rank's arrival stamp (time.monotonic_ns)
+    works: list  # point-to-point messages to and from other nodes
 
 
 class ShmTransport:
@@ -463,6 +477,16 @@ class ShmTransport:
                           send_splits: list[int]) -> None:
         """out [sum(recv_splits), ...] <- rows of every rank's x [sum(send_splits), ...]: rows
         send_splits[r] of x go to rank r, rows from rank r land at offset sum(recv_splits[:r])."""
+        self.all_to_all_finish(self.all_to_all_start(out, x, recv_splits, send_splits))
+
+    def all_to_all_start(self, out: torch.Tensor, x: torch.Tensor, recv_splits: list[int],
+                         send_splits: list[int]) -> "ShmCall":
+        """The first half of `all_to_all_single`: post the other nodes' point-to-point messages,
+        copy this rank's rows into its local peers' regions and publish them, copy its own rows
+        into `out`. The peers' rows keep arriving in this rank's segment (their own copies) while
+        the caller computes; `all_to_all_finish` collects them. One call at a time may be open
+        per transport between start and finish only in call order (start n, start n+1, finish n,
+        finish n+1 is fine: two regions per peer)."""
         if self.broken:
             raise ShmTransportError(f"shm transport unusable after an earlier error: {self.broken}")
         send, recv = [int(s) for s in send_splits], [int(s) for s in recv_splits]
@@ -474,7 +498,6 @@ class ShmTransport:
         x = x.contiguous()
         n = self.calls = self.calls + 1
         arrived = time.monotonic_ns()
-        latest = arrived
         send_off = [0] * self.size
         recv_off = [0] * self.size
         for r in range(1, self.size):
@@ -522,6 +545,26 @@ class ShmTransport:
                         rows(x, send_off, send, g).reshape(-1).view(torch.uint8))
                 self._publish(d, self._ready(self.me), n)
             rows(out, recv_off, recv, self.rank).copy_(rows(x, send_off, send, self.rank))
+        except ShmTransportError:
+            raise
+        except BaseException as err:  # e.g. KeyboardInterrupt: don't leave peers waiting
+            self._abort(n, f"group rank {self.rank} failed: {err!r}")
+            raise
+        return ShmCall(n, out, recv, recv_off, row, arrived, works)
+
+    def all_to_all_finish(self, call: "ShmCall") -> None:
+        """The second half: wait for every local peer's rows of `call` (at most timeout_s), copy
+        them out of this rank's segment into `call.out`, ack them, and wait for the point-to-point
+        messages (the group's timeout); sets `last_wait_s`."""
+        n, out, recv, recv_off, row = call.n, call.out, call.recv, call.recv_off, call.row
+        arrived = latest = call.arrived
+
+        def rows(t: torch.Tensor, off: list[int], counts: list[int], g: int) -> torch.Tensor:
+            return t[off[g]:off[g] + counts[g]]
+
+        try:
+            parity = n % 2
+            peers = len(self.local)
             pending = [s for s in range(peers) if s != self.me]
             own = self.segs[self.me].words if peers > 1 else None
             while pending:  # one copy out, in whatever order the sources arrive
@@ -540,6 +583,6 @@ class ShmTransport:
         except BaseException as err:  # e.g. KeyboardInterrupt: don't leave peers waiting
             self._abort(n, f"group rank {self.rank} failed: {err!r}")
             raise
-        for work in works:
-            work.wait()
+        for work in call.works:
+            work.wait(timedelta(seconds=self.timeout_s))
         self.last_wait_s = (latest - arrived) / 1e9
