@@ -62,6 +62,9 @@ class VisionConfig(Section):
                                 description="conv: output channels of each stride-2 3x3 conv")
     global_context: bool = Field(False, description="conv: append the image's mean last-stage "
                                  "features to every token")
+    pool: Literal["avg", "max"] = Field("avg", description="conv: how each stage is pooled to "
+                                        "the token grid (max keeps a small shape's features "
+                                        "whole instead of averaging them with the background)")
     width: int = Field(64, gt=0, description="vit: embedding width")
     layers: int = Field(2, gt=0, description="vit: transformer blocks")
     heads: int = Field(4, gt=0, description="vit: attention heads")

@@ -108,7 +108,7 @@ NAMED_ERRORS = [
     ("min-lr-absurd", ["train.min_lr=50"],
      "invalid config: train.min_lr=50.0: learning rates above 10 diverge; expected a value "
      "like 3e-3"),
-    ("min-lr-above-lr", ["train.min_lr=1e-2"],
+    ("min-lr-above-lr", ["train.lr=3e-3", "train.min_lr=1e-2"],
      "invalid config: train.min_lr=0.01 exceeds train.lr=0.003: the schedule decays from "
      "train.lr down to train.min_lr; set train.min_lr <= train.lr"),
     ("lr-inf", ["train.lr=inf"],

@@ -64,8 +64,11 @@ def lr_at(step: int) -> float:
 
 
 def nonfinite_line(step: int) -> str:
+    from epruntime.config import load_config
+
+    lr = load_config(TINY).train.lr  # the config's, as the message quotes it
     return (f"epruntime.train: error: step {step}: the loss is nan and the gradient norm is nan "
-            f"(train.lr=0.003, lr at this step {lr_at(step):.3g}); stopped before the optimizer "
+            f"(train.lr={lr:g}, lr at this step {lr_at(step):.3g}); stopped before the optimizer "
             "step, nothing was updated or saved; lower train.lr, check the data, or set "
             "train.skip_nonfinite_steps=N to skip up to N such steps")
 

@@ -123,3 +123,21 @@ def test_global_context_puts_the_image_mean_beside_every_token():
     context = feats[..., -16:]
     assert torch.equal(context, context[:, :1].expand_as(context))  # same on every token
     torch.testing.assert_close(context[:, 0], feats[..., 11:27].mean(1))  # = mean of the last stage
+
+
+def test_max_pool_keeps_a_small_shape_whole():
+    """model.vision.pool=max: each stage's token feature is the maximum over the token's region
+    (a small bright spot keeps its full response), the pixels stay the region's mean colour."""
+    cfg = load_config(None, [*KINDS["conv"], "model.image_size=32", "model.patch_size=8",
+                             "model.vision.pool=max"])
+    stem = VisionTower(cfg.model).encoder
+    images = torch.rand(2, 3, 32, 32)
+    feats = stem(images)  # [B, 16 tokens, 3 + 8 + 16]
+    x = images * 2 - 1
+    torch.testing.assert_close(feats[..., :3], torch.nn.functional.avg_pool2d(x, 8)
+                               .flatten(2).transpose(1, 2))
+    stage1 = stem.stages[0](x)  # [B, 8, 16, 16] -> each token the max of its 4x4 cells
+    torch.testing.assert_close(feats[..., 3:11], torch.nn.functional.max_pool2d(stage1, 4)
+                               .flatten(2).transpose(1, 2))
+    with pytest.raises(ConfigError, match="model.vision.pool"):
+        load_config(None, ["model.vision.pool=median"])

@@ -54,9 +54,10 @@ class ConvStem(nn.Module):
     [B, C, H, W] -> [B, (H/p)^2, C + sum(channels)], tokens in row-major order."""
 
     def __init__(self, in_channels: int, channels: list[int], grid: int,
-                 global_context: bool = False):
+                 global_context: bool = False, pool: str = "avg"):
         super().__init__()
         self.grid, self.global_context = grid, global_context
+        self.pool = F.adaptive_max_pool2d if pool == "max" else F.adaptive_avg_pool2d
         self.out_dim = in_channels + sum(channels) + (channels[-1] if global_context else 0)
         self.stages = nn.ModuleList()
         for width in channels:
@@ -66,10 +67,10 @@ class ConvStem(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images * 2 - 1  # pixels [0, 1] -> [-1, 1]
-        pooled = [F.adaptive_avg_pool2d(x, self.grid)]
+        pooled = [F.adaptive_avg_pool2d(x, self.grid)]  # a token's mean colour
         for stage in self.stages:
             x = stage(x)
-            pooled.append(F.adaptive_avg_pool2d(x, self.grid))
+            pooled.append(self.pool(x, self.grid))
         if self.global_context:  # the whole image's last-stage mean, beside every token
             pooled.append(x.mean((2, 3), keepdim=True).expand_as(pooled[-1]))
         return torch.cat(pooled, dim=1).flatten(2).transpose(1, 2)
@@ -111,7 +112,7 @@ class VisionTower(nn.Module):
         if v.kind == "patch":
             self.encoder: nn.Module = PatchPixels(channels, m.patch_size)
         elif v.kind == "conv":
-            self.encoder = ConvStem(channels, list(v.channels), grid, v.global_context)
+            self.encoder = ConvStem(channels, list(v.channels), grid, v.global_context, v.pool)
         else:
             self.encoder = SmallViT(channels, m.patch_size, grid * grid, v.width, v.layers,
                                     v.heads)
