@@ -252,7 +252,7 @@ def trained_checkpoint(config: Path, run_dir: Path, p: dict[str, Any], quick: bo
     return str(run_dir), json.loads((run_dir / "summary.json").read_text())
 
 
-# ---- ranks that evaluate a trained checkpoint -----------------------------------------------------
+# ---- ranks that evaluate a trained checkpoint ------------------------------------------------
 
 
 def add_checkpoint_options(parser: argparse.ArgumentParser, full: dict[str, Any], *,
