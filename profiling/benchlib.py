@@ -250,3 +250,115 @@ def trained_checkpoint(config: Path, run_dir: Path, p: dict[str, Any], quick: bo
             overrides += ["data.max_train_items=256", "data.global_batch_size=16"]
         torchrun_train(config, overrides, p["ep"], label)
     return str(run_dir), json.loads((run_dir / "summary.json").read_text())
+
+
+# ---- ranks that evaluate a trained checkpoint ------------------------------------------------
+
+
+def add_checkpoint_options(parser: argparse.ArgumentParser, full: dict[str, Any], *,
+                           checkpoint: bool = True, transport: bool = False,
+                           variants: str | None = None) -> None:
+    """The options every checkpoint-evaluating benchmark takes (fastmmoe, modes, reducers,
+    compress), their help naming the full-size default in `full`: --ep, --steps, --workdir,
+    --eval-items, --timing-items; --checkpoint, --transport and --variants (`variants`: its
+    help) where the benchmark has them."""
+    parser.add_argument("--ep", type=int, help=f"EP size = ranks (default {full['ep']})")
+    parser.add_argument("--steps", type=int, help="training steps of the full model (default: "
+                        "the config's)")
+    if checkpoint:
+        parser.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
+    parser.add_argument("--workdir", help="trained checkpoints (and what is derived from them) "
+                        "are kept here and reused")
+    eval_items = full["eval_items"] or "all"
+    parser.add_argument("--eval-items", dest="eval_items", type=int,
+                        help=f"test items for accuracy (default {eval_items})")
+    parser.add_argument("--timing-items", dest="timing_items", type=int,
+                        help=f"test items per timed pass (default {full['timing_items']})")
+    if transport:
+        parser.add_argument("--transport", choices=("pg", "shm"),
+                            help="dispatch.transport of the dedup dispatcher (default pg)")
+    if variants is not None:
+        parser.add_argument("--variants", help=variants)
+
+
+def checkpoint_or_train(p: dict[str, Any], work: Path, quick: bool,
+                        label: str = "training the checkpoint") -> tuple[str, dict | None]:
+    """(checkpoint, summary.json of the run trained here or None): `p["checkpoint"]` when given,
+    else the tiny config trained once into `work/train` (trained_checkpoint)."""
+    if p.get("checkpoint"):
+        return p["checkpoint"], None
+    return trained_checkpoint(TINY_CONFIG, work / "train", p, quick, label)
+
+
+@dataclass
+class RankSetup:
+    """What a benchmark's rank holds once it has opened a checkpoint: the checkpoint's config
+    with the benchmark's overrides, the process group's environment, the datasets and this
+    rank's share of an evaluation batch."""
+
+    path: Path
+    meta: dict[str, Any]
+    overrides: list[str]
+    cfg: Any  # epruntime.config.Config
+    env: Any  # epruntime.distributed environment
+    train_ds: Any
+    eval_ds: Any
+    batch: int
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """(text vocabulary, answers, question length): what Engine needs from the data."""
+        return len(self.train_ds.vocab), self.train_ds.num_answers, self.train_ds.max_question_len
+
+    def engine(self, cfg: Any = None, load: bool = True):
+        """Collective. An Engine of `cfg` (default: the checkpoint's), loaded with the
+        checkpoint's weights unless `load` is false (restore_training_state off)."""
+        from epruntime.engine import Engine
+
+        engine = Engine(cfg if cfg is not None else self.cfg, self.env, *self.sizes)
+        if load:
+            self.load(engine)
+        return engine
+
+    def load(self, engine, path: str | Path | None = None) -> None:
+        """Collective. The weights of `path` (default: this checkpoint) into `engine`."""
+        from epruntime import checkpoint as ckpt
+
+        ckpt.load_checkpoint(engine, path or self.path, restore_training_state=False)
+
+    def other(self, checkpoint: str | Path):
+        """Collective. An Engine of another checkpoint on the same data (its own config, the same
+        overrides), loaded: e.g. a model fine-tuned from this one."""
+        from epruntime import checkpoint as ckpt
+        from epruntime.config import apply_overrides, config_from_dict
+
+        path = ckpt.resolve_checkpoint(checkpoint)
+        cfg = config_from_dict(apply_overrides(ckpt.read_meta(path)["config"], self.overrides))
+        engine = self.engine(cfg, load=False)
+        self.load(engine, path)
+        return engine
+
+
+def open_checkpoint(checkpoint: str | Path, p: dict[str, Any],
+                    extra: list[str] | tuple[str, ...] = ()) -> RankSetup:
+    """Collective, on every rank of a spawned benchmark: the checkpoint's config at EP=`p["ep"]`
+    with the dedup dispatcher (`p["transport"]` when given), `p["eval_items"]` test items when
+    set and `extra` overrides last; initialises the process group and builds the datasets."""
+    from epruntime import checkpoint as ckpt
+    from epruntime import distributed
+    from epruntime.config import apply_overrides, config_from_dict
+    from epruntime.datasets import build_datasets
+
+    path = ckpt.resolve_checkpoint(checkpoint)
+    meta = ckpt.read_meta(path)
+    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup"]
+    if p.get("transport"):
+        overrides.append(f"dispatch.transport={p['transport']}")
+    if p.get("eval_items"):
+        overrides.append(f"data.max_eval_items={p['eval_items']}")
+    overrides += list(extra)
+    cfg = config_from_dict(apply_overrides(meta["config"], overrides))
+    env = distributed.init_distributed(cfg)
+    train_ds, eval_ds = build_datasets(cfg)
+    batch = max(1, cfg.data.eval_batch_size // env.dp_size)
+    return RankSetup(path, meta, overrides, cfg, env, train_ds, eval_ds, batch)

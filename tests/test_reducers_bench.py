@@ -77,27 +77,39 @@ def test_reducers_bench_smoke_has_every_column(python_env, tmp_path):
 
 
 def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_path):
-    """LearnPruner and QMoP each on a model trained with the module; MoDES at a skip ratio
-    calibrated on the base model's training items (quick: two training steps, 32 test items)."""
+    """LearnPruner and QMoP each on the base model fine-tuned with the module (full+ft: as many
+    steps without one); MoDES at a skip ratio calibrated on the base model's training items
+    (quick: two training and two fine-tuning steps, 32 test items)."""
     out = tmp_path / "reducers.json"
     proc = bench("reducers", "--quick", "--workdir", str(tmp_path / "work"), "--variants",
-                 "learnpruner@0.25,qmop@0.25,modes@skip0.5", "--json", str(out),
-                 env=python_env, timeout=1200)
+                 "full+ft,learnpruner@0.25,learnpruner-s1@0.25,qmop@0.25,modes@skip0.5",
+                 "--json", str(out), env=python_env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     full = rows["full"]
-    assert list(rows) == ["full", "learnpruner@0.25", "qmop@0.25", "modes@skip0.5"]
-    for name in ("learnpruner@0.25", "qmop@0.25"):  # 4 of the 16 visual tokens enter the LM
+    assert list(rows) == ["full", "full+ft", "learnpruner@0.25", "learnpruner-s1@0.25",
+                          "qmop@0.25", "modes@skip0.5"]
+    for name in ("learnpruner@0.25", "learnpruner-s1@0.25", "qmop@0.25"):
         assert rows[name]["method"] == name.split("@")[0]
         assert rows[name]["flops_ratio"] < 1
         assert rows[name]["dispatched_pairs_per_item"] < full["dispatched_pairs_per_item"]
+    # 4 of the 16 visual tokens enter the LM; stage 2 keeps a quarter of those after the middle
+    # layer, on the same fine-tuned model
     assert rows["qmop@0.25"]["vision_tokens_kept"] == 4
-    # stage 2 keeps a quarter of stage 1's 4 tokens after the middle layer
-    assert rows["learnpruner@0.25"]["vision_tokens_kept"] <= 4
+    assert rows["learnpruner-s1@0.25"]["vision_tokens_kept"] == 4
+    assert rows["learnpruner@0.25"]["vision_tokens_kept"] == 1
+    ft = rows["full+ft"]  # no module: every token, every pair, the full model's FLOPs
+    assert ft["flops_ratio"] == 1 and ft["vision_tokens_kept"] == full["vision_tokens_kept"]
+    assert ft["dispatched_pairs_per_item"] == full["dispatched_pairs_per_item"]
+    work = tmp_path / "work" / "easy-vqa"
+    for model in ("full+ft", "learnpruner@0.25", "qmop@0.25"):  # fine-tuned from base, cached
+        summary = json.loads((work / f"{model}-ft2" / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["base_steps"] == 2
+        assert summary["finetuned_from"].startswith(str(work / "base"))
     modes = rows["modes@skip0.5"]  # same tokens, half of the (token, expert) pairs skipped
     assert modes["vision_tokens_kept"] == full["vision_tokens_kept"]
     assert 0.3 < modes["dispatched_pairs_per_item"] / full["dispatched_pairs_per_item"] < 0.7
-    assert (tmp_path / "work" / "easy-vqa" / "base" / "modes_skip0.5.json").is_file()
+    assert (work / "base" / "modes_skip0.5.json").is_file()
 
 
 @pytest.mark.parametrize("option", [("--variants", "fastmmoe@2"), ("--variants", "nope"),

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, collect_env, register,
-                                resolve, spawn_ranks, trained_checkpoint)
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, add_checkpoint_options,
+                                checkpoint_or_train, collect_env, open_checkpoint, register,
+                                resolve, spawn_ranks)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, finetune_steps=300,
             finetune_lr=1e-3, stage2_retention=0.25, eval_items=None, timing_items=512,
@@ -38,22 +39,14 @@ BASE_VARIANTS = ["full", "full+ft", "learnpruner@0.25", "learnpruner-s1@0.25",
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ep", type=int, help="EP size = ranks (default 2)")
-    parser.add_argument("--steps", type=int, help="training steps of the full model (default: "
-                        "the tiny config's)")
-    parser.add_argument("--checkpoint", help="start from this full checkpoint instead")
-    parser.add_argument("--workdir", help="keep the trained checkpoint here and reuse it")
+    add_checkpoint_options(parser, FULL,
+                           variants="comma-separated variants instead of the default set")
     parser.add_argument("--finetune-steps", dest="finetune_steps", type=int,
                         help="steps each variant trains with its module on (default 300)")
     parser.add_argument("--finetune-lr", dest="finetune_lr", type=float,
                         help="peak LR of fine-tuning (default 1e-3, cosine to a tenth)")
     parser.add_argument("--stage2-retention", dest="stage2_retention", type=float,
                         help="LearnPruner stage 2 retention (default 0.25)")
-    parser.add_argument("--eval-items", dest="eval_items", type=int,
-                        help="test items for accuracy (default: all)")
-    parser.add_argument("--timing-items", dest="timing_items", type=int,
-                        help="test items per timed pass (default 512)")
-    parser.add_argument("--variants", help="comma-separated variants instead of the default set")
 
 
 def variant_sections(name: str, p: dict[str, Any]) -> dict[str, dict]:
@@ -69,45 +62,37 @@ def variant_sections(name: str, p: dict[str, Any]) -> dict[str, dict]:
     return method_sections(method, float(budget), p["stage2_retention"])
 
 
+def finetune_overrides(steps: int, lr: float) -> list[str]:
+    """Config overrides of a fine-tuning run: `steps` steps, peak `lr` with a 10-step warmup
+    and a cosine to a tenth of it (what both this benchmark and `bench.py reducers` use)."""
+    return [f"train.max_steps={max(steps, 1)}", f"train.lr={lr}", f"train.min_lr={lr / 10}",
+            f"train.warmup_steps={min(10, max(steps, 1))}"]
+
+
 def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], out: str) -> None:
     import torch
 
-    from epruntime import checkpoint as ckpt
     from epruntime import distributed
     from epruntime.compress import finetune as ft
-    from epruntime.config import apply_overrides, config_from_dict
     from epruntime.data import ShardedBatchIterator
-    from epruntime.datasets import build_datasets
-    from epruntime.engine import Engine
 
-    path = ckpt.resolve_checkpoint(checkpoint)
-    meta = ckpt.read_meta(path)
     steps = p["finetune_steps"]
-    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup",
-                 f"train.max_steps={max(steps, 1)}", f"train.lr={p['finetune_lr']}",
-                 f"train.min_lr={p['finetune_lr'] / 10}",
-                 f"train.warmup_steps={min(10, max(steps, 1))}"]
-    if p["eval_items"]:
-        overrides.append(f"data.max_eval_items={p['eval_items']}")
-    base = config_from_dict(apply_overrides(meta["config"], overrides))
-    env = distributed.init_distributed(base)
-    train_ds, eval_ds = build_datasets(base)
-    sizes = (len(train_ds.vocab), train_ds.num_answers, train_ds.max_question_len)
-    batch = max(1, base.data.eval_batch_size // env.dp_size)
+    rs = open_checkpoint(checkpoint, p, finetune_overrides(steps, p["finetune_lr"]))
+    train_ds, eval_ds, batch = rs.train_ds, rs.eval_ds, rs.batch
 
     engines, results = {}, {}
     for v in variants:
-        cfg = ft.variant_config(base, **variant_sections(v, p))
+        cfg = ft.variant_config(rs.cfg, **variant_sections(v, p))
         distributed.seed_all(cfg.train.seed)
-        engine = Engine(cfg, env, *sizes)
+        engine = rs.engine(cfg, load=False)
         t0 = time.perf_counter()
         if v == "full":
-            ckpt.load_checkpoint(engine, path, restore_training_state=False)
+            rs.load(engine)
             losses = []
         else:
-            ft.load_base_weights(engine, path)
-            batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, env.dp_rank,
-                                           env.dp_size, seed=cfg.train.seed + 1)
+            ft.load_base_weights(engine, rs.path)
+            batches = ShardedBatchIterator(train_ds, cfg.data.global_batch_size, rs.env.dp_rank,
+                                           rs.env.dp_size, seed=cfg.train.seed + 1)
             losses = ft.finetune(engine, batches, steps)
         seconds = time.perf_counter() - t0
         row = ft.evaluate_variant(engine, eval_ds, results.get("full"), batch)
@@ -125,7 +110,7 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], 
         Path(out).write_text(json.dumps({"results": results, "items": len(eval_ds),
                                          "timing_items": len(timing),
                                          "vision_tokens": engines["full"].model.num_vision_tokens,
-                                         "base_step": meta["step"]}))
+                                         "base_step": rs.meta["step"]}))
     torch.distributed.barrier()
 
 
@@ -141,10 +126,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         variant_sections(v, p)  # a bad name fails here, before any training
     work = Path(p["workdir"] or tempfile.mkdtemp(prefix="bench-compress-"))
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint, trained = p["checkpoint"], None
-    if checkpoint is None:
-        checkpoint, trained = trained_checkpoint(TINY_CONFIG, work / "train", p, args.quick,
-                                                 "training the full checkpoint")
+    checkpoint, trained = checkpoint_or_train(p, work, args.quick, "training the full checkpoint")
     out = work / "results.json"
     spawn_ranks(_worker, p["ep"], checkpoint, p, variants, str(out))
     data = json.loads(out.read_text())

@@ -25,8 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, collect_env, register,
-                                resolve, spawn_ranks, trained_checkpoint)
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, Subset, add_checkpoint_options,
+                                checkpoint_or_train, collect_env, open_checkpoint, register,
+                                resolve, spawn_ranks)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, vision_topk=1, layer=0,
             eval_items=None, timing_items=512, repeats=5, warmup=1, transport="pg")
@@ -37,20 +38,11 @@ BASE_VARIANTS = ["full", "reduced", "fastmmoe@0.5", "fastmmoe@0.25", "fastmmoe@0
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ep", type=int, help="EP size = ranks (default 2)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the tiny config's)")
-    parser.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
-    parser.add_argument("--workdir", help="keep the trained checkpoint here and reuse it")
+    add_checkpoint_options(parser, FULL, transport=True,
+                           variants="comma-separated extra variants, e.g. fastmmoe@0.125")
     parser.add_argument("--vision-topk", dest="vision_topk", type=int,
                         help="k' of visual tokens in reduced and fastmmoe variants (default 1)")
     parser.add_argument("--layer", type=int, help="pruning layer (default 0)")
-    parser.add_argument("--eval-items", dest="eval_items", type=int,
-                        help="test items for accuracy (default: all)")
-    parser.add_argument("--timing-items", dest="timing_items", type=int,
-                        help="test items per timed pass (default 512)")
-    parser.add_argument("--transport", choices=("pg", "shm"),
-                        help="dispatch.transport of the dedup dispatcher (default pg)")
-    parser.add_argument("--variants", help="comma-separated extra variants, e.g. fastmmoe@0.125")
 
 
 def variant_config(name: str, p: dict[str, Any]) -> dict:
@@ -73,27 +65,12 @@ def variant_config(name: str, p: dict[str, Any]) -> dict:
 def _worker(rank: int, checkpoint: str, p: dict[str, Any], variants: list[str], out: str) -> None:
     import torch
 
-    from epruntime import checkpoint as ckpt
-    from epruntime import distributed
-    from epruntime.config import FastMMoEConfig, apply_overrides, config_from_dict
-    from epruntime.datasets import build_datasets
-    from epruntime.engine import Engine
+    from epruntime.config import FastMMoEConfig
 
-    path = ckpt.resolve_checkpoint(checkpoint)
-    meta = ckpt.read_meta(path)
-    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup",
-                 f"dispatch.transport={p['transport']}"]
-    if p["eval_items"]:
-        overrides.append(f"data.max_eval_items={p['eval_items']}")
-    cfg = config_from_dict(apply_overrides(meta["config"], overrides))
-    env = distributed.init_distributed(cfg)
-    train_ds, eval_ds = build_datasets(cfg)
-    engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
-                    train_ds.max_question_len)
-    ckpt.load_checkpoint(engine, path, restore_training_state=False)
+    rs = open_checkpoint(checkpoint, p)
+    engine, eval_ds, batch = rs.engine(), rs.eval_ds, rs.batch
     reducer = engine.model.reducer
     sections = {v: FastMMoEConfig(**variant_config(v, p)) for v in variants}
-    batch = max(1, cfg.data.eval_batch_size // env.dp_size)
 
     results: dict[str, dict] = {}
     for v in variants:  # accuracy, FLOPs and bytes over the whole eval set
@@ -159,11 +136,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         variant_config(v, p)  # a bad name fails here, before any training
     work = Path(p["workdir"] or tempfile.mkdtemp(prefix="bench-fastmmoe-"))
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = p["checkpoint"]
-    trained = None
-    if checkpoint is None:
-        checkpoint, trained = trained_checkpoint(TINY_CONFIG, work / "train", p, args.quick,
-                                                 "training the checkpoint")
+    checkpoint, trained = checkpoint_or_train(p, work, args.quick)
     out = work / "results.json"
     spawn_ranks(_worker, p["ep"], checkpoint, p, variants, str(out))
     data = json.loads(out.read_text())

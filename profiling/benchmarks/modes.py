@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
-                                collect_env, register, resolve, spawn_ranks, trained_checkpoint)
+                                add_checkpoint_options, checkpoint_or_train, collect_env,
+                                open_checkpoint, register, resolve, spawn_ranks)
 
 FULL = dict(ep=2, steps=None, checkpoint=None, workdir=None, eval_items=None,
             calibration_samples=256, calibration_seed=0, kl_bound=0.01, grid_points=32,
@@ -37,12 +38,7 @@ QUICK = dict(ep=2, steps=6, checkpoint=None, workdir=None, eval_items=64,
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ep", type=int, help="EP size = ranks (default 2)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the tiny config's)")
-    parser.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
-    parser.add_argument("--workdir", help="keep the trained checkpoint and calibrations here")
-    parser.add_argument("--eval-items", dest="eval_items", type=int,
-                        help="test items for accuracy (default: all)")
+    add_checkpoint_options(parser, FULL)
     parser.add_argument("--calibration-samples", dest="calibration_samples", type=int,
                         help="training samples for calibration (default 256)")
     parser.add_argument("--calibration-seed", dest="calibration_seed", type=int)
@@ -52,8 +48,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="threshold grid points per modality (default 32)")
     parser.add_argument("--targets", help="comma-separated skip ratios of the other variants "
                         "(default 0.5,0.8)")
-    parser.add_argument("--timing-items", dest="timing_items", type=int,
-                        help="test items per timed pass (default 512)")
 
 
 def _targets(text: str) -> list[float]:
@@ -69,32 +63,18 @@ def _targets(text: str) -> list[float]:
 def _worker(rank: int, checkpoint: str, p: dict[str, Any], out: str) -> None:
     import torch
 
-    from epruntime import checkpoint as ckpt
-    from epruntime import distributed
-    from epruntime.config import apply_overrides, config_from_dict
-    from epruntime.datasets import build_datasets
-    from epruntime.engine import Engine
     from epruntime.modes.calibrate import Calibrator, model_identity
 
-    path = ckpt.resolve_checkpoint(checkpoint)
-    meta = ckpt.read_meta(path)
-    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup",
-                 "modes.enabled=true", f"modes.calibration_samples={p['calibration_samples']}",
-                 f"modes.calibration_seed={p['calibration_seed']}",
-                 f"modes.kl_bound={p['kl_bound']}", f"modes.grid_points={p['grid_points']}"]
-    if p["eval_items"]:
-        overrides.append(f"data.max_eval_items={p['eval_items']}")
-    cfg = config_from_dict(apply_overrides(meta["config"], overrides))
-    env = distributed.init_distributed(cfg)
-    train_ds, eval_ds = build_datasets(cfg)
-    engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
-                    train_ds.max_question_len)
-    ckpt.load_checkpoint(engine, path, restore_training_state=False)
+    rs = open_checkpoint(checkpoint, p, [
+        "modes.enabled=true", f"modes.calibration_samples={p['calibration_samples']}",
+        f"modes.calibration_seed={p['calibration_seed']}", f"modes.kl_bound={p['kl_bound']}",
+        f"modes.grid_points={p['grid_points']}"])
+    train_ds, eval_ds, engine = rs.train_ds, rs.eval_ds, rs.engine()
     skipper = engine.model.skipper
 
     # Calibration on training samples: one reference pass and one alpha for every variant.
-    identity = model_identity(engine, str(path), meta["step"])
-    calibrator = Calibrator(engine, train_ds, cfg.modes)
+    identity = model_identity(engine, str(rs.path), rs.meta["step"])
+    calibrator = Calibrator(engine, train_ds, rs.cfg.modes)
     calibrations = {f"modes@kl{p['kl_bound']:g}": calibrator.calibration(
         calibrator.search_kl_bound(p["kl_bound"]), identity, objective="max_skip_within_kl",
         kl_bound=p["kl_bound"])}
@@ -116,7 +96,7 @@ def _worker(rank: int, checkpoint: str, p: dict[str, Any], out: str) -> None:
                                                        calib.vision_threshold))
 
     variants = ["full", *calibrations]
-    batch = max(1, cfg.data.eval_batch_size // env.dp_size)
+    batch = rs.batch
     results: dict[str, dict] = {}
     for v in variants:  # accuracy, FLOPs, pairs and bytes over the test split
         configure(v)
@@ -236,10 +216,7 @@ def run(args: argparse.Namespace) -> BenchResult:
     targets = _targets(p["targets"])
     work = Path(p["workdir"] or tempfile.mkdtemp(prefix="bench-modes-"))
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint, trained = p["checkpoint"], None
-    if checkpoint is None:
-        checkpoint, trained = trained_checkpoint(TINY_CONFIG, work / "train", p, args.quick,
-                                                 "training the checkpoint")
+    checkpoint, trained = checkpoint_or_train(p, work, args.quick)
     repeats, warmup = p["repeats"], p["warmup"]
     rows, details = evaluate_modes(
         checkpoint, ep=p["ep"], eval_items=p["eval_items"],

@@ -8,20 +8,26 @@ For each workload a model of `launch/configs/deep-vqa.yaml` (8 layers, conv stem
 tokens) is trained once with the real entry point at EP=2 and cached under
 `--workdir/<workload>/<model>` (default runs/bench-reducers), so reruns only evaluate. Workloads:
 `easy-vqa`, and `scenes` (real Fashion-MNIST photos, epruntime.data.scenes; generated into the
-workdir on first use). One set of EP ranks per trained model evaluates every variant that runs
-on it, all on the same test items (the model never trained on them):
+workdir on first use). One set of EP ranks per workload holds an engine per model and evaluates
+every variant on the same test items (the models never trained on them):
 - accuracy over `--eval-items` test items, its retention against `full`, analytic FLOPs and their
   ratio to the full model, visual tokens kept, (token, expert) pairs the experts computed and the
   ledger's cross-rank bytes, both per item;
 - prefill tokens/s (prompt tokens over the slowest rank's forward time) and the host time spent
-  choosing tokens, timed round-robin over the variants (so drift hits all of them alike): median
-  of `--repeats` passes over `--timing-items` items after `--warmup` untimed ones.
+  choosing tokens, timed round-robin over all the variants of all the models (so drift hits all
+  of them alike): median of `--repeats` passes over `--timing-items` items after `--warmup`
+  untimed ones.
+
+LearnPruner's and QMoP's modules are trained with the model: each of their models is the base
+checkpoint fine-tuned `--finetune-steps` steps with its module on (epruntime.compress.finetune;
+cached beside the base), and `full+ft` is the base fine-tuned as many steps without a module, the
+control for the extra training. MoDES is calibrated on training items of the base model.
 
 Adding a method is one registry entry: `VARIANTS["fastv@0.4"] = Variant("fastv@0.4", "fastv",
 apply_fn)`, where `apply_fn(engine, params)` sets the loaded model up for the variant on every
 rank, after every registered `RESETS` function has turned all methods off; `model="name"` with
-`MODELS["name"] = [overrides]` runs it on a model trained with those overrides (LearnPruner's
-and QMoP's modules are trained with the model). Functions must be module-level (or partials of
+`MODELS["name"] = [overrides]` runs it on a model trained with those overrides (fine-tuned
+from the base model when the name is in FINETUNED). Functions must be module-level (or partials of
 them) so that spawned ranks can look them up by name.
 """
 
@@ -40,15 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
-                                collect_env, register, resolve, spawn_ranks, trained_checkpoint)
+                                add_checkpoint_options, collect_env, open_checkpoint, register,
+                                resolve, spawn_ranks, trained_checkpoint)
 
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
             eval_items=2048, timing_items=256, repeats=5, warmup=1, transport="pg",
-            scenes_train=8000, scenes_test=1000)
+            scenes_train=8000, scenes_test=1000, finetune_steps=100, finetune_lr=1e-3)
 QUICK = dict(ep=2, workloads="easy-vqa", steps=2, workdir=None, vision_topk=1, layer=0,
              eval_items=32, timing_items=16, repeats=1, warmup=0, transport="pg",
-             scenes_train=64, scenes_test=16)
+             scenes_train=64, scenes_test=16, finetune_steps=2, finetune_lr=1e-3)
 BUDGETS = (0.5, 0.25, 0.125)  # visual-token retention of every pruning method
 GOAL = dict(retention=0.955, flops_ratio=0.45, speedup=2.0)  # FastMMoE's, on the deep preset
 
@@ -99,10 +106,20 @@ def _stage2(engine, p: dict) -> None:
 
 def _learned(method: str, budget: float) -> Variant:
     """learnpruner@r (stage 1 keeps r of the visual tokens, stage 2 a quarter of those after
-    the middle layer) or qmop@r, each on its own model trained with the module."""
+    the middle layer) or qmop@r, each on its own model: the base model fine-tuned with the
+    module (`--finetune-steps`)."""
     name = f"{method}@{budget:g}"
     MODELS[name] = [f"{method}.enabled=true", f"{method}.budget={budget:g}"]
+    FINETUNED.add(name)
     return Variant(name, method, _stage2, model=name)
+
+
+def _stage1_only(budget: float) -> Variant:
+    """learnpruner-s1@r: LearnPruner's stage 1 alone (r of the visual tokens reach the language
+    model, all of them to the last layer), on learnpruner@r's model with stage 2 off."""
+    return Variant(f"learnpruner-s1@{budget:g}", "learnpruner-s1",
+                   functools.partial(_fastmmoe_section, {"enabled": False}),
+                   model=f"learnpruner@{budget:g}")
 
 
 def _modes_apply(name: str, engine, p: dict) -> None:
@@ -120,19 +137,27 @@ def _modes(name: str, calibrate_args: list[str]) -> Variant:
     return Variant(name, "modes", functools.partial(_modes_apply, name))
 
 
-MODELS: dict[str, list[str]] = {"base": []}  # model name -> training overrides on the workload's
+MODELS: dict[str, list[str]] = {"base": [], "full+ft": []}  # model name -> training overrides on
+#                                                              the workload's
+# models fine-tuned from the base checkpoint (`--finetune-steps`) rather than trained from scratch;
+# full+ft: the base model fine-tuned as many steps without a module (the extra training's control)
+FINETUNED: set[str] = {"full+ft"}
 RESETS: list[Callable[[Any], None]] = [_fastmmoe_off, _modes_off]  # every method off (run before
 #                                                                     each apply)
 # MoDES variant -> arguments of `python -m epruntime.modes.calibrate` (on the base checkpoint)
 CALIBRATIONS: dict[str, list[str]] = {}
 VARIANTS: dict[str, Variant] = {
     "full": Variant("full", "full", functools.partial(_fastmmoe_section, {"enabled": False})),
+    "full+ft": Variant("full+ft", "full+ft", functools.partial(_fastmmoe_section,
+                                                                {"enabled": False}),
+                       model="full+ft"),
     "reduced": Variant("reduced", "fastmmoe", functools.partial(
         _fastmmoe_section, {"enabled": True, "policy": "none", "reduced_topk": True})),
     **{v.name: v for r in BUDGETS for v in (_pruning("fastmmoe", r, True),
                                              _pruning("fastv", r, False),
                                              _pruning("text2vision", r, False))},
-    **{v.name: v for r in BUDGETS for v in (_learned("learnpruner", r), _learned("qmop", r))},
+    **{v.name: v for r in BUDGETS for v in (_learned("learnpruner", r), _learned("qmop", r),
+                                             _stage1_only(r))},
     # MoDES: the highest skip ratio within the KL bound of modes.kl_bound (0.01), and the lowest
     # KL at two target skip ratios
     **{v.name: v for v in (_modes("modes@kl0.01", ["--set", "modes.kl_bound=0.01"]),
@@ -141,7 +166,8 @@ VARIANTS: dict[str, Variant] = {
 }
 DEFAULT_VARIANTS = ["full", "reduced", *(f"{m}@{r:g}" for m in ("fastmmoe", "fastv", "text2vision")
                                          for r in BUDGETS),
-                    *(f"{m}@{r:g}" for m in ("learnpruner", "qmop") for r in BUDGETS),
+                    "full+ft", *(f"{m}@{r:g}" for m in ("learnpruner", "learnpruner-s1", "qmop")
+                                 for r in BUDGETS),
                     "modes@kl0.01", "modes@skip0.5", "modes@skip0.8"]
 
 
@@ -183,9 +209,49 @@ WORKLOADS: dict[str, Callable[[Path, dict], list[str]]] = {
 
 def _train(config: Path, work: Path, workload: str, model: str, data: list[str], p: dict,
            quick: bool) -> tuple[str, dict]:
-    """The checkpoint of `model` on `workload`, trained (once) at EP=`ep` under the workdir."""
-    return trained_checkpoint(config, work / workload / model, p, quick,
-                              f"training {model} on {workload}", [*data, *MODELS[model]])
+    """The checkpoint of `model` on `workload`, made once under the workdir at EP=`ep`: trained
+    with the real entry point, or (FINETUNED) fine-tuned from the base model's checkpoint."""
+    if model not in FINETUNED:
+        return trained_checkpoint(config, work / workload / model, p, quick,
+                                  f"training {model} on {workload}", [*data, *MODELS[model]])
+    base, _ = _train(config, work, workload, "base", data, p, quick)
+    run_dir = work / workload / f"{model}-ft{p['finetune_steps']}"
+    if not (run_dir / "summary.json").is_file():
+        spawn_ranks(_finetune_worker, p["ep"], base, p, model, str(run_dir))
+    return str(run_dir), json.loads((run_dir / "summary.json").read_text())
+
+
+def _finetune_worker(rank: int, base: str, p: dict, model: str, run_dir: str) -> None:
+    """Fine-tune the base checkpoint with `model`'s overrides (its module at initialisation,
+    every other tensor from the base) for `finetune_steps` steps on the training split, and save
+    it as a checkpoint of its own with a summary.json (what trained_checkpoint caches on)."""
+    import time
+
+    from epruntime import checkpoint as ckpt
+    from epruntime import distributed
+    from epruntime.compress import finetune as ft
+    from epruntime.data import ShardedBatchIterator
+    from epruntime.data.jsonl import DataVocab
+    from profiling.benchmarks.compress import finetune_overrides
+
+    steps = p["finetune_steps"]
+    rs = open_checkpoint(base, p, [*finetune_overrides(steps, p["finetune_lr"]), *MODELS[model],
+                                   f"train.output_dir={run_dir}"])
+    distributed.seed_all(rs.cfg.train.seed)
+    engine = rs.engine(load=False)
+    t0 = time.perf_counter()
+    ft.load_base_weights(engine, rs.path)
+    batches = ShardedBatchIterator(rs.train_ds, rs.cfg.data.global_batch_size, rs.env.dp_rank,
+                                   rs.env.dp_size, seed=rs.cfg.train.seed + 1)
+    losses = ft.finetune(engine, batches, steps)
+    seconds = time.perf_counter() - t0
+    ckpt.save_checkpoint(engine, steps, batches.state_dict(),
+                         {"data_vocab": DataVocab.of_dataset(rs.train_ds).to_dict()})
+    if rank == 0:
+        Path(run_dir, "summary.json").write_text(json.dumps({
+            "steps": steps, "finetuned_from": str(rs.path), "base_steps": rs.meta["step"],
+            "finetune_lr": p["finetune_lr"], "finetune_seconds": seconds,
+            "first_loss": losses[0], "final_loss": losses[-1]}))
 
 
 def _calibrate(checkpoint: str, name: str, p: dict) -> str:
@@ -203,34 +269,25 @@ def _calibrate(checkpoint: str, name: str, p: dict) -> str:
 
 
 # ---- the ranks ----------------------------------------------------------------------------------
-def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> None:
+def _worker(rank: int, checkpoints: dict[str, str], p: dict, names: list[str], out: str) -> None:
+    """One set of ranks for every variant of a workload: an engine per model (`checkpoints`:
+    model -> checkpoint, "base" first), so that the round-robin timing covers all of them."""
     import torch
     import torch.distributed as dist
 
-    from epruntime import checkpoint as ckpt
-    from epruntime import distributed
-    from epruntime.config import apply_overrides, config_from_dict
-    from epruntime.datasets import build_datasets
     from epruntime.distributed import host_all_reduce
-    from epruntime.engine import Engine
 
-    path = ckpt.resolve_checkpoint(checkpoint)
-    meta = ckpt.read_meta(path)
-    overrides = [f"parallel.ep_size={p['ep']}", "train.progress=false", "dispatch.kind=dedup",
-                 f"dispatch.transport={p['transport']}", f"data.max_eval_items={p['eval_items']}"]
-    cfg = config_from_dict(apply_overrides(meta["config"], overrides))
-    env = distributed.init_distributed(cfg)
-    train_ds, eval_ds = build_datasets(cfg)
-    engine = Engine(cfg, env, len(train_ds.vocab), train_ds.num_answers,
-                    train_ds.max_question_len)
-    ckpt.load_checkpoint(engine, path, restore_training_state=False)
-    reducer = engine.model.reducer
-    batch = max(1, cfg.data.eval_batch_size // env.dp_size)
+    rs = open_checkpoint(checkpoints["base"], p)
+    engines = {model: rs.engine() if model == "base" else rs.other(path)
+               for model, path in checkpoints.items()}
+    eval_ds, batch = rs.eval_ds, rs.batch
 
-    def setup(name: str) -> None:
+    def setup(name: str):
+        engine = engines[variant(name).model]
         for reset in RESETS:
             reset(engine)
         variant(name).apply(engine, p)
+        return engine
 
     def slowest(seconds: float) -> float:
         t = torch.tensor([seconds], dtype=torch.float64)
@@ -239,8 +296,7 @@ def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> 
 
     results: dict[str, dict] = {}
     for name in names:  # accuracy, FLOPs, pairs and bytes over the evaluation items
-        setup(name)
-        m = engine.evaluate(eval_ds, batch)
+        m = setup(name).evaluate(eval_ds, batch)
         comm = m["comm"] or {}
         results[name] = {"eval_accuracy": m["eval_accuracy"], "items": m["eval_items"],
                          "flops": m["flops"]["total"], "flops_ratio": m["flops_ratio"],
@@ -252,9 +308,10 @@ def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> 
     timing = Subset(eval_ds, p["timing_items"])
     for i in range(p["warmup"] + p["repeats"]):  # round-robin, so drift hits every variant
         for name in names:
-            setup(name)
+            engine = setup(name)
             m = engine.evaluate(timing, batch)
-            selection = slowest(reducer.selection_s)  # of the pass just run (reset by evaluate)
+            # of the pass just run (reset by evaluate)
+            selection = slowest(engine.model.reducer.selection_s)
             if i >= p["warmup"]:
                 r = results[name]
                 r["tokens_per_s"].append(m["prefill_tokens_per_s"])
@@ -262,7 +319,7 @@ def _worker(rank: int, checkpoint: str, p: dict, names: list[str], out: str) -> 
                 r["selection_s"].append(selection)
     if rank == 0:
         Path(out).write_text(json.dumps({"results": results, "timing_items": len(timing),
-                                         "seq_len": engine.model.seq_len}))
+                                         "seq_len": engines["base"].model.seq_len}))
     torch.distributed.barrier()
 
 
@@ -368,22 +425,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ep", type=int, help="EP size = ranks (default 2)")
+    add_checkpoint_options(parser, FULL, checkpoint=False, transport=True,
+                           variants="comma-separated variants instead of the default list (full "
+                           "is always run), e.g. full,fastmmoe@0.125")
     parser.add_argument("--workloads", help="comma-separated: easy-vqa, scenes (default both)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the preset's)")
-    parser.add_argument("--workdir", help="trained models and scenes data are cached here "
-                        "(default runs/bench-reducers; --quick: a temporary folder)")
     parser.add_argument("--vision-topk", dest="vision_topk", type=int,
                         help="k' of visual tokens in reduced and fastmmoe variants (default 1)")
     parser.add_argument("--layer", type=int, help="pruning layer (default 0)")
-    parser.add_argument("--eval-items", dest="eval_items", type=int,
-                        help="test items for accuracy (default 2048: whole eval batches)")
-    parser.add_argument("--timing-items", dest="timing_items", type=int,
-                        help="test items per timed pass (default 256)")
-    parser.add_argument("--transport", choices=("pg", "shm"),
-                        help="dispatch.transport of the dedup dispatcher (default pg)")
-    parser.add_argument("--variants", help="comma-separated variants instead of the default "
-                        "list (full is always run), e.g. full,fastmmoe@0.125")
+    parser.add_argument("--finetune-steps", dest="finetune_steps", type=int,
+                        help="steps LearnPruner's and QMoP's models (and full+ft) are fine-tuned "
+                        f"from the base model (default {FULL['finetune_steps']})")
+    parser.add_argument("--finetune-lr", dest="finetune_lr", type=float,
+                        help=f"peak LR of fine-tuning (default {FULL['finetune_lr']:g}, cosine "
+                        "to a tenth)")
     parser.add_argument("--scenes-train", dest="scenes_train", type=int,
                         help="training scenes generated for the scenes workload (default 8000)")
     parser.add_argument("--scenes-test", dest="scenes_test", type=int,
@@ -412,21 +466,29 @@ def run(args: argparse.Namespace) -> BenchResult:
     rows, notes = [], []
     for workload in workloads:
         data = WORKLOADS[workload](work, p)
-        by_model: dict[str, list[str]] = {}
-        for n in names:
-            by_model.setdefault(variant(n).model, []).append(n)
-        results: dict[str, dict] = {}
-        for model, group in by_model.items():
-            checkpoint, trained = _train(config, work, workload, model, data, p, args.quick)
-            calibrations = {n: _calibrate(checkpoint, n, p) for n in group if n in CALIBRATIONS}
-            out = work / workload / f"results-{model}.json"
-            spawn_ranks(_worker, p["ep"], checkpoint, {**p, "calibrations": calibrations}, group,
-                        str(out))
-            got = json.loads(out.read_text())
-            results.update(got["results"])
-            notes.append(f"{workload}/{model}: {checkpoint} ({trained['steps']} training steps); "
-                         f"prefill timed on {got['timing_items']} items x {p['repeats']} "
-                         f"round-robin repeats, {got['seq_len']} prompt tokens per item")
+        models = list(dict.fromkeys(["base", *(variant(n).model for n in names)]))
+        checkpoints, trained = {}, {}
+        for model in models:  # trained or fine-tuned once, cached under the workdir
+            checkpoints[model], trained[model] = _train(config, work, workload, model, data, p,
+                                                        args.quick)
+        calibrations = {n: _calibrate(checkpoints["base"], n, p) for n in names
+                        if n in CALIBRATIONS}
+        out = work / workload / "results.json"
+        spawn_ranks(_worker, p["ep"], checkpoints, {**p, "calibrations": calibrations}, names,
+                    str(out))
+        got = json.loads(out.read_text())
+        results = got["results"]
+        for model in models:
+            t = trained[model]
+            notes.append(f"{workload}/{model}: {checkpoints[model]} ("
+                         + (f"base fine-tuned {t['steps']} steps at lr {t['finetune_lr']:g}, "
+                            f"{t['finetune_seconds']:.0f} s, loss {t['first_loss']:.3f} -> "
+                            f"{t['final_loss']:.3f})" if model in FINETUNED
+                            else f"{t['steps']} training steps)"))
+        notes.append(f"{workload}: prefill timed on {got['timing_items']} items x "
+                     f"{p['repeats']} round-robin repeats over every variant, {got['seq_len']} "
+                     "prompt tokens per item; accuracy on test items; MoDES calibrated on "
+                     "training items")
         rows += build_rows(workload, results, names)
     print_tables(rows)
     png = Path(args.json).with_suffix(".png") if args.json else work / "reducers.png"
