@@ -316,23 +316,34 @@ def predicted_overload(coverage: list[tuple], share: float, ep: int) -> float:
 
 def choose_local_share(fit: Routing, li: int, ep: int, rpn: int, redundant: int,
                        max_imbalance: float) -> float:
-    """The largest local share (0.01 steps) whose predicted per-call overload stays within
-    `max_imbalance`, validated apart from the fit: the copies are placed on the first half of
-    the calibration calls, the shares of pairs their source ranks hold are read on the other
-    half (by tokens when there is one call). Placements fitted on all calibration calls hold
-    more of them: the validated half is the held-out-robust estimate."""
+    """Local share for `traffic+balance`, validated apart from the fit (held-out-robust).
+
+    Cross-fitting over the calibration calls (by tokens when there is one call): copies placed
+    on one half, the share of each (call, source rank)'s pairs that its rank holds read on the
+    other half, and the other way round. The share is the largest (0.01 steps) whose predicted
+    per-call overload on those validation calls stays within `max_imbalance`, and at most the
+    coverage's mean - 2 std over them: a source whose own copies hold less than the share sends
+    the rest evenly and overloads the others, and a few calibration calls under-sample the low
+    tail of the coverage that held-out calls will show."""
     batch_T = fit.batches()
     calls = torch.unique(batch_T)
     if calls.numel() >= 2:
         first = batch_T <= calls[(calls.numel() - 1) // 2]
     else:
         first = torch.arange(batch_T.numel()) < batch_T.numel() // 2
-    part, check = fit.subset(first, "placement half"), fit.subset(~first, "validation half")
-    coact = coactivation_counts(part.experts_LTK[li], fit.num_experts)
-    p = traffic_replica_placement(coact, part.loads_LE[li], ep, rpn, redundant, max_imbalance)
-    coverage = local_coverage(p, check, li, source_ranks(check, ep))
+    halves = [fit.subset(first, "first half"), fit.subset(~first, "second half")]
+    coverage = []
+    for h, (part, check) in enumerate((halves, halves[::-1])):
+        coact = coactivation_counts(part.experts_LTK[li], fit.num_experts)
+        p = traffic_replica_placement(coact, part.loads_LE[li], ep, rpn, redundant, max_imbalance)
+        coverage += [((h, c[0]), *c[1:])  # calls of the two halves kept apart
+                     for c in local_coverage(p, check, li, source_ranks(check, ep))]
+    if not coverage:
+        return 1.0 / ep
+    f = np.array([c[3] for c in coverage])
+    cap = float(f.mean() - 2 * f.std())
     for share in np.arange(100, 0, -1) / 100:
-        if share < 1.0 / ep or predicted_overload(coverage, share, ep) <= max_imbalance:
+        if share <= cap and predicted_overload(coverage, share, ep) <= max_imbalance:
             return max(float(share), 1.0 / ep)
     return 1.0 / ep
 
