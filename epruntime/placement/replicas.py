@@ -277,7 +277,7 @@ def balance_own_batch(idx_TK: Tensor, placement: Placement, source_rank: int,
     target = torch.full((R,), (1.0 - local_share) / (R - 1) * pairs, dtype=torch.float64)
     target[s] = local_share * pairs
     slack = max(tolerance * pairs / R, 0.5)
-    for _ in range(4 * R * R):
+    for _ in range(max(8 * R, 64)):  # a round empties a rank's excess or a path's capacity
         over = torch.bincount(dest[valid], minlength=R).double() - target
         worst = int(over.argmax())
         if over[worst] <= slack:
@@ -294,10 +294,9 @@ def balance_own_batch(idx_TK: Tensor, placement: Placement, source_rank: int,
 def _path(dest, crank, valid, over, start: int, R: int) -> list[int] | None:
     """Ranks start -> ... -> a rank under its target, each hop holding pairs (now on the hop's
     first rank) with a copy on its second; breadth first, roomiest neighbours first."""
-    movable = torch.zeros(R, R, dtype=torch.long)  # [from, to]
-    for b in range(R):
-        has = (crank == b).any(-1) & valid
-        movable[:, b] = torch.bincount(dest[has], minlength=R)
+    ok = crank >= 0
+    cell = (dest.clamp(min=0)[..., None] * R + crank.clamp(min=0))[ok & valid[..., None]]
+    movable = torch.bincount(cell, minlength=R * R).reshape(R, R)  # [from, to]
     prev, queue = {start: start}, [start]
     order = torch.argsort(over, stable=True).tolist()
     for a in queue:
