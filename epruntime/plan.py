@@ -23,8 +23,11 @@ identity order, fit; the rest score). Without either, fit = score (in-sample, sa
 Strategies, side by side on the scored data: contiguous (megatron-core's), eplb (DeepSeek EPLB's
 load-only packing, the baseline), traffic (co-activated experts share a rank under a load cap),
 traffic+load (traffic, cap --max-imbalance), with --redundant N also eplb and traffic+load with N
-redundant copies. A (token, expert) pair goes to the copy on its own rank, else its node, else
-the copies in turn (`placement.replicas.resolve_copies`).
+redundant copies, and (token inputs) traffic+balance: traffic+load's copies, each source rank
+balancing its own batch over the ranks with a local share fitted on calibration calls
+(`choose_local_share`). A (token, expert) pair goes to the copy on its own rank, else its node,
+else the copies in turn, or by the placement's local share (`placement.replicas.resolve_copies`,
+one forward call at a time).
 
 Exit status 2 with a named reason for a bad input, option or an empty result.
 """
@@ -517,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (2 = bf16)")
     p.add_argument("--out", help="write the chosen strategy's placement file here")
     p.add_argument("--out-strategy", default="traffic+load",
-                   help="which strategy's placements --out writes (at --redundant)")
+                   help="which strategy's placements --out writes (at --redundant); "
+                        "traffic+balance writes each layer's local_share too")
     p.add_argument("--json", help="write {'rows': [...], 'summary': [...]} here")
     p.add_argument("--router-groups", type=int, default=None,
                    help="the model's moe_router_num_groups (group-limited routing): place whole "

@@ -131,3 +131,21 @@ def test_planner_fits_share_on_calibration_calls_and_scores_held_out():
     assert placements[("traffic+balance", 8)][0].local_share == share
     assert by[("traffic+balance", 8)]["balancedness"] >= 0.95
     assert by[("traffic+balance", 8)]["scored_on"] == "held-out"
+
+
+def test_plan_cli_writes_the_fitted_share(tmp_path):
+    """`--out-strategy traffic+balance` writes each layer's local_share; train, infer and the
+    simulator read it back with the file."""
+    hot = torch.randint(0, 8, (4,), generator=torch.Generator().manual_seed(7))
+    idx = torch.cat([skewed_batch(150, 40 + i, hot=int(hot[i])) for i in range(4)])
+    np.save(tmp_path / "r.npy", torch.stack([idx, idx], 1).numpy())
+    code = plan.main(["--fit", str(tmp_path / "r.npy"), "--split", "0.5", "--ep", "4",
+                      "--redundant", "8", "--out", str(tmp_path / "p.json"),
+                      "--out-strategy", "traffic+balance", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    placements, header = load_placements(tmp_path / "p.json")
+    assert header["strategy"] == "traffic+balance"
+    assert all(0.25 <= p.local_share <= 1.0 and p.num_physical == 16 for p in placements)
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    ours = [r for r in rows if r["strategy"] == "traffic+balance"]
+    assert [r["local_share"] for r in ours] == [p.local_share for p in placements]

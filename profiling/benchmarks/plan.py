@@ -13,7 +13,8 @@ Sections (each a set of rows with `goal`):
   routes the eval set with trace.enabled in megatron-core's router-trace schema; placements are
   fitted on the first half of the batches (calibration) and scored on the rest (held-out) and,
   beside it, in-sample. Cross-rank rows of each strategy's rank-dedup dispatch over
-  megatron-core's contiguous per-expert rows (payload bytes scale with rows).
+  megatron-core's contiguous per-expert rows (payload bytes scale with rows); with copies also
+  traffic+balance (each source rank balances its own batch, local share fitted on calibration).
 - scale: a synthetic 256-expert top-8 trace (Zipf-skewed popularity), EP=64 over 8 nodes,
   every strategy side by side; seconds for the whole planner run.
 """
@@ -242,7 +243,8 @@ def run(args: argparse.Namespace) -> BenchResult:
         "rows: dispatch rows per token leaving the token's rank (rows_per_token: per-expert, "
         "megatron-core; dedup: one per (token, rank); node_dedup: one per (token, node) across "
         "nodes plus the intra-node rank rows); a pair goes to the copy on its rank, else node, "
-        "else the copies in turn",
+        "else the copies in turn (traffic+balance: each source balances its own batch, column "
+        "local_share)",
         "eplb: this project's implementation of DeepSeek EPLB's published algorithm (replicate "
         "the heaviest per-copy load, pack heaviest-first onto the lightest rank), the baseline",
         "timings on a shared 2-core machine (other jobs running)"]
