@@ -23,8 +23,11 @@ identity order, fit; the rest score). Without either, fit = score (in-sample, sa
 Strategies, side by side on the scored data: contiguous (megatron-core's), eplb (DeepSeek EPLB's
 load-only packing, the baseline), traffic (co-activated experts share a rank under a load cap),
 traffic+load (traffic, cap --max-imbalance), with --redundant N also eplb and traffic+load with N
-redundant copies. A (token, expert) pair goes to the copy on its own rank, else its node, else
-the copies in turn (`placement.replicas.resolve_copies`).
+redundant copies, and (token inputs) traffic+balance: traffic+load's copies, each source rank
+balancing its own batch over the ranks with a local share fitted on calibration calls
+(`choose_local_share`). A (token, expert) pair goes to the copy on its own rank, else its node,
+else the copies in turn, or by the placement's local share (`placement.replicas.resolve_copies`,
+one forward call at a time).
 
 Exit status 2 with a named reason for a bad input, option or an empty result.
 """
@@ -65,7 +68,8 @@ class Routing:
 
     experts_LTK: [L, T, K] int64 logical expert ids, -1 = none (token absent from that layer,
     or fewer than K experts); None for loads-only inputs. key_T: [T] token identity order.
-    rank_T: [T] recording rank (-1 unknown). loads_LE: [L, E] float64 (from tokens when known)."""
+    rank_T: [T] recording rank (-1 unknown). batch_T: [T] forward call (batch) the token was
+    routed in (0 when unknown). loads_LE: [L, E] float64 (from tokens when known)."""
 
     source: str
     num_experts: int
@@ -76,6 +80,7 @@ class Routing:
     recorded_ep: int | None = None
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    batch_T: torch.Tensor | None = None
 
     @property
     def has_tokens(self) -> bool:
@@ -85,7 +90,12 @@ class Routing:
         e = self.experts_LTK[:, keep_T]
         return Routing(f"{self.source} [{label}]", self.num_experts, self.layers,
                        _loads(e, self.num_experts), e, self.rank_T[keep_T], self.recorded_ep,
-                       self.sha256)
+                       self.sha256, batch_T=self.batches()[keep_T])
+
+    def batches(self) -> torch.Tensor:
+        """[T] forward call of each token (zeros when unknown)."""
+        T = self.experts_LTK.shape[1]
+        return self.batch_T if self.batch_T is not None else torch.zeros(T, dtype=torch.long)
 
 
 def _loads(experts_LTK: torch.Tensor, num_experts: int) -> np.ndarray:
@@ -128,8 +138,9 @@ def _aligned(records: dict, layers: list[int], k: int, num_experts: int | None, 
         raise PlanError(f"{path}: expert id {top} >= --num-experts={e}")
     if T == 0:
         raise PlanError(f"{path}: no routed tokens")
+    batch = torch.tensor([key[0] for key in keys], dtype=torch.long)  # keys: (call, rank, token)
     return Routing(source, e, layers, _loads(experts, e), experts, rank, recorded_ep,
-                   _sha256(path))
+                   _sha256(path), batch_T=batch)
 
 
 def _first_line(path: Path) -> str:
@@ -270,6 +281,74 @@ def source_ranks(r: Routing, ep: int) -> torch.Tensor:
 
 
 STRATEGIES = ("contiguous", "eplb", "traffic", "traffic+load")
+BALANCED = "traffic+balance"  # traffic+load's copies, each source balancing its own batch
+
+
+def local_coverage(p: Placement, r: Routing, li: int, src_T: torch.Tensor) -> list[tuple]:
+    """[(batch, source rank, pairs, share of them with a copy on the source rank)] for every
+    (forward call, source rank) of layer `li`."""
+    idx = r.experts_LTK[li]
+    valid = idx >= 0
+    cand = p.log2phy_EC[idx.clamp(min=0)]
+    here = ((cand >= 0) & (torch.div(cand, p.num_local, rounding_mode="floor")
+                           == src_T[:, None, None])).any(-1) & valid
+    out = []
+    batch_T = r.batches()
+    for b in torch.unique(batch_T).tolist():
+        for s in torch.unique(src_T[batch_T == b]).tolist():
+            m = (batch_T == b) & (src_T == s)
+            n = int(valid[m].sum())
+            if n:
+                out.append((b, s, n, float(here[m].sum()) / n))
+    return out
+
+
+def predicted_overload(coverage: list[tuple], share: float, ep: int) -> float:
+    """Worst per-call overload (busiest rank / mean) when every source keeps min(share, its
+    coverage) of its pairs on its own rank and spreads the rest evenly over the other ranks."""
+    worst = 1.0
+    for b in dict.fromkeys(c[0] for c in coverage):
+        load = np.zeros(ep)
+        for _, s, n, f in (c for c in coverage if c[0] == b):
+            kept = min(share, f) * n
+            load += (n - kept) / max(ep - 1, 1)
+            load[s] += kept - (n - kept) / max(ep - 1, 1)
+        worst = max(worst, load.max() / load.mean())
+    return worst
+
+
+def choose_local_share(fit: Routing, li: int, ep: int, rpn: int, redundant: int,
+                       max_imbalance: float) -> float:
+    """Local share for `traffic+balance`, validated apart from the fit (held-out-robust).
+
+    Cross-fitting over the calibration calls (by tokens when there is one call): copies placed
+    on one half, the share of each (call, source rank)'s pairs that its rank holds read on the
+    other half, and the other way round. The share is the largest (0.01 steps) whose predicted
+    per-call overload on those validation calls stays within `max_imbalance`, and at most the
+    coverage's mean - 2 std over them: a source whose own copies hold less than the share sends
+    the rest evenly and overloads the others, and a few calibration calls under-sample the low
+    tail of the coverage that held-out calls will show."""
+    batch_T = fit.batches()
+    calls = torch.unique(batch_T)
+    if calls.numel() >= 2:
+        first = batch_T <= calls[(calls.numel() - 1) // 2]
+    else:
+        first = torch.arange(batch_T.numel()) < batch_T.numel() // 2
+    halves = [fit.subset(first, "first half"), fit.subset(~first, "second half")]
+    coverage = []
+    for h, (part, check) in enumerate((halves, halves[::-1])):
+        coact = coactivation_counts(part.experts_LTK[li], fit.num_experts)
+        p = traffic_replica_placement(coact, part.loads_LE[li], ep, rpn, redundant, max_imbalance)
+        coverage += [((h, c[0]), *c[1:])  # calls of the two halves kept apart
+                     for c in local_coverage(p, check, li, source_ranks(check, ep))]
+    if not coverage:
+        return 1.0 / ep
+    f = np.array([c[3] for c in coverage])
+    cap = float(f.mean() - 2 * f.std())
+    for share in np.arange(100, 0, -1) / 100:
+        if share <= cap and predicted_overload(coverage, share, ep) <= max_imbalance:
+            return max(float(share), 1.0 / ep)
+    return 1.0 / ep
 
 
 def fit_layer(strategy: str, fit: Routing, li: int, ep: int, rpn: int, redundant: int,
@@ -300,7 +379,15 @@ def _fit_layer(strategy: str, fit: Routing, li: int, ep: int, rpn: int, redundan
         return traffic_aware_placement(C.to(torch.float64), ep, rpn,
                                        load_E=torch.as_tensor(load), max_imbalance=1.1,
                                        num_groups=num_groups)
-    return traffic_replica_placement(coact, load, ep, rpn, redundant, max_imbalance)
+    placed = traffic_replica_placement(coact, load, ep, rpn, redundant, max_imbalance)
+    if strategy == BALANCED:
+        if not redundant:
+            raise PlacementError(f"{BALANCED} needs copies (--redundant > 0)")
+        if not fit.has_tokens:
+            raise PlacementError(f"{BALANCED} needs tokens (its copy choice is per batch)")
+        return placed.with_local_share(choose_local_share(fit, li, ep, rpn, redundant,
+                                                          max_imbalance))
+    return placed
 
 
 def score_layer(p: Placement, score: Routing, li: int, src_T, hidden: int, dtype_bytes: int
@@ -314,8 +401,11 @@ def score_layer(p: Placement, score: Routing, li: int, src_T, hidden: int, dtype
     else:
         idx = score.experts_LTK[li]
         present = (idx >= 0).any(1)
-        idx, src = idx[present], src_T[present]
-        phys = resolve_copies(idx, p, src)
+        idx, src, batch = idx[present], src_T[present], score.batches()[present]
+        phys = torch.empty_like(idx)
+        for b in torch.unique(batch).tolist():  # one forward call at a time, as the runtime
+            m = batch == b
+            phys[m] = resolve_copies(idx[m], p, src[m])
         ev = evaluate_placement(phys, physical_view(p), src)
         T = max(int(present.sum()), 1)
         load_R = np.asarray(ev["load_per_rank"], dtype=np.float64)
@@ -332,9 +422,10 @@ def score_layer(p: Placement, score: Routing, li: int, src_T, hidden: int, dtype
 
 
 def plan(fit: Routing, score: Routing, ep: int, rpn: int, redundant: int, max_imbalance: float,
-         hidden: int, dtype_bytes: int, scored_on: str, num_groups: int | None = None
-         ) -> tuple[list[dict], dict, list[str]]:
-    """(rows, {(strategy, redundant): [Placement per layer]}, skipped reasons)."""
+         hidden: int, dtype_bytes: int, scored_on: str, num_groups: int | None = None,
+         only: set[tuple[str, int]] | None = None) -> tuple[list[dict], dict, list[str]]:
+    """(rows, {(strategy, redundant): [Placement per layer]}, skipped reasons); `only` keeps
+    those (strategy, redundant) runs."""
     if fit.num_experts != score.num_experts:
         raise PlanError(f"--fit has {fit.num_experts} experts, --score {score.num_experts}")
     if fit.layers != score.layers:
@@ -344,6 +435,10 @@ def plan(fit: Routing, score: Routing, ep: int, rpn: int, redundant: int, max_im
     runs = [(s, 0) for s in STRATEGIES]
     if redundant:
         runs += [("eplb", redundant), ("traffic+load", redundant)]
+        if fit.has_tokens and score.has_tokens:
+            runs.append((BALANCED, redundant))
+    if only is not None:
+        runs = [x for x in runs if x in only]
     src = source_ranks(score, ep) if score.has_tokens else None
     rows, placements, skipped = [], {}, []
     for strategy, red in runs:
@@ -357,7 +452,7 @@ def plan(fit: Routing, score: Routing, ep: int, rpn: int, redundant: int, max_im
                 t1 = time.perf_counter()
                 per_layer.append(p)
                 layer_rows.append({"strategy": strategy, "layer": layer, "redundant": red,
-                                   "scored_on": scored_on,
+                                   "scored_on": scored_on, "local_share": p.local_share,
                                    **score_layer(p, score, li, src, hidden, dtype_bytes),
                                    "fit_seconds": t1 - t0,
                                    "score_seconds": time.perf_counter() - t1})
@@ -425,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (2 = bf16)")
     p.add_argument("--out", help="write the chosen strategy's placement file here")
     p.add_argument("--out-strategy", default="traffic+load",
-                   help="which strategy's placements --out writes (at --redundant)")
+                   help="which strategy's placements --out writes (at --redundant); "
+                        "traffic+balance writes each layer's local_share too")
     p.add_argument("--json", help="write {'rows': [...], 'summary': [...]} here")
     p.add_argument("--router-groups", type=int, default=None,
                    help="the model's moe_router_num_groups (group-limited routing): place whole "

@@ -21,7 +21,7 @@ and the default. Placements are immutable and JSON-able; they go into checkpoint
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -46,6 +46,10 @@ class Placement:
     phy2log: tuple[int, ...]  # [P]: logical expert in physical slot p (rank p // num_local)
     num_ranks: int
     ranks_per_node: int
+    # Copy choice (replicated placements): None = the copy on the token's rank, else node, else
+    # in turn; a number = each source rank keeps this share of its batch's (token, expert) pairs
+    # on its own rank and spreads the rest evenly (`replicas.resolve_copies`).
+    local_share: float | None = None
 
     def __post_init__(self):
         p, r = len(self.phy2log), self.num_ranks
@@ -73,6 +77,11 @@ class Placement:
                 twice = next(x for x in on_rank if on_rank.count(x) > 1)
                 raise PlacementError(f"phy2log: logical expert {twice} has two copies on rank "
                                      f"{rank} (copies must sit on different ranks)")
+        a = self.local_share
+        if a is not None and (not isinstance(a, (int, float)) or isinstance(a, bool)
+                              or not 1.0 / r <= a <= 1.0):
+            raise PlacementError(f"local_share must be None or a number in [1/num_ranks, 1] = "
+                                 f"[{1.0 / r:.4g}, 1], got {a!r}")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -104,12 +113,20 @@ class Placement:
             phy2log = phy2log.tolist()
         return cls(tuple(int(x) for x in phy2log), num_ranks, ranks_per_node or num_ranks)
 
+    def with_local_share(self, local_share: float | None) -> "Placement":
+        """The same slots with another copy-choice rule (see `local_share`)."""
+        return replace(self, local_share=local_share)
+
     def to_dict(self) -> dict:
-        return {"experts_per_rank": self.experts_per_rank(), "ranks_per_node": self.ranks_per_node}
+        d = {"experts_per_rank": self.experts_per_rank(), "ranks_per_node": self.ranks_per_node}
+        if self.local_share is not None:
+            d["local_share"] = self.local_share
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Placement":
-        return cls.from_rank_lists(d["experts_per_rank"], d["ranks_per_node"])
+        return cls.from_rank_lists(d["experts_per_rank"], d["ranks_per_node"]).with_local_share(
+            d.get("local_share"))
 
     # ---- queries ------------------------------------------------------------------------
     @cached_property

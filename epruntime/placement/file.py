@@ -5,10 +5,12 @@ the simulator and the planner read.
      "num_experts": 64, "num_ranks": 8, "ranks_per_node": 8,
      "trace_sha256": "<hash of the routing data it was fitted on, or null>",
      "strategy": "traffic+load+replicas",        # free-form provenance
-     "layers": [{"layer": 0, "phy2log": [..P ints..]}, ...]}
+     "layers": [{"layer": 0, "phy2log": [..P ints..], "local_share": 0.7}, ...]}
 
 `phy2log[p]` is the logical expert in physical slot p; rank r holds slots
 r * P / num_ranks ... (r + 1) * P / num_ranks - 1. One entry per MoE layer, in layer order.
+`local_share` (optional; absent or null = the copy on the token's rank, else node, else in
+turn) is the copy-choice rule of `Placement.local_share`: files without it load as before.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def save_placements(path: str | Path, placements: Sequence[Placement], trace_sha
     doc = {"format": FORMAT, "num_experts": first.num_experts, "num_ranks": first.num_ranks,
            "ranks_per_node": first.ranks_per_node, "trace_sha256": trace_sha256,
            "strategy": strategy, **(extra or {}),
-           "layers": [{"layer": i, "phy2log": list(p.phy2log)} for i, p in enumerate(placements)]}
+           "layers": [{"layer": i, "phy2log": list(p.phy2log),
+                       **({} if p.local_share is None else {"local_share": p.local_share})}
+                      for i, p in enumerate(placements)]}
     path = Path(path)
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +93,14 @@ def load_placements(path: str | Path, ranks_per_node: int | None = None) -> tupl
             bad = next(x for x in phy if not 0 <= x < doc["num_experts"])
             raise PlacementError(f"{where}: field 'phy2log' holds expert {bad}, outside "
                                  f"[0, num_experts={doc['num_experts']})")
+        share = entry.get("local_share")
+        if share is not None and (not isinstance(share, (int, float)) or isinstance(share, bool)
+                                  or not 1.0 / doc["num_ranks"] <= share <= 1.0):
+            raise PlacementError(f"{where}: field 'local_share' must be null or a number in "
+                                 f"[1/num_ranks, 1] = [{1.0 / doc['num_ranks']:.4g}, 1], got "
+                                 f"{share!r}")
         try:
-            p = Placement.from_phy2log(phy, doc["num_ranks"], rpn)
+            p = Placement.from_phy2log(phy, doc["num_ranks"], rpn).with_local_share(share)
         except PlacementError as err:
             raise PlacementError(f"{where}: {err}") from None
         if p.num_experts != doc["num_experts"]:

@@ -12,7 +12,9 @@ Pure functions, arrays in, `Placement` / arrays out. Shapes: E logical experts, 
 - `traffic_replica_placement`: replicate as EPLB does, then place the copies with the
   traffic-aware partition (co-activated experts share a rank, loads within a cap).
 - `resolve_copies`: which copy each (token, expert) pair is sent to: one on the token's own
-  rank, else on its node, else spread evenly over the copies (deterministic in the token index).
+  rank, else on its node, else spread evenly over the copies (deterministic in the token index);
+  or, when the placement has a `local_share`, each source rank balancing its own batch over the
+  ranks (`balance_own_batch`), so that balance holds on batches the placement was not fitted on.
 """
 
 from __future__ import annotations
@@ -190,11 +192,22 @@ def resolve_copies(topk_idx_TK: Tensor, placement: Placement,
                    source_rank_T: Tensor | None = None) -> Tensor:
     """[T, K] physical slot each (token, logical expert) pair is sent to (-1 stays -1).
 
-    The copy on the token's source rank, else one on its node, else any copy; among the
-    eligible copies the (t mod n)-th in slot order, so a token's picks are reproducible and
-    tokens spread evenly over copies. `source_rank_T` None: tokens come from outside the EP
-    group, every copy is eligible."""
+    `placement.local_share` None: the copy on the token's source rank, else one on its node,
+    else any copy; among the eligible copies the (t mod n)-th in slot order, so a token's picks
+    are reproducible and tokens spread evenly over copies.
+
+    `placement.local_share` a: each source rank balances its own batch (the tokens of this call
+    with that source rank), knowing nothing of the other ranks': it keeps a share a of its pairs
+    on its own rank and sends (1 - a) / (R - 1) to every other rank (`balance_own_batch`). Every
+    source's sends then follow the same pattern, so every rank receives the same load whatever
+    the batch's expert mix: balance no longer rests on the loads the placement was fitted on.
+    A source whose own-rank copies cannot take a share a sends the rest evenly.
+
+    `source_rank_T` None: tokens come from outside the EP group, every copy is eligible (the
+    first rule). Deterministic: the same inputs give the same slots; no communication."""
     idx = topk_idx_TK.to(torch.long)
+    if placement.local_share is not None and source_rank_T is not None:
+        return _balanced(idx, placement, source_rank_T)
     T, K = idx.shape
     valid = idx >= 0
     cand_TKC = placement.log2phy_EC[idx.clamp(min=0)]  # [T, K, C]
@@ -214,6 +227,114 @@ def resolve_copies(topk_idx_TK: Tensor, placement: Placement,
     chosen = ok & (rank_in == pick_TK[..., None])
     phys = (cand_TKC * chosen).sum(-1)
     return torch.where(valid, phys, -1)
+
+
+def _balanced(idx_TK: Tensor, placement: Placement, source_rank_T: Tensor) -> Tensor:
+    """resolve_copies with a local share: each source rank's tokens balanced on their own."""
+    device = idx_TK.device
+    # host sync: the copy choice loops over a few rounds of small counts, on the host
+    idx = idx_TK.detach().to("cpu", torch.long)
+    src_T = source_rank_T.detach().to("cpu", torch.long)
+    out = torch.full_like(idx, -1)
+    for s in torch.unique(src_T).tolist():
+        rows = torch.nonzero(src_T == s).flatten()
+        out[rows] = balance_own_batch(idx[rows], placement, int(s), float(placement.local_share))
+    return out.to(device)
+
+
+def balance_own_batch(idx_TK: Tensor, placement: Placement, source_rank: int,
+                      local_share: float, tolerance: float = 0.005) -> Tensor:
+    """[T, K] physical slot of each (token, expert) pair of one source rank's batch, such that
+    the source's pairs per destination rank meet its targets: `local_share` x pairs on its own
+    rank, (1 - local_share) / (R - 1) x pairs on each other rank (each within `tolerance` x
+    pairs / R, where the copies allow it).
+
+    Start: the local copy where there is one, else the copy on the rank most of the token's
+    experts can reach (fewest rows; ties in turn by token index). Then, while a rank is over
+    its target: the shortest path of ranks over->...->under along which pairs have copies;
+    move pairs hop by hop, cheapest first (a move onto a rank the token already visits costs
+    no row; leaving a rank the token visits only for this pair saves one), one pair per token
+    per hop, ties by token index. Deterministic; only this batch is read."""
+    idx = idx_TK.to(torch.long)
+    T, K = idx.shape
+    R = placement.num_ranks
+    s = source_rank
+    valid = idx >= 0
+    cand = placement.log2phy_EC[idx.clamp(min=0)]  # [T, K, C]
+    ok = (cand >= 0) & valid[..., None]
+    crank = torch.where(ok, torch.div(cand, placement.num_local, rounding_mode="floor"), -1)
+    C = cand.shape[-1]
+    flat = crank.clamp(min=0).reshape(T, K * C)
+    reach_TR = torch.zeros(T, R, dtype=torch.long).scatter_add_(1, flat, ok.reshape(T, -1).long())
+    score = torch.where(ok, reach_TR.gather(1, flat).reshape(T, K, C), -1)
+    score = torch.where(ok & (crank == s), K * C + 1, score)  # own rank first
+    turn = (torch.arange(C)[None, None, :] - torch.arange(T)[:, None, None]) % C
+    choice = (score * C + (C - 1 - turn)).argmax(-1)  # [T, K]
+    dest = crank.gather(-1, choice[..., None])[..., 0]  # [T, K] rank, -1 for padding
+    pairs = int(valid.sum())
+    if pairs == 0 or R == 1:
+        return _slots(dest, cand, crank, valid)
+    target = torch.full((R,), (1.0 - local_share) / (R - 1) * pairs, dtype=torch.float64)
+    target[s] = local_share * pairs
+    slack = max(tolerance * pairs / R, 0.5)
+    for _ in range(max(8 * R, 64)):  # a round empties a rank's excess or a path's capacity
+        over = torch.bincount(dest[valid], minlength=R).double() - target
+        worst = int(over.argmax())
+        if over[worst] <= slack:
+            break
+        path = _path(dest, crank, valid, over, worst, R)
+        if path is None:
+            break  # the copies allow no better
+        m = int(min(float(over[worst]), float(-over[path[-1]])))
+        for a, b in reversed(list(zip(path[:-1], path[1:]))):  # last hop first
+            _move(dest, crank, valid, s, a, b, max(m, 1), R)
+    return _slots(dest, cand, crank, valid)
+
+
+def _path(dest, crank, valid, over, start: int, R: int) -> list[int] | None:
+    """Ranks start -> ... -> a rank under its target, each hop holding pairs (now on the hop's
+    first rank) with a copy on its second; breadth first, roomiest neighbours first."""
+    ok = crank >= 0
+    cell = (dest.clamp(min=0)[..., None] * R + crank.clamp(min=0))[ok & valid[..., None]]
+    movable = torch.bincount(cell, minlength=R * R).reshape(R, R)  # [from, to]
+    prev, queue = {start: start}, [start]
+    order = torch.argsort(over, stable=True).tolist()
+    for a in queue:
+        if a != start and over[a] < 0:
+            path = [a]
+            while path[-1] != start:
+                path.append(prev[path[-1]])
+            return path[::-1]
+        for b in order:
+            if b not in prev and b != a and movable[a, b] > 0:
+                prev[b] = a
+                queue.append(b)
+    return None
+
+
+def _move(dest, crank, valid, s: int, a: int, b: int, m: int, R: int) -> None:
+    """Move up to m pairs from rank a to rank b (in place), fewest added rows first."""
+    T = dest.shape[0]
+    on_TR = torch.zeros(T, R, dtype=torch.long).scatter_add_(1, dest.clamp(min=0), valid.long())
+    t, k = torch.nonzero((crank == b).any(-1) & (dest == a) & valid, as_tuple=True)
+    if t.numel() == 0:
+        return
+    cost = ((on_TR[t, b] == 0) & (b != s)).long() - ((on_TR[t, a] == 1) & (a != s)).long()
+    order = torch.argsort(cost * (T + 1) + t, stable=True)
+    t, k = t[order], k[order]
+    _, inverse = torch.unique(t, return_inverse=True)
+    head = torch.full((int(inverse.max()) + 1,), t.numel()).scatter_reduce(
+        0, inverse, torch.arange(t.numel()), "amin")  # each token's cheapest pair
+    keep = torch.zeros(t.numel(), dtype=torch.bool)
+    keep[head] = True
+    t, k = t[keep][:m], k[keep][:m]
+    dest[t, k] = b
+
+
+def _slots(dest_TK, cand, crank, valid) -> Tensor:
+    """[T, K] physical slot of the copy on each pair's chosen rank (-1 for padding)."""
+    chosen = (crank == dest_TK[..., None]) & (cand >= 0)
+    return torch.where(valid, (cand * chosen).sum(-1), -1)
 
 
 def physical_view(placement: Placement) -> Placement:

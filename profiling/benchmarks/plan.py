@@ -13,7 +13,8 @@ Sections (each a set of rows with `goal`):
   routes the eval set with trace.enabled in megatron-core's router-trace schema; placements are
   fitted on the first half of the batches (calibration) and scored on the rest (held-out) and,
   beside it, in-sample. Cross-rank rows of each strategy's rank-dedup dispatch over
-  megatron-core's contiguous per-expert rows (payload bytes scale with rows).
+  megatron-core's contiguous per-expert rows (payload bytes scale with rows); with copies also
+  traffic+balance (each source rank balances its own batch, local share fitted on calibration).
 - scale: a synthetic 256-expert top-8 trace (Zipf-skewed popularity), EP=64 over 8 nodes,
   every strategy side by side; seconds for the whole planner run.
 """
@@ -38,13 +39,14 @@ DATA = Path(os.environ.get("EPRUNTIME_SHARED_DATA", ROOT.parent / "shared" / "da
 FINE = ["model.num_experts=64", "model.moe_topk=6", "model.moe_ffn_hidden_size=32",
         "smoes.enabled=true", "smoes.score=gaussian"]
 FULL = dict(sections="switch,olmoe,fine,scale", fine_trace=None, fine_run=None, fine_steps=600,
-            fine_redundant="0,8,16,32,64", scale_tokens=8192, scale_layers=4, scale_redundant=32,
+            fine_redundant="0,64,128", scale_tokens=8192, scale_layers=4, scale_redundant=32,
             workdir=None)
 QUICK = dict(sections="switch,olmoe,scale", fine_trace=None, fine_run=None, fine_steps=4,
              fine_redundant="0,4", scale_tokens=512, scale_layers=1, scale_redundant=32,
              workdir=None)
 KEEP = ("goal", "scored_on", "strategy", "layer", "redundant", "balancedness", "overload",
-        "rows_per_token", "dedup_rows_per_token", "node_dedup_rows_per_token", "inter_node_rows")
+        "rows_per_token", "dedup_rows_per_token", "node_dedup_rows_per_token", "inter_node_rows",
+        "local_share")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fine-steps", dest="fine_steps", type=int,
                         help="training steps when the fine model must be trained (default 600)")
     parser.add_argument("--fine-redundant", dest="fine_redundant",
-                        help="redundant slots tried on the fine shape (default 0,8,16,32,64)")
+                        help="redundant slots tried on the fine shape (default 0,64,128)")
     parser.add_argument("--scale-tokens", dest="scale_tokens", type=int)
     parser.add_argument("--scale-layers", dest="scale_layers", type=int)
     parser.add_argument("--scale-redundant", dest="scale_redundant", type=int,
@@ -144,16 +146,23 @@ def fine_section(p: dict, workdir: Path) -> tuple[list[dict], dict]:
     fit, held = plan.split_routing(whole, 0.5)
     out, ratios = [], {}
     for red in [int(x) for x in str(p["fine_redundant"]).split(",") if x]:
+        only = ({("contiguous", 0), ("eplb", 0), ("traffic+load", 0)} if red == 0 else
+                {("contiguous", 0), ("eplb", red), ("traffic+load", red), (plan.BALANCED, red)})
         for label, score in (("held-out", held), ("in-sample", fit)):
             rows, _, skipped = plan.plan(fit, score, 4, 4, red, 1.02, 256, 4,
-                                         f"{label}: fit first half of the eval batches")
-            rows = [r for r in rows if r["redundant"] == red or r["strategy"] == "contiguous"]
+                                         f"{label}: fit first half of the eval batches",
+                                         only=only)
             out += _rows(f"fine r{red}", rows)
             contig = sum(r["rows_per_token"] for r in rows if r["strategy"] == "contiguous")
-            ours = [r for r in rows if r["strategy"] == "traffic+load" and r["redundant"] == red]
-            ratios[f"fine_r{red}_{label}_dedup_rows_over_megatron_contiguous"] = (
-                sum(r["dedup_rows_per_token"] for r in ours) / contig)
-            ratios[f"fine_r{red}_{label}_min_balancedness"] = min(r["balancedness"] for r in ours)
+            for name in ("traffic+load", plan.BALANCED):
+                ours = [r for r in rows if r["strategy"] == name and r["redundant"] == red]
+                if not ours:
+                    continue
+                tag = "" if name == "traffic+load" else "balance_"
+                ratios[f"fine_{tag}r{red}_{label}_dedup_rows_over_megatron_contiguous"] = (
+                    sum(r["dedup_rows_per_token"] for r in ours) / contig)
+                ratios[f"fine_{tag}r{red}_{label}_min_balancedness"] = min(
+                    r["balancedness"] for r in ours)
     return out, ratios
 
 
@@ -184,7 +193,9 @@ def scale_section(p: dict, workdir: Path) -> tuple[list[dict], dict]:
     np.save(path, arr)
     r = plan.load_routing(path)
     t = time.perf_counter()
-    rows, _, _ = plan.plan(r, r, ep, rpn, red, 1.05, 7168, 2, "in-sample (synthetic)")
+    runs = {(name, 0) for name in plan.STRATEGIES} | {("eplb", red), ("traffic+load", red)}
+    rows, _, _ = plan.plan(r, r, ep, rpn, red, 1.05, 7168, 2, "in-sample (synthetic)",
+                           only=runs)  # traffic+balance is not timed at this scale
     seconds = time.perf_counter() - t
     out = _rows("scale", rows)
     for row, src in zip(out, rows):
@@ -232,7 +243,8 @@ def run(args: argparse.Namespace) -> BenchResult:
         "rows: dispatch rows per token leaving the token's rank (rows_per_token: per-expert, "
         "megatron-core; dedup: one per (token, rank); node_dedup: one per (token, node) across "
         "nodes plus the intra-node rank rows); a pair goes to the copy on its rank, else node, "
-        "else the copies in turn",
+        "else the copies in turn (traffic+balance: each source balances its own batch, column "
+        "local_share)",
         "eplb: this project's implementation of DeepSeek EPLB's published algorithm (replicate "
         "the heaviest per-copy load, pack heaviest-first onto the lightest rank), the baseline",
         "timings on a shared 2-core machine (other jobs running)"]
