@@ -210,11 +210,12 @@ def resolve_copies(topk_idx_TK: Tensor, placement: Placement,
         return _balanced(idx, placement, source_rank_T)
     T, K = idx.shape
     valid = idx >= 0
-    cand_TKC = placement.log2phy_EC[idx.clamp(min=0)]  # [T, K, C]
+    # the placement's maps live on the host: index them on the routing's device (CUDA routing)
+    cand_TKC = placement.log2phy_EC.to(idx.device)[idx.clamp(min=0)]  # [T, K, C]
     ok = cand_TKC >= 0
     if source_rank_T is not None:
         rank_TKC = torch.div(cand_TKC, placement.num_local, rounding_mode="floor")
-        src = source_rank_T.to(torch.long)[:, None, None]
+        src = source_rank_T.to(idx.device, torch.long)[:, None, None]
         local = ok & (rank_TKC == src)
         rpn = placement.ranks_per_node
         node = ok & (torch.div(rank_TKC, rpn, rounding_mode="floor")
@@ -222,7 +223,7 @@ def resolve_copies(topk_idx_TK: Tensor, placement: Placement,
         ok = torch.where(local.any(-1, keepdim=True), local,
                          torch.where(node.any(-1, keepdim=True), node, ok))
     n_TK = ok.sum(-1).clamp(min=1)
-    pick_TK = torch.arange(T)[:, None] % n_TK
+    pick_TK = torch.arange(T, device=idx.device)[:, None] % n_TK
     rank_in = ok.long().cumsum(-1) - 1  # position among eligible copies
     chosen = ok & (rank_in == pick_TK[..., None])
     phys = (cand_TKC * chosen).sum(-1)
