@@ -35,11 +35,11 @@ MIGRATED = [[0, 1, 2, 3, 6], [4, 5, 6, 7, 1]]
 
 
 def _write_placements(path: Path, per_rank: list[list[int]], layers: int = 2,
-                      ranks_per_node: int | None = None) -> str:
+                      ranks_per_node: int | None = None, local_share: float | None = None) -> str:
     from epruntime.placement import Placement
     from epruntime.placement.file import save_placements
 
-    p = Placement.from_rank_lists(per_rank, ranks_per_node)
+    p = Placement.from_rank_lists(per_rank, ranks_per_node).with_local_share(local_share)
     save_placements(path, [p] * layers, None, "test copies")
     return str(path)
 
@@ -186,6 +186,12 @@ def test_replicated_model_equals_unreplicated(tmp_path, ep):
     if ep == 2:
         variants["dedup-flat"] = ([*rep, "dispatch.kind=dedup", "train.optimizer=epruntime"],
                                   STEPS)
+        # the planner's balancing copy choice (a local share) and local-first overlap, each
+        # through the same runtime
+        shared = _write_placements(tmp_path / "copies_share.json", REPLICAS[ep], local_share=0.5)
+        variants["dedup-share"] = ([f"parallel.ep_size={ep}", f"dispatch.placement=file:{shared}",
+                                    "dispatch.kind=dedup"], STEPS)
+        variants["dedup-overlap"] = ([*rep, "dispatch.kind=dedup", "dispatch.overlap=true"], 0)
     else:  # 4 ranks on 2 shared cores: shm once (under dedup-hier) is enough here
         del variants["dedup-shm"]
     reports = _run(tmp_path, ep, ep, variants)
