@@ -139,6 +139,19 @@ def source_ranks(trace: RoutingTrace, ep_size: int) -> torch.Tensor:
     return out
 
 
+def copies_by_call(experts_NK: torch.Tensor, placement: Placement, src_N: torch.Tensor,
+                   call_N: torch.Tensor | None) -> torch.Tensor:
+    """[N, K] physical slot of each pair: `resolve_copies` over one forward call at a time when
+    the placement balances each source's own batch (`local_share`) and calls are known."""
+    if placement.local_share is None or call_N is None:
+        return resolve_copies(experts_NK, placement, src_N)
+    out = torch.empty_like(experts_NK, dtype=torch.long)
+    for call in torch.unique(call_N).tolist():
+        m = call_N == call
+        out[m] = resolve_copies(experts_NK[m], placement, src_N[m])
+    return out
+
+
 @dataclass
 class Exchange:
     """One all-to-all of one average forward call: bytes [R, R] and its phase."""
@@ -152,17 +165,19 @@ class Exchange:
 def layer_exchanges(kind: str, experts_NK: torch.Tensor, src_N: torch.Tensor,
                     modality_N: torch.Tensor, placement: Placement, topk: int, hidden: int,
                     hidden_bytes: int, prob_bytes: int, calls: int, ledger: CommLedger,
-                    layer: int) -> list[Exchange]:
+                    layer: int, call_N: torch.Tensor | None = None) -> list[Exchange]:
     """Fill `ledger`'s cells for one layer and return its all-to-alls (summed over calls).
 
     experts_NK [N, K] logical expert ids (-1 none), src_N [N] source rank, modality_N [N]
     (traces.UNKNOWN_MODALITY = unknown). Rows and bytes are the row plan's
-    (`epruntime.dispatch.plan`) for every source rank at once.
+    (`epruntime.dispatch.plan`) for every source rank at once. call_N [N] forward call of each
+    record: a placement with a `local_share` balances each (call, source rank)'s own batch, as
+    the runtime does, so its copies are chosen call by call.
     """
     if kind not in KINDS:
         raise ValueError(f"dispatch kind {kind!r}: expected one of {KINDS}")
     if placement.is_replicated:  # each pair to one copy; then route slot by slot
-        experts_NK = resolve_copies(experts_NK, placement, src_N)
+        experts_NK = copies_by_call(experts_NK, placement, src_N, call_N)
         placement = physical_view(placement)
     routing_NE = routing_map_from_topk(experts_NK, placement.num_experts)
     plan = row_plan(routing_NE, None, placement, PLAN_KINDS[kind], source_rank=src_N, topk=topk,
@@ -287,7 +302,8 @@ def simulate(trace: RoutingTrace, kind: str, ep_size: int, ranks_per_node: int |
         calls = int(trace.calls_L[layer]) if layer < trace.calls_L.numel() else 1
         exchanges = layer_exchanges(kind, trace.experts_NK[keep], src_N[keep],
                                     trace.modality_N[keep], plist[layer], h.topk, hidden, hb,
-                                    h.prob_dtype_bytes, calls, ledger, layer)
+                                    h.prob_dtype_bytes, calls, ledger, layer,
+                                    call_N=trace.call_N[keep])
         times = {"dispatch": 0.0, "combine": 0.0}
         for x in exchanges:  # the average forward call; sampled token bytes scaled up
             per_call = x.bytes_RR.double() / max(calls, 1) * (scale if x.scales_with_tokens else 1)

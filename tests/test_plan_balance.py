@@ -149,3 +149,20 @@ def test_plan_cli_writes_the_fitted_share(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     ours = [r for r in rows if r["strategy"] == "traffic+balance"]
     assert [r["local_share"] for r in ours] == [p.local_share for p in placements]
+
+
+def test_simulator_chooses_copies_call_by_call():
+    """The simulator resolves a balancing placement's copies per forward call, as the runtime
+    does (each call's batch balanced on its own); without a share it is one resolve_copies."""
+    from epruntime.simulate import copies_by_call
+
+    p = Placement.from_rank_lists(RANKS, 4).with_local_share(0.5)
+    idx = torch.cat([skewed_batch(200, 3, hot=1), skewed_batch(200, 4, hot=7)])
+    src = torch.arange(400) % 4
+    call = torch.arange(400) // 200  # two calls with different expert mixes
+    got = copies_by_call(idx, p, src, call)
+    for c in (0, 1):
+        m = call == c
+        assert torch.equal(got[m], resolve_copies(idx[m], p, src[m]))
+    plain = p.with_local_share(None)
+    assert torch.equal(copies_by_call(idx, plain, src, call), resolve_copies(idx, plain, src))
