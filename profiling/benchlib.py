@@ -145,6 +145,21 @@ def resolve(args: argparse.Namespace, full: dict[str, Any], quick: dict[str, Any
             for k, v in defaults.items()}
 
 
+def resolve_pairs(args: argparse.Namespace, full: dict[str, Any], quick: dict[str, Any],
+                  world: int) -> dict[str, Any]:
+    """`resolve` for the off/on paired-step benchmarks (keys layers, batch, pairs, warmup): the
+    common --repeats / --warmup options override pairs / warmup; bad sizes are a usage error."""
+    p = resolve(args, full, quick)
+    if getattr(args, "repeats", None):
+        p["pairs"] = args.repeats
+    if getattr(args, "warmup", None) is not None:
+        p["warmup"] = args.warmup
+    if p["pairs"] < 1 or p["warmup"] < 0 or p["layers"] < 1 or p["batch"] < world:
+        raise BenchUsageError("need --pairs/--repeats >= 1, --warmup >= 0, --layers >= 1 and "
+                              f"--batch >= {world}")
+    return p
+
+
 def int_list(text: str) -> list[int]:
     """argparse type for "1,2,4"."""
     try:

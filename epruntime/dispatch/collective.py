@@ -35,16 +35,25 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        send_splits, recv_splits = ctx.splits
-        laps = None
-        if ctx.timing is not None:
-            timer, layer, phase = ctx.timing
-            laps = timer.laps(layer, "backward", phase)
-            laps.barrier(ctx.group)
-        back = exchange(grad.contiguous(), recv_splits, send_splits, ctx.group, ctx.transport)
-        if laps is not None:
-            laps.lap("collective", last_wait_s(ctx.transport))
+        back = exchange_back(grad, ctx.splits, ctx.group, ctx.transport, ctx.timing)
         return back, None, None, None, None, None
+
+
+def exchange_back(grad: torch.Tensor, splits: tuple[list[int], list[int]], group, transport,
+                  timing) -> torch.Tensor:
+    """Backward of an all-to-all with (send, recv) `splits`: the gradient rows travel the
+    reverse way, timed as the phase's backward collective when `timing` is (timer, layer,
+    phase)."""
+    send_splits, recv_splits = splits
+    laps = None
+    if timing is not None:
+        timer, layer, phase = timing
+        laps = timer.laps(layer, "backward", phase)
+        laps.barrier(group)
+    back = exchange(grad.contiguous(), recv_splits, send_splits, group, transport)
+    if laps is not None:
+        laps.lap("collective", last_wait_s(transport))
+    return back
 
 
 def last_wait_s(transport) -> float:
@@ -118,16 +127,7 @@ class _AwaitAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         f = ctx.flight
-        send_splits, recv_splits = f._splits
-        laps = None
-        if f._timing is not None:
-            timer, layer, phase = f._timing
-            laps = timer.laps(layer, "backward", phase)
-            laps.barrier(f._group)
-        back = exchange(grad.contiguous(), recv_splits, send_splits, f._group, f._transport)
-        if laps is not None:
-            laps.lap("collective", last_wait_s(f._transport))
-        return back, None
+        return exchange_back(grad, f._splits, f._group, f._transport, f._timing), None
 
 
 def start_all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,

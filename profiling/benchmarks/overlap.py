@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (TINY_CONFIG, BenchResult, BenchUsageError, collect_env, register,
-                                resolve, spawn_ranks)
+                                resolve_pairs, spawn_ranks)
 
 FULL = dict(layers=2, batch=64, pairs=20, warmup=2, shared=64)
 QUICK = dict(layers=1, batch=16, pairs=2, warmup=1, shared=16)
@@ -167,19 +167,12 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
 @register("overlap", add_arguments=add_options)
 def run(args: argparse.Namespace) -> BenchResult:
     """Train-step and comm-phase time with overlap off vs on (dedup dispatchers), 2 gloo ranks."""
-    p = resolve(args, FULL, QUICK)
-    if getattr(args, "repeats", None):
-        p["pairs"] = args.repeats
-    if getattr(args, "warmup", None) is not None:
-        p["warmup"] = args.warmup
+    p = resolve_pairs(args, FULL, QUICK, WORLD)
     names = (getattr(args, "variants", None) or ",".join(VARIANTS)).split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise BenchUsageError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     p["variants"] = names
-    if p["pairs"] < 1 or p["warmup"] < 0 or p["layers"] < 1 or p["batch"] < WORLD:
-        raise BenchUsageError("need --pairs/--repeats >= 1, --warmup >= 0, --layers >= 1 and "
-                              f"--batch >= {WORLD}")
     with tempfile.TemporaryDirectory(prefix="bench_overlap_") as tmp:
         print(f"overlap: {p['pairs']} off/on step pairs x {len(names)} variants on {WORLD} "
               "ranks...", file=sys.stderr, flush=True)

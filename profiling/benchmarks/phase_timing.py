@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from profiling.benchlib import (TINY_CONFIG, BenchResult, BenchUsageError, collect_env, register,
-                                resolve, spawn_ranks)
+                                resolve_pairs, spawn_ranks)
 
 FULL = dict(layers=2, batch=64, pairs=40, warmup=3)
 QUICK = dict(layers=1, batch=16, pairs=3, warmup=1)
@@ -96,14 +96,7 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
 @register("phase-timing", add_arguments=add_options)
 def run(args: argparse.Namespace) -> BenchResult:
     """Train-step time with the phase timer (dispatch.timing) off vs on, 2 gloo ranks."""
-    p = resolve(args, FULL, QUICK)
-    if getattr(args, "repeats", None):
-        p["pairs"] = args.repeats
-    if getattr(args, "warmup", None) is not None:
-        p["warmup"] = args.warmup
-    if p["pairs"] < 1 or p["warmup"] < 0 or p["layers"] < 1 or p["batch"] < WORLD:
-        raise BenchUsageError("need --pairs/--repeats >= 1, --warmup >= 0, --layers >= 1 and "
-                              f"--batch >= {WORLD}")
+    p = resolve_pairs(args, FULL, QUICK, WORLD)
     with tempfile.TemporaryDirectory(prefix="bench_phase_timing_") as tmp:
         print(f"phase-timing: {p['pairs']} off/on step pairs x {len(KINDS)} dispatchers on "
               f"{WORLD} ranks...", file=sys.stderr, flush=True)
