@@ -366,3 +366,16 @@ def test_route_to_copies_prefers_the_local_copy():
             assert torch.equal(pr[t][m[t]].sort().values, probs[t][rm[t]].sort().values)
     plain = Placement.contiguous(8, 2)
     assert route_to_copies(rm, probs, plain, 0)[0] is rm
+
+
+def test_group_limited_routing_refuses_copies():
+    """Copies are chosen pair by pair, so group-limited routing's bound on the ranks or nodes a
+    token reaches would not hold: a replicated placement is refused, naming the option."""
+    from epruntime.placement import Placement
+    from epruntime.placement.groups import group_violation
+
+    copies = Placement.from_rank_lists(REPLICAS[2])
+    message = group_violation(copies, 2)
+    assert message is not None and "model.moe_router_num_groups=2" in message
+    assert "copies" in message
+    assert group_violation(Placement.contiguous(8, 2), 2) is None

@@ -70,7 +70,11 @@ def group_violation(placement: Placement, num_groups: int) -> str | None:
     except RouterGroupError as err:
         return str(err)
     if placement.is_replicated:
-        return None  # refused on its own (copies are not routed yet)
+        # the copy choice sends a token's pairs to copies one by one (its own rank first), so a
+        # token could reach more ranks or nodes than its groups allow
+        return (f"{OPTION}={num_groups} (group-limited routing) with copies of experts: the copy "
+                "choice would not keep a token within its groups' ranks or nodes; use a "
+                "placement without copies, or drop group-limited routing")
     where = placement.rank_E if unit == "rank" else placement.rank_E // placement.ranks_per_node
     size = E // num_groups
     for g, places in enumerate(where.view(num_groups, size).tolist()):
