@@ -27,31 +27,22 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 
-def copy_slots(model, ep_rank: int) -> list[tuple[int, int, int]]:
-    """[(MoE layer, local slot, row)] of this rank's copies of replicated experts; `row` is the
-    expert's row in the reduction buffer (replicated experts of every layer, in (layer, logical
-    id) order, the same on every rank)."""
-    out, base = [], 0
+def replicated_rows(model, ep_rank: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """The reduction buffer's rows: replicated experts of every layer in (layer, logical id)
+    order, the same on every rank. Returns ([rows] copies of each row's expert, [(MoE layer,
+    local slot, row)] of this rank's copies). A model without placements has none."""
+    copies, slots = [], []
     for layer, placement in enumerate(getattr(model, "placements", ())):
         if not placement.is_replicated:
             continue
-        cnt = placement.logcnt_E.tolist()
-        hot = [e for e, c in enumerate(cnt) if c > 1]
-        row_of = {e: base + i for i, e in enumerate(hot)}
-        for slot, e in enumerate(placement.experts_per_rank()[ep_rank]):
-            if e in row_of:
-                out.append((layer, slot, row_of[e]))
-        base += len(hot)
-    return out
-
-
-def _copies_of_rows(model) -> list[int]:
-    """[rows] copies of each replicated expert, in buffer row order."""
-    out = []
-    for placement in getattr(model, "placements", ()):  # a model without placements: none
-        if placement.is_replicated:
-            out += [c for c in placement.logcnt_E.tolist() if c > 1]
-    return out
+        row_of = {}
+        for e, c in enumerate(placement.logcnt_E.tolist()):
+            if c > 1:
+                row_of[e] = len(copies)
+                copies.append(c)
+        slots += [(layer, slot, row_of[e])
+                  for slot, e in enumerate(placement.experts_per_rank()[ep_rank]) if e in row_of]
+    return copies, slots
 
 
 class CopyGradients:
@@ -65,12 +56,10 @@ class CopyGradients:
         """After the expert gradients' own reduction, before the norm: each copy's `.grad` <- the
         sum over the copies of its expert (collective over the EP `group`, default megatron-
         core's; no collective without copies). Returns the norm excess (module docstring)."""
-        copies = _copies_of_rows(self.model)
-        if not copies:
+        if not any(p.is_replicated for p in getattr(self.model, "placements", ())):
             return 0.0
         group = group or ps.get_expert_model_parallel_group()
-        ep_rank = dist.get_rank(group)
-        slots = copy_slots(self.model, ep_rank)
+        copies, slots = replicated_rows(self.model, dist.get_rank(group))
         layers = self.model.moe_layers
         params = [list(layers[0].experts.local_experts[0].parameters())]
         numel = sum(p.numel() for p in params[0])
