@@ -27,7 +27,7 @@ from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.dispatch.timing import PhaseTimer, clock_for
 from epruntime.distributed import DistEnv, check_router_groups, host_all_reduce
 from epruntime.model.vlm import MoEVLM, init_weights_
-from epruntime.placement.controller import build_placements
+from epruntime.placement.controller import build_placements, file_placements
 from epruntime.routing_stats import RoutingRecorder
 from epruntime.runtime import Observers, layer_runtimes
 from epruntime.transport import setup_transport
@@ -75,8 +75,10 @@ class Engine:
         self.observers = Observers(self.ledger if cfg.dispatch.ledger else None, self.timer)
         runtimes = layer_runtimes(cfg.model.num_moe_layers, self.transport, backend, self.observers,
                                   overlap=cfg.dispatch.overlap, timeout_s=cfg.parallel.timeout_s)
-        # A placement file with copies of hot experts sizes the expert slots: built with it.
-        placements = build_placements(cfg, per_node)
+        # dispatch.placement=file:PATH, read once; one with copies of hot experts sizes the
+        # expert slots: the model is built with it (else the controller migrates to it).
+        self.file_placements = file_placements(cfg, per_node)
+        placements = build_placements(self.file_placements)
         self.model = MoEVLM(cfg, text_vocab_size, num_answers, max_question_len, router_cls,
                             dispatcher_cls or dispatcher_class(cfg.dispatch.kind), per_node,
                             runtimes=runtimes, placements=placements)

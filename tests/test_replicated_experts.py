@@ -359,13 +359,33 @@ def test_route_to_copies_prefers_the_local_copy():
     rm[:, 0] = rm[:, 5] = rm[:, 7] = True
     probs = torch.rand(4, 8) * rm
     for src, want in ((0, {0, 4, 8}), (1, {9, 6, 8})):
-        m, pr, view = route_to_copies(rm, probs, p, src)
+        m, pr, view = route_to_copies(rm, probs, p, src, 3)
         assert view.num_physical == 10 and not view.is_replicated
         for t in range(4):
             assert set(m[t].nonzero().flatten().tolist()) == want
             assert torch.equal(pr[t][m[t]].sort().values, probs[t][rm[t]].sort().values)
     plain = Placement.contiguous(8, 2)
-    assert route_to_copies(rm, probs, plain, 0)[0] is rm
+    assert route_to_copies(rm, probs, plain, 0, 3)[0] is rm
+
+
+@pytest.mark.parametrize("local_share", [None, 0.6])
+def test_route_to_copies_on_topk_equals_every_column(local_share):
+    """The copy choice on each token's K routed experts gives what it gives on all E columns
+    (the wide form it replaced), under both copy rules, with dropped pairs (rows under K)."""
+    from epruntime.dispatch.copies import route_to_copies
+    from epruntime.placement import Placement
+
+    p = Placement.from_rank_lists(REPLICAS[2]).with_local_share(local_share)
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(64, 8, generator=gen)
+    rm = torch.zeros(64, 8, dtype=torch.bool).scatter_(1, scores.topk(3, dim=1).indices, True)
+    rm[::5, :] &= torch.rand(13, 8, generator=gen) < 0.6  # a capacity drop: fewer than K
+    probs = torch.rand(64, 8, generator=gen) * rm
+    for src in (0, 1):
+        narrow = route_to_copies(rm, probs, p, src, 3)
+        wide = route_to_copies(rm, probs, p, src, 8)
+        assert torch.equal(narrow[0], wide[0]) and torch.equal(narrow[1], wide[1])
+        assert int(narrow[0].sum()) == int(rm.sum())  # every pair to exactly one copy
 
 
 def test_group_limited_routing_refuses_copies():

@@ -194,10 +194,11 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         ledger = self._ledger()
         # Replicated experts: each (token, logical expert) pair to one physical copy; the plan
         # (and the ledger) then count physical rows. Unchanged without copies.
+        topk = max_entries(self.config)
         phys_map, phys_probs, slots = route_to_copies(routing_map, probs, self.placement,
-                                                      self.ep_rank)
+                                                      self.ep_rank, topk)
         plan = row_plan(phys_map, phys_probs, slots, self.plan_kind,
-                        source_rank=self.ep_rank, topk=max_entries(self.config),
+                        source_rank=self.ep_rank, topk=topk,
                         hidden_size=x_TH.shape[1], hidden_bytes=x_TH.element_size(),
                         modality_column=ledger is not None, debug_checks=self.debug_checks)
         modality_T = self.runtime.tokens.modality_T

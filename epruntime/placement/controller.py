@@ -27,7 +27,7 @@ class PlacementController:
     def start(self) -> dict | None:
         """Before the first step: with dispatch.placement=file:PATH, move the experts to the
         file's placements (collective over EP). Returns the migration report, or None."""
-        placements = file_placements(self.engine)
+        placements = self.engine.file_placements  # read and checked once, by the engine
         return None if placements is None else place(self.engine, placements)
 
     def after_step(self, step: int) -> dict | None:
@@ -58,24 +58,11 @@ def place(engine, placements: list[Placement]) -> dict | None:
                            timeout=engine.cfg.parallel.timeout_s).to_dict()
 
 
-def file_placements(engine) -> list[Placement] | None:
-    """The placements of dispatch.placement=file:PATH checked against the model (layers, experts,
-    EP size); None for any other placement spec. Replicated ones (copies of hot experts) are
-    routed by the dedup dispatchers of a model built with them (`build_placements`)."""
-    path = file_spec_path(engine.cfg.dispatch.placement)
-    if path is None:
-        return None
-    placements, _ = load_placements(path, engine.ranks_per_node)
-    current = engine.model.placements
-    check_fits(placements, len(current), current[0].num_experts, current[0].num_ranks,
-               f"dispatch.placement=file:{path}")
-    return placements
-
-
-def build_placements(cfg, ranks_per_node: int) -> list[Placement] | None:
-    """The placements to build the model with: a placement file's when it holds copies (they
-    size each MoE layer's expert slots, `Placement.num_local`), else None (contiguous, and
-    `PlacementController.start` migrates to the file's). PlacementError names the file."""
+def file_placements(cfg, ranks_per_node: int) -> list[Placement] | None:
+    """dispatch.placement=file:PATH read and checked against the config (layers, experts, EP
+    size), once per run; None for any other placement spec. PlacementError names the file.
+    The engine builds the model with them when they hold copies (`build_placements`: copies size
+    the expert slots); `PlacementController.start` migrates to them otherwise."""
     path = file_spec_path(cfg.dispatch.placement)
     if path is None:
         return None
@@ -87,10 +74,18 @@ def build_placements(cfg, ranks_per_node: int) -> list[Placement] | None:
             raise PlacementError(f"dispatch.placement=file:{path}: parallel.ep_size="
                                  f"{cfg.parallel.ep_size} does not divide model.num_experts="
                                  f"{cfg.model.num_experts} and the file holds no copies")
-        return None
-    if cfg.dispatch.kind == "alltoall":
+    elif cfg.dispatch.kind == "alltoall":
         from epruntime.model.moe_layer import MEGATRON_REFUSES_COPIES
 
         raise PlacementError(f"dispatch.placement=file:{path} holds copies of experts: "
                              f"dispatch.kind=alltoall {MEGATRON_REFUSES_COPIES}")
+    return placements
+
+
+def build_placements(placements: list[Placement] | None) -> list[Placement] | None:
+    """The placements to build the model with, from `file_placements`: the file's when they hold
+    copies (each MoE layer's expert slots are `Placement.num_local`), else None (contiguous;
+    `PlacementController.start` migrates to the file's)."""
+    if placements is None or not any(p.is_replicated for p in placements):
+        return None
     return placements
