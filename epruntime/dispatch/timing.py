@@ -176,8 +176,13 @@ class PhaseTimer:
         """Laps of one phase method; `first`: the phase's first method (counts a call)."""
         index = (layer, DIRECTIONS.index(direction), PHASES.index(phase))
         if first:
-            self._calls[index] = self._calls.get(index, 0) + 1
+            self.count_call(layer, direction, phase)
         return Laps(self, index)
+
+    def count_call(self, layer: int, direction: str, phase: str) -> None:
+        """One more call of `phase` (its first method ran), with nothing timed here."""
+        index = (layer, DIRECTIONS.index(direction), PHASES.index(phase))
+        self._calls[index] = self._calls.get(index, 0) + 1
 
     def backward_span(self, layer: int, phase: str, part: str, inp: torch.Tensor,
                       out: torch.Tensor, group=None) -> None:
