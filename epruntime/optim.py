@@ -34,19 +34,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import clip_grads
 
 from epruntime.config import TrainConfig
-from epruntime.model.sharding import is_expert_param
 from epruntime.optim_copies import CopyGradients, corrected_norm
 
 ADAM_BETAS = (0.9, 0.95)
-
-
-def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(dense, expert) parameters that require grad."""
-    dense, expert = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (expert if is_expert_param(name) else dense).append(p)
-    return dense, expert
 
 
 def wrap_ddp(model: torch.nn.Module, config, cfg: TrainConfig) -> DistributedDataParallel:

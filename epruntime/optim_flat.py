@@ -13,17 +13,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from epruntime.config import TrainConfig
 from epruntime.model.router_step import finish_router_step
-from epruntime.model.sharding import is_expert_param
+from epruntime.model.sharding import split_params
 from epruntime.optim_copies import CopyGradients, corrected_norm
-
-
-def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(dense, expert) parameters that require grad."""
-    dense, expert = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (expert if is_expert_param(name) else dense).append(p)
-    return dense, expert
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], group) -> None:

@@ -20,7 +20,7 @@ def _grads_worker(rank: int, ep_size: int, aux: float, out: str) -> None:
     from epruntime import distributed
     from epruntime.data import SyntheticVQA, shard_slice
     from epruntime.engine import Engine
-    from epruntime.optim import split_params
+    from epruntime.model.sharding import split_params
 
     cfg = small_config(ep_size, aux)
     env = distributed.init_distributed(cfg)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
+import torch
+
 from epruntime.placement import Placement
 
 _LOCAL_EXPERT = re.compile(r"(layers\.(\d+)\.mlp\.experts\.local_experts\.)(\d+)(\.)")
@@ -19,6 +21,15 @@ _LOCAL_EXPERT = re.compile(r"(layers\.(\d+)\.mlp\.experts\.local_experts\.)(\d+)
 
 def is_expert_param(name: str) -> bool:
     return _LOCAL_EXPERT.search(name) is not None
+
+
+def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(dense, expert) parameters of `model` that require grad."""
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (expert if is_expert_param(name) else dense).append(p)
+    return dense, expert
 
 
 def to_global_name(name: str, ep_rank: int,
