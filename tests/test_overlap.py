@@ -133,17 +133,22 @@ def test_shared_expert_overlap_is_bit_identical(runs, base):
 def test_local_first_overlap_matches_overlap_off(runs, base, on, off):
     """Output and every gradient but the routed experts' weights bit-identical (this BLAS
     computes a row the same whatever the row count of the call, at these sizes); the experts'
-    weight gradients sum over two calls instead of one: equal to fp32 rounding."""
+    weight gradients sum over two calls instead of one: equal to fp32 rounding. That rounding
+    scales with the summed magnitudes, not with an element's value (an element near zero after
+    cancellation carries the error of its large terms), so it is bounded normwise: ||a - b|| <=
+    1e-6 ||b||, 8x fp32's unit roundoff (measured: 2.4e-7 at most). (Elementwise
+    rtol 1e-5 held on one CPU's BLAS and failed by 1.7e-6 on an AMD EPYC's.)"""
     worst = 0.0
     for rank, a, b in _pairs(runs, base, on, off):
         assert torch.equal(a["output"], b["output"]), (base, rank)
         assert a["grads"].keys() == b["grads"].keys()
         for name in a["grads"]:
+            ga, gb = a["grads"][name], b["grads"][name]
             if "experts.local_experts" not in name:
-                assert torch.equal(a["grads"][name], b["grads"][name]), (base, rank, name)
-            torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name: f"{base} rank {rank} {n}: {m}")
-            worst = max(worst, float((a["grads"][name] - b["grads"][name]).abs().max()))
+                assert torch.equal(ga, gb), (base, rank, name)
+            gap = float((ga - gb).norm() / gb.norm().clamp_min(1e-30))
+            assert gap <= 1e-6, f"{base} rank {rank} {name}: normwise relative gap {gap:.3g}"
+            worst = max(worst, gap)
         # the same bytes on the wire, by the ledger's count
         assert a["ledger_bytes"] == b["ledger_bytes"] > 0
         # one dispatch and one combine forward, as with overlap off; backward times the fan-out
@@ -151,7 +156,7 @@ def test_local_first_overlap_matches_overlap_off(runs, base, on, off):
         assert a["calls"][0] == b["calls"][0] == [1, 1]
         assert [x + 1 for x in b["calls"][1]] == a["calls"][1]
         assert a["comm_s"] > 0
-    print(f"{base} {on} vs {off}: largest gradient gap {worst:.3g}")
+    print(f"{base} {on} vs {off}: largest normwise gradient gap {worst:.3g}")
 
 
 def test_overlap_needs_a_dedup_dispatcher():
