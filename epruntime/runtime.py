@@ -121,6 +121,40 @@ class LayerRuntime:
     def timer(self) -> "PhaseTimer | None":
         return self.observers.timer
 
+    # What a dispatcher asks of the observers, in one place for every dispatcher.
+    def recording_ledger(self) -> "CommLedger | None":
+        """The ledger when it records now, else None."""
+        ledger = self.observers.ledger
+        return ledger if ledger is not None and ledger.enabled else None
+
+    def timing_timer(self) -> "PhaseTimer | None":
+        """The phase timer when it times now, else None."""
+        timer = self.observers.timer
+        return timer if timer is not None and timer.enabled else None
+
+    def laps(self, phase: str, first: bool = False):
+        """Forward laps of `phase` in this layer (epruntime.dispatch.timing); its NULL_LAPS when
+        timing is off. `first`: the phase's first method (counts a call)."""
+        timer = self.timing_timer()
+        if timer is None:
+            # imported here: the runtime is torch-free for the row plan's users
+            from epruntime.dispatch.timing import NULL_LAPS
+            return NULL_LAPS
+        return timer.laps(self.layer_index, "forward", phase, first)
+
+    def time_backward(self, phase: str, part: str, inp: "torch.Tensor", out: "torch.Tensor",
+                      group: Any = None) -> None:
+        """Time the backward of the op that made `out` from `inp` as `part` of `phase`; `group`:
+        the process group whose slowest peer the part waits for (a collective)."""
+        timer = self.timing_timer()
+        if timer is not None:
+            timer.backward_span(self.layer_index, phase, part, inp, out, group)
+
+    def collective_timing(self, phase: str):
+        """(timer, layer, phase) for an all-to-all's backward, None when timing is off."""
+        timer = self.timing_timer()
+        return None if timer is None else (timer, self.layer_index, phase)
+
 
 def layer_runtimes(num_layers: int, transport: Any = None, kernels: str | None = None,
                    observers: Observers | None = None,

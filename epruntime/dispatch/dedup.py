@@ -158,40 +158,13 @@ class DedupTokenDispatcher(MoETokenDispatcher):
                                  f" with {self.num_local_experts} local experts")
         self.placement = placement
 
-    def _ledger(self):
-        """The CommLedger recording now, or None."""
-        ledger = self.runtime.ledger
-        return ledger if ledger is not None and ledger.enabled else None
-
-    def _timer(self):
-        """The PhaseTimer timing now, or None."""
-        timer = self.runtime.timer
-        return timer if timer is not None and timer.enabled else None
-
-    def _laps(self, phase: str, first: bool = False):
-        """Forward laps of `phase` (epruntime.dispatch.timing); NULL_LAPS when timing is off.
-        `first`: the phase's first method."""
-        timer = self._timer()
-        return NULL_LAPS if timer is None else timer.laps(self.runtime.layer_index, "forward",
-                                                          phase, first)
-
-    def _time_backward(self, phase: str, part: str, inp, out) -> None:
-        timer = self._timer()
-        if timer is not None:
-            timer.backward_span(self.runtime.layer_index, phase, part, inp, out)
-
-    def _timing(self, phase: str):
-        """(timer, layer, phase) for the all-to-all's backward, None when timing is off."""
-        timer = self._timer()
-        return None if timer is None else (timer, self.runtime.layer_index, phase)
-
     # ---- dispatch ------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         """hidden [S, B, H] (or [T, H]), routing_map [T, E] bool, probs [T, E] -> (x [T, H],
         probs [T, E]); the row plan goes into the handle (device only, no communication)."""
-        laps = self._laps("dispatch", first=True)
+        laps = self.runtime.laps("dispatch", first=True)
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-        ledger = self._ledger()
+        ledger = self.runtime.recording_ledger()
         # Replicated experts: each (token, logical expert) pair to one physical copy; the plan
         # (and the ledger) then count physical rows. Unchanged without copies.
         topk = max_entries(self.config)
@@ -220,7 +193,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
     def token_dispatch(self, x_TH, probs):
         """Rows [N, H] and their metadata [N, 2M] (weights, then slots as floats) to the ranks
         of their experts; returns what this rank receives."""
-        laps = self._laps("dispatch")
+        laps = self.runtime.laps("dispatch")
         h = self._handle
         if not self.runtime.overlap and self.shared_experts is None:
             rows, meta, sent = self._send_hop(x_TH, h.plan.hops[0], h.modality_T, laps)
@@ -241,7 +214,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
 
     def _wait_hop(self, flight: HopInFlight):
         """Wait for a started hop -> (rows_XH, meta_XC), timed as the phase's collective."""
-        laps = self._laps("dispatch")
+        laps = self.runtime.laps("dispatch")
         rows_XH, meta_XC, wait_s = flight.wait()
         laps.lap("collective", wait_s)
         return rows_XH, meta_XC
@@ -250,7 +223,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         """dispatch.overlap: dispatch_postprocess, the experts and combine_preprocess in one, on
         this rank's own rows while the remote rows travel, then on those -> [X, H] one row per
         received row (epruntime.dispatch.overlap.local_first)."""
-        timer, layer = self._timer(), self.runtime.layer_index
+        timer, layer = self.runtime.timing_timer(), self.runtime.layer_index
         if timer is not None:  # this replaces combine_preprocess, the combine's first method
             timer.count_call(layer, "forward", "combine")
 
@@ -259,7 +232,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
                 backward_node_span(timer, layer, phase, part, inp, out)
 
         return local_first(flight, self.experts, self.num_local_experts,
-                           flight.sent.hop.max_entries, (self._laps, span))
+                           flight.sent.hop.max_entries, (self.runtime.laps, span))
 
     def _send_hop(self, x_TH: torch.Tensor, hop: Hop, modality_T: torch.Tensor | None,
                   laps=NULL_LAPS, asynchronous: bool = False):
@@ -267,7 +240,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         x_TH's rows) with their entries, hand both to the all-to-all. -> (rows, meta, SentHop);
         asynchronous: the started exchange (HopInFlight, epruntime.dispatch.overlap).
         `laps` times its parts: wait (the counts), permute, collective."""
-        ledger, layer = self._ledger(), self.runtime.layer_index
+        ledger, layer = self.runtime.recording_ledger(), self.runtime.layer_index
         laps.barrier(self.ep_group)
         recv_R = exchange_counts(hop.splits_R, self.ep_group)
         if ledger is not None:
@@ -280,7 +253,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         layout = kernels.Layout.of_rows(hop.sends_TR, hop.splits_R,
                                         hop.used_TGQ.sum(0).reshape(-1), num_rows, token_N)
         rows_NH = kernels.permute_differentiable(x_TH, layout, self.runtime.kernels)
-        self._time_backward("dispatch", "permute", x_TH, rows_NH)
+        self.runtime.time_backward("dispatch", "permute", x_TH, rows_NH)
         slot_NM, prob_NM = hop.entries(token_N, dest_N)
         columns = [prob_NM.float(), slot_NM.float()]
         if hop.modality_column:  # node dedup: the gateway counts its rows by modality
@@ -321,49 +294,50 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         if back:
             send, recv = recv, send
         transport = self.runtime.transport
-        out = all_to_all(x_NC, send, recv, self.ep_group, transport, self._timing(phase))
+        out = all_to_all(x_NC, send, recv, self.ep_group, transport,
+                         self.runtime.collective_timing(phase))
         return out, last_wait_s(transport)
 
     def _start_exchange(self, x_NC, sent: SentHop):
         """Start `_exchange(x_NC, sent, "dispatch")` -> InFlight (waits: the group's timeout)."""
         return start_all_to_all(x_NC, sent.send_splits, sent.recv_splits, self.ep_group,
-                                self.runtime.transport, self._timing("dispatch"),
+                                self.runtime.transport, self.runtime.collective_timing("dispatch"),
                                 self.runtime.timeout_s)
 
     def dispatch_postprocess(self, rows_XH, meta_XC):
         """Received rows -> expert inputs [K, H] sorted by local slot, tokens per slot, weights
         [K]."""
-        laps = self._laps("dispatch")
+        laps = self.runtime.laps("dispatch")
         m = self._handle.sent[-1].hop.max_entries
         prob_XM, slot_XM = meta_XC[:, :m], meta_XC[:, m:2 * m].detach().long()
         fan = fan_out(slot_XM, self.num_local_experts)
         self._handle = dataclasses.replace(self._handle, fan=fan)
         x_KH = rows_XH.index_select(0, fan.row_K)
         probs_K = prob_XM.reshape(-1).index_select(0, fan.entry_K)
-        self._time_backward("dispatch", "permute", rows_XH, x_KH)
+        self.runtime.time_backward("dispatch", "permute", rows_XH, x_KH)
         laps.lap("permute")
         return x_KH, fan.tokens_per_slot, probs_K
 
     # ---- combine ---------------------------------------------------------------------------
     def combine_preprocess(self, out_KH):
         """Weighted expert outputs [K, H] -> one row per received row [X, H] (sum over slots)."""
-        laps = self._laps("combine", first=True)
+        laps = self.runtime.laps("combine", first=True)
         h = self._handle
         rows_XH = out_KH.new_zeros(h.num_received, out_KH.shape[-1]).index_add(0, h.fan.row_K,
                                                                                 out_KH)
-        self._time_backward("combine", "combine", out_KH, rows_XH)
+        self.runtime.time_backward("combine", "combine", out_KH, rows_XH)
         laps.lap("combine")
         return rows_XH
 
     def token_combine(self, rows_XH):
         """Every received row goes back to its sender."""
-        laps = self._laps("combine")
+        laps = self.runtime.laps("combine")
         return self._return_hop(rows_XH, self._handle.sent[0], laps)
 
     def _return_hop(self, rows_XH, sent: SentHop, laps=NULL_LAPS):
         """The reverse of one hop: rows_XH [X, H] (one per received row) -> [N, H] (one per sent
         row)."""
-        ledger, layer = self._ledger(), self.runtime.layer_index
+        ledger, layer = self.runtime.recording_ledger(), self.runtime.layer_index
         if ledger is not None:
             ledger.record_rows(layer, "combine", sent.recv_R, sent.hop.payload_row_bytes)
         laps.lap("combine")
@@ -377,11 +351,11 @@ class DedupTokenDispatcher(MoETokenDispatcher):
     def combine_postprocess(self, back_NH):
         """One row per (token, rank) [N, H] -> per token sum (ascending rank order), in the
         input's shape."""
-        laps = self._laps("combine")
+        laps = self.runtime.laps("combine")
         h = self._handle
         out = kernels.unpermute_combine_differentiable(back_NH, h.sent[0].layout,
                                                        backend=self.runtime.kernels)
-        self._time_backward("combine", "combine", back_NH, out)
+        self.runtime.time_backward("combine", "combine", back_NH, out)
         laps.lap("combine")
         out = out.view(h.hidden_shape)
         if h.shared_out is not None:  # as MoELayer.postprocess adds them without overlap

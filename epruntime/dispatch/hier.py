@@ -35,7 +35,7 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
     def token_dispatch(self, x_TH, probs):
         """Hop 1 to the gateways, then (as a gateway) hop 2 inside this node; returns the rows
         [X, H] and metadata [X, 2M] this rank receives for its own experts."""
-        laps = self._laps("dispatch")
+        laps = self.runtime.laps("dispatch")
         h = self._handle
         hop1 = h.plan.hops[0]
         if self.shared_experts is None:
@@ -44,7 +44,7 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
             flight1 = self._send_hop(x_TH, hop1, h.modality_T, laps, asynchronous=True)
             h = dataclasses.replace(h, shared_out=self._shared_experts_now(h))
             (rows_YH, meta_YC), sent1 = self._wait_hop(flight1), flight1.sent
-            laps = self._laps("dispatch")
+            laps = self.runtime.laps("dispatch")
         plan2 = self._gateway_plan(rows_YH, meta_YC, hop1)
         modality_Y = None
         if h.modality_T is not None and hop1.modality_column:
@@ -82,12 +82,12 @@ class HierDedupTokenDispatcher(DedupTokenDispatcher):
     def token_combine(self, rows_XH):
         """Hop 2 back to the gateways, which sum their node's rows per hop-1 row, then hop 1
         back to the senders."""
-        laps = self._laps("combine")
+        laps = self.runtime.laps("combine")
         sent1, sent2 = self._handle.sent
         back2 = self._return_hop(rows_XH, sent2, laps)
         rows_YH = kernels.unpermute_combine_differentiable(back2, sent2.layout,
                                                            backend=self.runtime.kernels)
-        self._time_backward("combine", "combine", back2, rows_YH)
+        self.runtime.time_backward("combine", "combine", back2, rows_YH)
         return self._return_hop(rows_YH, sent1, laps)
 
 

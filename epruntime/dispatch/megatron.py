@@ -56,25 +56,6 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
             raise PlacementError("megatron-core's alltoall dispatcher only supports contiguous "
                                  "placement; use dispatch.kind=dedup")
 
-    def _ledger(self):
-        ledger = self.runtime.ledger
-        return ledger if ledger is not None and ledger.enabled else None
-
-    def _timer(self):
-        timer = self.runtime.timer
-        return timer if timer is not None and timer.enabled else None
-
-    def _laps_of(self, phase: str, first: bool = False):
-        timer = self._timer()
-        return NULL_LAPS if timer is None else timer.laps(self.runtime.layer_index, "forward",
-                                                          phase, first)
-
-    def _time_backward(self, phase: str, part: str, inp, out, collective: bool = False) -> None:
-        timer = self._timer()
-        if timer is not None:
-            timer.backward_span(self.runtime.layer_index, phase, part, inp, out,
-                                self.ep_group if collective else None)
-
     def preprocess(self, routing_map):
         """megatron-core's; its all-gather of the routing counts is this phase's `wait`."""
         self._laps.lap("layout")
@@ -83,8 +64,8 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
         return out
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        self._laps = laps = self._laps_of("dispatch", first=True)
-        if self._timer() is not None and hidden_states.requires_grad:
+        self._laps = laps = self.runtime.laps("dispatch", first=True)
+        if self.runtime.timing_timer() is not None and hidden_states.requires_grad:
             # The layer's input also feeds the router: time the permute's backward from an
             # alias only it consumes, not until the router's backward is done as well.
             hidden_states = hidden_states.view_as(hidden_states)
@@ -92,9 +73,9 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
             out = super().dispatch_preprocess(hidden_states, routing_map, probs)
         finally:
             self._laps = NULL_LAPS
-        self._time_backward("dispatch", "permute", hidden_states, out[0])
+        self.runtime.time_backward("dispatch", "permute", hidden_states, out[0])
         laps.lap("permute")
-        ledger, self._handle = self._ledger(), None
+        ledger, self._handle = self.runtime.recording_ledger(), None
         if ledger is not None:
             plan = row_plan(routing_map, None,
                             Placement.contiguous(self.config.num_moe_experts, self.ep_size),
@@ -127,13 +108,13 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
         return [rows // self.ep_size] * self.ep_size
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
-        laps = self._laps_of("dispatch")
+        laps = self.runtime.laps("dispatch")
         laps.barrier(self.ep_group)
         out = super().token_dispatch(permutated_local_input_tokens, permuted_probs)
-        self._time_backward("dispatch", "collective", permutated_local_input_tokens, out[0],
-                            collective=True)
-        self._time_backward("dispatch", "collective", permuted_probs, out[1])
-        ledger, h = self._ledger(), self._handle
+        self.runtime.time_backward("dispatch", "collective", permutated_local_input_tokens, out[0],
+                                   self.ep_group)
+        self.runtime.time_backward("dispatch", "collective", permuted_probs, out[1])
+        ledger, h = self.runtime.recording_ledger(), self._handle
         if ledger is not None and h is not None:  # host splits only after megatron-core's sync
             tokens, probs = permutated_local_input_tokens, permuted_probs
             ledger.record_rows(self.runtime.layer_index, "dispatch",
@@ -143,36 +124,36 @@ class LedgeredAlltoAllDispatcher(CpuAlltoAllTokenDispatcher):
         return out
 
     def dispatch_postprocess(self, global_input_tokens, global_probs):
-        laps = self._laps_of("dispatch")
+        laps = self.runtime.laps("dispatch")
         out = super().dispatch_postprocess(global_input_tokens, global_probs)
-        self._time_backward("dispatch", "permute", global_input_tokens, out[0])
+        self.runtime.time_backward("dispatch", "permute", global_input_tokens, out[0])
         laps.lap("permute")
         return out
 
     def combine_preprocess(self, hidden_states):
-        laps = self._laps_of("combine", first=True)
+        laps = self.runtime.laps("combine", first=True)
         out = super().combine_preprocess(hidden_states)
-        self._time_backward("combine", "permute", hidden_states, out)
+        self.runtime.time_backward("combine", "permute", hidden_states, out)
         laps.lap("permute")
         return out
 
     def combine_postprocess(self, permutated_local_input_tokens):
-        laps = self._laps_of("combine")
+        laps = self.runtime.laps("combine")
         out = super().combine_postprocess(permutated_local_input_tokens)
-        self._time_backward("combine", "combine", permutated_local_input_tokens, out)
+        self.runtime.time_backward("combine", "combine", permutated_local_input_tokens, out)
         laps.lap("combine")
         return out
 
     def token_combine(self, hidden_states, *args, **kwargs):
-        laps = self._laps_of("combine")
-        ledger, h = self._ledger(), self._handle
+        laps = self.runtime.laps("combine")
+        ledger, h = self.runtime.recording_ledger(), self._handle
         if ledger is not None and h is not None:
             ledger.record_rows(self.runtime.layer_index, "combine",
                                self._splits(self.output_splits, hidden_states.shape[0]),
                                row_bytes(hidden_states))
         laps.barrier(self.ep_group)
         out = super().token_combine(hidden_states, *args, **kwargs)
-        self._time_backward("combine", "collective", hidden_states, out, collective=True)
+        self.runtime.time_backward("combine", "collective", hidden_states, out, self.ep_group)
         if ledger is not None and h is not None and h.modality_rows is not None:
             ledger.record_combine_modality(self.runtime.layer_index, h.modality_rows)
         laps.lap("collective")
