@@ -194,3 +194,19 @@ def test_frozen_encoder_keeps_its_weights_at_ep_2_and_resumes_bit_for_bit(tmp_pa
         assert r["unchanged"] and r["projector_moved"], r
         assert r["resumed"] == r["losses"][2:], r
         assert r["resumed_state_equal"], r
+
+
+def test_checkpoint_of_a_frozen_stem_loads_without_its_file(tmp_path):
+    """pretrained / freeze say how training started, not what the weights are: a checkpoint of
+    such a run is compatible with a config without them (prediction), and a changed stem is not."""
+    from epruntime.checkpoint import CheckpointError
+    from epruntime.checkpoint.load import check_compatible
+
+    frozen = load_config(None, [*TINY, "model.vision.pretrained=stem.pt",
+                                "model.vision.freeze=true"])
+    meta = {"config": json.loads(frozen.canonical_json())}
+    check_compatible(meta, load_config(None, TINY), tmp_path)
+    changed = r"model.vision: checkpoint .*'channels': \[4, 8, 8\]"
+    with pytest.raises(CheckpointError, match=changed):
+        check_compatible(meta, load_config(None, [*TINY, "model.vision.channels=[4,8,16]"]),
+                         tmp_path)

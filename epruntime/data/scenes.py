@@ -2,10 +2,10 @@
 
     python -m epruntime.data.scenes --out data/scenes --seed 0 --train 6000 --test 1000
 
-Each scene is a 2x2, 3x3 or 4x4 grid (`--grid`, e.g. `--grid 4` for 4x4 scenes only) on a textured or noisy background (stripes, checks,
-gradients, speckle); some cells hold a Fashion-MNIST photo (tinted, and with `--layout jitter`
-scaled and moved freely inside its cell), others are empty. Every scene gets
-`--questions` questions, one of each kind in turn:
+Each scene is a 2x2, 3x3 or 4x4 grid (`--grid`; `--grid 4` gives 4x4 scenes only) on a
+textured or noisy background (stripes, checks, gradients, speckle); some cells hold a
+Fashion-MNIST photo (tinted, and with `--layout jitter` scaled and moved freely inside its cell),
+others are empty. Every scene gets `--questions` questions, one of each kind in turn:
 
     position  "what is in row 2, column 3?"           -> a category, or "nothing"
     count     "how many bags are there?"               -> "0" .. "4" (categories seen at most 4x)
