@@ -206,6 +206,10 @@ def test_checkpoint_of_a_frozen_stem_loads_without_its_file(tmp_path):
                                 "model.vision.freeze=true"])
     meta = {"config": json.loads(frozen.canonical_json())}
     check_compatible(meta, load_config(None, TINY), tmp_path)
+    older = json.loads(load_config(None, TINY).canonical_json())  # before the two fields existed
+    for name in ("pretrained", "freeze"):
+        del older["model"]["vision"][name]
+    check_compatible({"config": older}, frozen, tmp_path)
     changed = r"model.vision: checkpoint .*'channels': \[4, 8, 8\]"
     with pytest.raises(CheckpointError, match=changed):
         check_compatible(meta, load_config(None, [*TINY, "model.vision.channels=[4,8,16]"]),
