@@ -133,6 +133,17 @@ def test_bad_settings_are_named_config_errors(overrides, message):
     assert str(err.value) == message
 
 
+def test_pretraining_a_patch_encoder_is_a_usage_error(tmp_path, capsys):
+    from epruntime.model.pretrain_vision import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "x.pt"), "--set", "model.vision.kind=patch"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: model.vision.kind=patch: only conv and vit encoders have weights to pretrain")
+    assert not (tmp_path / "x.pt").exists()
+
+
 # ---- frozen at EP=2, through training and a checkpoint ---------------------------------------
 STEPS = 4  # a checkpoint after step 2, then two more steps
 

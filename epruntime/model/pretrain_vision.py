@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if cfg.model.vision.kind not in ("conv", "vit"):
+        p.error(f"model.vision.kind={cfg.model.vision.kind}: only conv and vit encoders have "
+                "weights to pretrain")
     try:
         photos, labels = scenes.fashion_mnist("train", args.fashion_mnist)
     except scenes.FashionMnistMissing as err:
