@@ -192,10 +192,23 @@ def _frozen_worker(rank: int, out: str) -> None:
     report["resumed_state_equal"] = all(
         torch.equal(p, dict(fresh.model.named_parameters())[n])
         for n, p in engine.model.named_parameters())
+    report["checkpoint"] = str(path)
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def test_frozen_encoder_keeps_its_weights_at_ep_2_and_resumes_bit_for_bit(tmp_path):
+def _predict_worker(rank: int, checkpoint_path: str, out: str) -> None:
+    """Build the prediction engine from a frozen-stem checkpoint at EP=1 (the stem file gone)."""
+    from epruntime import distributed
+    from epruntime.predict import build_engine, checkpoint_vocab, load_inference_config
+
+    cfg, meta = load_inference_config(Path(checkpoint_path), None, ["parallel.ep_size=1"])
+    env = distributed.init_distributed(cfg)
+    engine, _ = build_engine(cfg, env, checkpoint_vocab(meta, cfg), Path(checkpoint_path))
+    conv = engine.model.vision.encoder.stages[0][0].weight
+    torch.save(conv.detach().clone(), f"{out}/predict_conv.pt")
+
+
+def test_frozen_encoder_keeps_its_weights_at_ep_2_resumes_and_predicts_without_its_file(tmp_path):
     m = configs.small_config(*CONV).model
     _file_for(m, tmp_path / "stem.pt")
     spawn(_frozen_worker, 2, str(tmp_path))
@@ -205,6 +218,11 @@ def test_frozen_encoder_keeps_its_weights_at_ep_2_and_resumes_bit_for_bit(tmp_pa
         assert r["unchanged"] and r["projector_moved"], r
         assert r["resumed"] == r["losses"][2:], r
         assert r["resumed_state_equal"], r
+    # prediction reads the encoder from the checkpoint: the pretrained file is not needed
+    stem = torch.load(tmp_path / "stem.pt", weights_only=True)["state_dict"]
+    (tmp_path / "stem.pt").unlink()
+    spawn(_predict_worker, 1, r["checkpoint"], str(tmp_path))
+    assert torch.equal(torch.load(tmp_path / "predict_conv.pt"), stem["stages.0.0.weight"])
 
 
 def test_checkpoint_of_a_frozen_stem_loads_without_its_file(tmp_path):
