@@ -47,6 +47,7 @@ _NAMED_ERRORS = (
     ("epruntime.compat", "MegatronVersionError", EXIT_USAGE),
     ("epruntime.distributed", "ConfigMismatchError", EXIT_USAGE),
     ("epruntime.model.vlm", "InputError", EXIT_USAGE),
+    ("epruntime.model.vision", "PretrainedEncoderError", EXIT_USAGE),
     ("epruntime.data.jsonl", "DataError", EXIT_USAGE),
     ("epruntime.placement.core", "PlacementError", EXIT_USAGE),
     ("epruntime.transport.shm", "ShmOverflowError", EXIT_USAGE),

@@ -68,6 +68,11 @@ class VisionConfig(Section):
     width: int = Field(64, gt=0, description="vit: embedding width")
     layers: int = Field(2, gt=0, description="vit: transformer blocks")
     heads: int = Field(4, gt=0, description="vit: attention heads")
+    pretrained: Path | None = Field(None, description="encoder weights written by "
+                                       "`python -m epruntime.model.pretrain_vision` (conv or vit); "
+                                       "loaded over the initialisation where the model is built")
+    freeze: bool = Field(False, description="keep the pretrained encoder fixed (requires_grad="
+                         "False: DDP and the optimizer skip it); the projector still trains")
 
     @model_validator(mode="after")
     def _shapes(self) -> "VisionConfig":
@@ -76,6 +81,12 @@ class VisionConfig(Section):
         if self.width % self.heads:
             raise ValueError(f"model.vision.width={self.width} is not divisible by "
                              f"model.vision.heads={self.heads}")
+        if self.freeze and self.pretrained is None:
+            raise ValueError("model.vision.freeze=true needs model.vision.pretrained (a frozen "
+                             "encoder that was never trained stays at its random initialisation)")
+        if self.pretrained is not None and self.kind not in ("conv", "vit"):
+            raise ValueError(f"model.vision.pretrained needs model.vision.kind conv or vit "
+                             f"(kind={self.kind} has no encoder weights)")
         return self
 
 

@@ -26,6 +26,7 @@ from epruntime.config import Config, ConfigError, ep_ranks_per_node
 from epruntime.dispatch import CommLedger, dispatcher_class
 from epruntime.dispatch.timing import PhaseTimer, clock_for
 from epruntime.distributed import DistEnv, check_router_groups, host_all_reduce
+from epruntime.model.vision import load_pretrained
 from epruntime.model.vlm import MoEVLM, init_weights_
 from epruntime.placement.controller import build_placements, file_placements
 from epruntime.routing_stats import RoutingRecorder
@@ -86,6 +87,12 @@ class Engine:
         self.num_local_experts = self.model.placements[0].num_local
         init_weights_(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers,
                       env.ep_rank)
+        vision = cfg.model.vision
+        if vision.pretrained is not None:  # every rank reads the same file: replicas agree
+            load_pretrained(self.model.vision.encoder, cfg.model, vision.pretrained)
+            # Frozen before the optimizer is built: megatron-core's DDP buffers and the optimizer
+            # take only parameters that require grad.
+            self.model.vision.encoder.requires_grad_(not vision.freeze)
         # train.optimizer: megatron-core's DDP + optimizer (or the earlier flat path); the model
         # stays unwrapped (DDP's hooks fire on its parameters' gradients).
         self.gradients = optim.build_gradients(self.model, self.model.gpt.config, cfg.train)

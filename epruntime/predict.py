@@ -66,6 +66,12 @@ def build_engine(cfg: Config, env, vocab: DataVocab, path: Path):
     """An Engine for `vocab`'s sizes with the checkpoint's weights, in eval mode."""
     from epruntime.engine import Engine
 
+    if cfg.model.vision.pretrained is not None:
+        # The checkpoint holds the encoder's weights: its pretrained file is neither read nor
+        # needed to predict (freeze first: freeze without a file is a config error).
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.vision.freeze = False
+        cfg.model.vision.pretrained = None
     engine = Engine(cfg, env, len(vocab.words), len(vocab.answers), vocab.max_question_len)
     from epruntime.placement.controller import PlacementController
 

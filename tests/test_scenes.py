@@ -23,9 +23,10 @@ needs_fashion_mnist = pytest.mark.skipif(
            "or bash scripts/setup.sh as root)")
 
 
-def _generate(out: Path, seed: int, layout: str = "jitter") -> None:
+def _generate(out: Path, seed: int, layout: str = "jitter", grid: str | None = None) -> None:
     assert main(["--out", str(out), "--seed", str(seed), "--train", "12", "--test", "4",
-                 "--questions", "4", "--layout", layout]) == 0
+                 "--questions", "4", "--layout", layout]
+                + (["--grid", grid] if grid else [])) == 0
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -81,7 +82,42 @@ def _rebuild(items: list[dict], question: str) -> str:
 
 
 @needs_fashion_mnist
+def test_default_grid_is_2_to_4_unchanged(scenes, tmp_path):
+    """--grid's default draws the grid as the generator always did: the same files as an
+    explicit --grid 2-4, and all three sizes occur."""
+    _generate(tmp_path / "explicit", seed=3, grid="2-4")
+    assert _digest(tmp_path / "explicit") == _digest(scenes)
+    lines = (scenes / "train_scenes.jsonl").read_text().splitlines()
+    assert {json.loads(x)["grid"] for x in lines} == {2, 3, 4}
+
+
+@needs_fashion_mnist
+def test_grid_4_gives_4x4_scenes_with_correct_answers(tmp_path):
+    _generate(tmp_path, seed=5, grid="4")
+    _check_answers(tmp_path)
+    for split in ("train", "test"):
+        for line in (tmp_path / f"{split}_scenes.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            assert d["grid"] == 4
+            for it in d["items"]:  # each item inside its own 16-pixel cell, i.e. one token
+                x0, y0, x1, y1 = it["box"]
+                assert it["col"] * 16 <= x0 < x1 <= (it["col"] + 1) * 16
+                assert it["row"] * 16 <= y0 < y1 <= (it["row"] + 1) * 16
+
+
+def test_bad_grid_is_a_usage_error(tmp_path):
+    for bad in ("0", "4-2", "x"):
+        with pytest.raises(SystemExit) as err:
+            main(["--out", str(tmp_path), "--train", "1", "--test", "1", "--grid", bad])
+        assert err.value.code == 2
+
+
+@needs_fashion_mnist
 def test_answers_follow_from_each_scenes_metadata(scenes):
+    _check_answers(scenes)
+
+
+def _check_answers(scenes: Path) -> None:
     for split in ("train", "test"):
         meta = {}
         for line in (scenes / f"{split}_scenes.jsonl").read_text().splitlines():

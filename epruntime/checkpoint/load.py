@@ -33,6 +33,9 @@ class ReadStats:
     keys: tuple[str, ...]  # state-dict keys it asked for
 
 
+TRAINING_ONLY_VISION_FIELDS = ("pretrained", "freeze")
+
+
 def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     """The checkpoint's model section must equal this run's (EP size may differ)."""
     mine = json.loads(cfg.canonical_json())["model"]
@@ -40,6 +43,11 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     defaults = json.loads(ModelConfig().model_dump_json())
     theirs = {**{k: v for k, v in defaults.items() if k not in meta["config"]["model"]},
               **meta["config"]["model"]}
+    # How the encoder started and whether it trained are no part of the model the weights are
+    # for: a checkpoint of a frozen, pretrained stem loads without the file, or to fine-tune it.
+    for section in (mine, theirs):
+        section["vision"] = {k: v for k, v in section.get("vision", {}).items()
+                             if k not in TRAINING_ONLY_VISION_FIELDS}
     diff = [f"model.{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}"
             for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
     if diff:

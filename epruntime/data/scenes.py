@@ -2,10 +2,10 @@
 
     python -m epruntime.data.scenes --out data/scenes --seed 0 --train 6000 --test 1000
 
-Each scene is a 2x2, 3x3 or 4x4 grid on a textured or noisy background (stripes, checks,
-gradients, speckle); some cells hold a Fashion-MNIST photo (tinted, and with `--layout jitter`
-scaled and moved freely inside its cell), others are empty. Every scene gets
-`--questions` questions, one of each kind in turn:
+Each scene is a 2x2, 3x3 or 4x4 grid (`--grid`; `--grid 4` gives 4x4 scenes only) on a
+textured or noisy background (stripes, checks, gradients, speckle); some cells hold a
+Fashion-MNIST photo (tinted, and with `--layout jitter` scaled and moved freely inside its cell),
+others are empty. Every scene gets `--questions` questions, one of each kind in turn:
 
     position  "what is in row 2, column 3?"           -> a category, or "nothing"
     count     "how many bags are there?"               -> "0" .. "4" (categories seen at most 4x)
@@ -137,9 +137,9 @@ def paste(canvas: np.ndarray, photo: np.ndarray, x0: int, y0: int, tint: np.ndar
 
 # ---- one scene ------------------------------------------------------------------------------
 def make_scene(rng: np.random.Generator, photos: np.ndarray, labels: np.ndarray, size: int,
-               layout: str, name: str) -> tuple[Scene, np.ndarray]:
-    """One scene and its [size, size, 3] uint8 pixels."""
-    grid = int(rng.integers(2, 5))
+               layout: str, name: str, grids: tuple[int, int] = (2, 4)) -> tuple[Scene, np.ndarray]:
+    """One scene and its [size, size, 3] uint8 pixels; its grid side drawn from grids=(lo, hi)."""
+    grid = int(rng.integers(grids[0], grids[1] + 1))
     cell = size // grid
     canvas = background(rng, size)
     fill = rng.uniform(0.5, 0.9)
@@ -229,7 +229,8 @@ def answer(scene: Scene, kind: str, question: str) -> str:
 
 # ---- a split --------------------------------------------------------------------------------
 def write_split(out: Path, split: str, num_scenes: int, seed: int, size: int, layout: str,
-                questions_per_scene: int, root: Path = FASHION_MNIST_DIR) -> int:
+                questions_per_scene: int, root: Path = FASHION_MNIST_DIR,
+                grids: tuple[int, int] = (2, 4)) -> int:
     """Write one split's images, questions and scene metadata; returns the question count."""
     from PIL import Image
 
@@ -242,7 +243,7 @@ def write_split(out: Path, split: str, num_scenes: int, seed: int, size: int, la
         for index in range(num_scenes):
             rng = np.random.default_rng((seed, stream, index))
             name = f"images/{split}/{index:06d}.png"
-            scene, pixels = make_scene(rng, photos, labels, size, layout, name)
+            scene, pixels = make_scene(rng, photos, labels, size, layout, name, grids)
             Image.fromarray(pixels).save(out / name, optimize=False)
             sf.write(json.dumps({"image": name, "grid": scene.grid,
                                  "items": [asdict(it) for it in scene.items]}) + "\n")
@@ -270,6 +271,18 @@ def load_scenes(path: Path) -> dict[str, Scene]:
     return scenes
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    """"4" -> (4, 4), "2-4" -> (2, 4): the grid sides a scene may have."""
+    lo, _, hi = text.partition("-")
+    try:
+        grids = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or LO-HI") from None
+    if not 1 <= grids[0] <= grids[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LO <= HI")
+    return grids
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="epruntime.data.scenes", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -280,17 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--layout", choices=("grid", "jitter"), default="jitter",
                    help="grid: a photo fills its cell; jitter: scaled and placed freely in it")
+    p.add_argument("--grid", type=parse_grid, default=(2, 4), metavar="N|LO-HI",
+                   help="grid sides per scene (default 2-4); 4 with --size 64 makes every cell "
+                        "one 16-pixel token")
     p.add_argument("--fashion-mnist", type=Path, default=FASHION_MNIST_DIR,
                    help="folder of the Fashion-MNIST idx files")
     args = p.parse_args(argv)
     for name in ("train", "test", "questions"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if args.size < 16:
-        p.error("--size must be >= 16 (a 4x4 grid needs 4 pixels per cell at least)")
+    if args.size < 4 * args.grid[1]:
+        p.error(f"--size must be >= {4 * args.grid[1]} (a {args.grid[1]}x{args.grid[1]} grid "
+                "needs 4 pixels per cell at least)")
     try:
         counts = {split: write_split(args.out, split, n, args.seed, args.size, args.layout,
-                                     args.questions, args.fashion_mnist)
+                                     args.questions, args.fashion_mnist, args.grid)
                   for split, n in (("train", args.train), ("test", args.test))}
     except FashionMnistMissing as err:
         print(f"epruntime.data.scenes: error: {err}", file=sys.stderr)

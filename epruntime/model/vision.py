@@ -22,6 +22,8 @@ samples of its batch or on how the batch is split over ranks (EP equivalence hol
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -98,6 +100,67 @@ class SmallViT(nn.Module):
         return self.final_norm(self.blocks(x_BPW))
 
 
+def build_encoder(m: ModelConfig, channels: int = 3) -> nn.Module:
+    """The encoder `model.vision.kind` names: [B, C, H, W] -> [B, P, out_dim]."""
+    grid = m.image_size // m.patch_size
+    v = m.vision
+    if v.kind == "patch":
+        return PatchPixels(channels, m.patch_size)
+    if v.kind == "conv":
+        return ConvStem(channels, list(v.channels), grid, v.global_context, v.pool)
+    return SmallViT(channels, m.patch_size, grid * grid, v.width, v.layers, v.heads)
+
+
+# ---- pretrained encoders (epruntime.model.pretrain_vision writes them) -----------------------
+class PretrainedEncoderError(ValueError):
+    """A model.vision.pretrained file that is missing or was trained for another encoder."""
+
+
+# The fields that shape the encoder's weights and what its tokens stand for, per kind; a
+# pretrained file must match every one of them.
+_SHAPING = {"conv": ("kind", "channels", "global_context", "pool"),
+            "vit": ("kind", "width", "layers", "heads")}
+
+
+def encoder_signature(m: ModelConfig) -> dict:
+    """{"model.image_size": ..., "model.vision.kind": ..., ...}: what a pretrained encoder file
+    records and is checked against."""
+    sig = {"model.image_size": m.image_size, "model.patch_size": m.patch_size}
+    for name in _SHAPING[m.vision.kind]:
+        sig[f"model.vision.{name}"] = getattr(m.vision, name)
+    return sig
+
+
+def save_pretrained(path: str | Path, m: ModelConfig, encoder: nn.Module, figures: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    torch.save({"encoder_config": encoder_signature(m), "state_dict": state,
+                "figures": figures}, path)
+
+
+def load_pretrained(encoder: nn.Module, m: ModelConfig, path: str | Path) -> None:
+    """Copy the weights of a pretrained encoder file into `encoder` (built for `m`), after
+    checking that the file was trained for the same encoder config."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedEncoderError(
+            f"model.vision.pretrained={path}: file not found (write it with python -m "
+            "epruntime.model.pretrain_vision --config CONFIG --out PATH)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    want = encoder_signature(m)
+    have = saved.get("encoder_config", {}) if isinstance(saved, dict) else {}
+    # the kind first: another kind differs in every other field too
+    for field in ["model.vision.kind", *sorted((set(want) | set(have)) - {"model.vision.kind"})]:
+        if want.get(field) != have.get(field):
+            raise PretrainedEncoderError(
+                f"model.vision.pretrained={path} was trained for another encoder: {field}="
+                f"{have.get(field)} there, {want.get(field)} in this config")
+    with torch.no_grad():
+        for name, tensor in encoder.state_dict().items():
+            tensor.copy_(saved["state_dict"][name])
+
+
 class VisionTower(nn.Module):
     """Encoder then projector: images [B, C, H, W] -> vision tokens [B, P, hidden].
 
@@ -107,15 +170,7 @@ class VisionTower(nn.Module):
     def __init__(self, m: ModelConfig, channels: int = 3):
         super().__init__()
         self.channels, self.image_size = channels, m.image_size
-        grid = m.image_size // m.patch_size
-        v = m.vision
-        if v.kind == "patch":
-            self.encoder: nn.Module = PatchPixels(channels, m.patch_size)
-        elif v.kind == "conv":
-            self.encoder = ConvStem(channels, list(v.channels), grid, v.global_context, v.pool)
-        else:
-            self.encoder = SmallViT(channels, m.patch_size, grid * grid, v.width, v.layers,
-                                    v.heads)
+        self.encoder = build_encoder(m, channels)
         dim = self.encoder.out_dim
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, m.hidden_size)
