@@ -84,13 +84,20 @@ def cell_accuracy(encoder: nn.Module, head: nn.Module, images: torch.Tensor,
     return right / targets.numel()
 
 
+def not_pretrainable(m: ModelConfig) -> str | None:
+    """Why `m`'s encoder cannot be pretrained, or None when it can."""
+    if m.vision.kind in ("conv", "vit"):
+        return None
+    return (f"model.vision.kind={m.vision.kind}: only conv and vit encoders have weights to "
+            "pretrain")
+
+
 def pretrain(m: ModelConfig, photos: np.ndarray, labels: np.ndarray, *, steps: int, seed: int,
              train_photos: int, train_scenes: int, heldout_scenes: int, batch_size: int,
              lr: float, log_every: int = 0) -> tuple[nn.Module, dict]:
     """The trained encoder and its figures."""
-    if m.vision.kind not in ("conv", "vit"):
-        raise ValueError(f"model.vision.kind={m.vision.kind}: only conv and vit encoders have "
-                         "weights to pretrain")
+    if (why := not_pretrainable(m)) is not None:
+        raise ValueError(why)
     grid = m.image_size // m.patch_size
     started = time.perf_counter()
     train_x, train_y = make_cells(photos[:train_photos], labels[:train_photos], train_scenes,
@@ -173,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.vision.kind not in ("conv", "vit"):
-        p.error(f"model.vision.kind={cfg.model.vision.kind}: only conv and vit encoders have "
-                "weights to pretrain")
+    if (why := not_pretrainable(cfg.model)) is not None:  # before the photos are read
+        p.error(why)
     try:
         photos, labels = scenes.fashion_mnist("train", args.fashion_mnist)
     except scenes.FashionMnistMissing as err:
