@@ -8,7 +8,7 @@ two ways:
 - `prune`: the runtime's own token removal (fastmmoe.policy=random, drop mode) after decoder
   layer `--layer`: layers up to it still see every token.
 
-    python profiling/bench.py vision_drop --checkpoint runs/scenes --data data/scenes/test.jsonl
+    python profiling/bench.py vision_drop --checkpoint runs/scenes --data data/scenes4/test.jsonl
 
 Rows: method, fraction removed, accuracy (overall and per question kind when the JSONL lines
 carry a "kind" field), the majority baseline; the median over `--repeats` seeds.
@@ -31,7 +31,7 @@ from profiling.benchlib import ROOT, BenchResult, BenchUsageError, collect_env, 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="checkpoint or training output_dir (runs/scenes)")
-    parser.add_argument("--data", help="JSONL split to predict on (data/scenes/test.jsonl)")
+    parser.add_argument("--data", help="JSONL split to predict on (data/scenes4/test.jsonl)")
     parser.add_argument("--fractions", help="comma-separated fractions removed, e.g. 0,0.5,1")
     parser.add_argument("--methods", help="occlude,prune")
     parser.add_argument("--layer", type=int, help="prune: after this decoder layer (0)")
@@ -69,10 +69,10 @@ def _per_kind(preds: list[dict], kinds: dict) -> dict[str, float]:
 @register("vision_drop", add_options)
 def run(args: argparse.Namespace) -> BenchResult:
     """Accuracy as a random fraction of the visual tokens is removed (occluded or pruned)."""
-    p = resolve(args, {"checkpoint": "runs/scenes", "data": "data/scenes/test.jsonl",
+    p = resolve(args, {"checkpoint": "runs/scenes", "data": "data/scenes4/test.jsonl",
                        "fractions": "0,0.25,0.5,0.75,0.9,1", "methods": "occlude,prune",
                        "layer": 0, "ep": 2, "max_items": None, "repeats": 1},
-                {"checkpoint": "runs/scenes", "data": "data/scenes/test.jsonl",
+                {"checkpoint": "runs/scenes", "data": "data/scenes4/test.jsonl",
                  "fractions": "0,0.5,1", "methods": "occlude", "layer": 0, "ep": 2,
                  "max_items": 256, "repeats": 1})
     fractions = [float(f) for f in str(p["fractions"]).split(",") if f.strip()]
