@@ -10,6 +10,8 @@ import math
 import pytest
 
 from epruntime.config import load_config
+from epruntime.data.vqa import easy_vqa_records
+from profiling.text_baselines import baselines
 from tests.conftest import ROOT
 from tests.launch import check, run, sets, summary, torchrun_cmd
 from tests.test_bench import bench
@@ -74,6 +76,12 @@ def test_reducers_bench_smoke_has_every_column(python_env, tmp_path):
     assert 0 < rows["fastmmoe@0.5"]["cross_rank_bytes_per_item"] < full["cross_rank_bytes_per_item"]
     assert tmp_path.joinpath("reducers.png").stat().st_size > 0
     assert "reducers: easy-vqa" in proc.stdout  # one table per workload
+    # the floor of no image, on the same 32 test items, the same on every row of the workload
+    floor = baselines(easy_vqa_records("train"), easy_vqa_records("test")[:32])
+    assert {r["question_only_accuracy"] for r in rows.values()} == {
+        floor["question_only"]["accuracy"]}
+    assert {r["majority_accuracy"] for r in rows.values()} == {floor["majority"]["accuracy"]}
+    assert 0 < floor["majority"]["accuracy"] < floor["question_only"]["accuracy"] < 1
 
 
 def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_path):

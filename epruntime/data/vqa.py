@@ -154,6 +154,12 @@ def _questions(split: Split) -> tuple[list[str], list[str], list[int]]:
     return list(texts), list(answers), [int(i) for i in image_ids]
 
 
+def easy_vqa_records(split: Split) -> list[dict[str, str]]:
+    """A split's questions as {"question", "answer"} records, in the order load_easy_vqa uses."""
+    texts, answers, _ = _questions(split)
+    return [{"question": t, "answer": a} for t, a in zip(texts, answers)]
+
+
 @functools.lru_cache(maxsize=None)
 def easy_vqa_vocab() -> Vocab:
     """Vocabulary of the TRAIN questions (used for both splits so that ids agree)."""

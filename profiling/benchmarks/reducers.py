@@ -207,6 +207,29 @@ WORKLOADS: dict[str, Callable[[Path, dict], list[str]]] = {
 }
 
 
+def _split_records(workload: str, work: Path, split: str) -> list[dict]:
+    """A workload's {"question", "answer", ...} records of `split` ("train" or "test"), in the
+    order its dataset loads them."""
+    if workload == "easy-vqa":
+        from epruntime.data.vqa import easy_vqa_records
+
+        return easy_vqa_records(split)
+    path = work / workload / "data" / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def question_only(workload: str, work: Path, items: int) -> dict:
+    """What the question alone answers on the first `items` test items (the ones the table
+    scores): the commonest training answer per question text, and the majority answer. A model
+    whose accuracy sits at this floor is not using the image, whatever its visual tokens."""
+    from profiling.text_baselines import baselines
+
+    b = baselines(_split_records(workload, work, "train"),
+                  _split_records(workload, work, "test")[:items])
+    return {"question_only_accuracy": b["question_only"]["accuracy"],
+            "majority_accuracy": b["majority"]["accuracy"]}
+
+
 def _train(config: Path, work: Path, workload: str, model: str, data: list[str], p: dict,
            quick: bool) -> tuple[str, dict]:
     """The checkpoint of `model` on `workload`, made once under the workdir at EP=`ep`: trained
@@ -412,6 +435,10 @@ def plot(rows: list[dict], path: Path) -> None:
                             xytext=(3, 3), textcoords="offset points")
         if workload in full:
             ax.plot([1.0], [1.0], "k*", label="full")
+            if full[workload]["eval_accuracy"] and "question_only_accuracy" in full[workload]:
+                ax.axhline(full[workload]["question_only_accuracy"]
+                           / full[workload]["eval_accuracy"], color="k", lw=0.8, ls=":",
+                           label="question only (no image)")
         ax.axhline(GOAL["retention"], color="grey", lw=0.8, ls="--")
         ax.axvline(GOAL["flops_ratio"], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("FLOPs ratio (vs full model)")
@@ -489,7 +516,11 @@ def run(args: argparse.Namespace) -> BenchResult:
                      f"{p['repeats']} round-robin repeats over every variant, {got['seq_len']} "
                      "prompt tokens per item; accuracy on test items; MoDES calibrated on "
                      "training items")
-        rows += build_rows(workload, results, names)
+        floor = question_only(workload, work, results["full"]["items"])
+        notes.append(f"{workload}: without the image, the commonest training answer per question "
+                     f"text gets {floor['question_only_accuracy']:.4f} on the same test items "
+                     f"(majority answer {floor['majority_accuracy']:.4f})")
+        rows += [{**r, **floor} for r in build_rows(workload, results, names)]
     print_tables(rows)
     png = Path(args.json).with_suffix(".png") if args.json else work / "reducers.png"
     png.parent.mkdir(parents=True, exist_ok=True)
