@@ -17,7 +17,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 
-def _read(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSONL split, in file order."""
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     result = {"train": str(args.train), "test": str(args.test),
-              **baselines(_read(args.train), _read(args.test))}
+              **baselines(read_records(args.train), read_records(args.test))}
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

@@ -188,9 +188,14 @@ def variant(name: str) -> Variant:
 
 
 # ---- workloads ----------------------------------------------------------------------------------
+def _data_dir(work: Path, workload: str) -> Path:
+    """Where a generated workload's JSONL splits and images live."""
+    return work / workload / "data"
+
+
 def _scenes_data(work: Path, p: dict) -> list[str]:
     """Generate the scenes workload into the workdir once; its data overrides."""
-    data = work / "scenes" / "data"
+    data = _data_dir(work, "scenes")
     if not (data / "test.jsonl").is_file():
         cmd = [sys.executable, "-m", "epruntime.data.scenes", "--out", str(data), "--seed", "0",
                "--train", str(p["scenes_train"]), "--test", str(p["scenes_test"])]
@@ -214,8 +219,9 @@ def _split_records(workload: str, work: Path, split: str) -> list[dict]:
         from epruntime.data.vqa import easy_vqa_records
 
         return easy_vqa_records(split)
-    path = work / workload / "data" / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from profiling.text_baselines import read_records
+
+    return read_records(_data_dir(work, workload) / f"{split}.jsonl")
 
 
 def question_only(workload: str, work: Path, items: int) -> dict:
@@ -435,7 +441,7 @@ def plot(rows: list[dict], path: Path) -> None:
                             xytext=(3, 3), textcoords="offset points")
         if workload in full:
             ax.plot([1.0], [1.0], "k*", label="full")
-            if full[workload]["eval_accuracy"] and "question_only_accuracy" in full[workload]:
+            if full[workload]["eval_accuracy"]:
                 ax.axhline(full[workload]["question_only_accuracy"]
                            / full[workload]["eval_accuracy"], color="k", lw=0.8, ls=":",
                            label="question only (no image)")
