@@ -52,7 +52,7 @@ from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError,
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
             eval_items=2048, timing_items=256, repeats=5, warmup=1, transport="pg",
-            scenes_train=8000, scenes_test=1000, finetune_steps=100, finetune_lr=1e-3)
+            scenes_train=8000, scenes_test=1000, finetune_steps=100, finetune_lr=3e-4)
 QUICK = dict(ep=2, workloads="easy-vqa", steps=2, workdir=None, vision_topk=1, layer=0,
              eval_items=32, timing_items=16, repeats=1, warmup=0, transport="pg",
              scenes_train=64, scenes_test=16, finetune_steps=2, finetune_lr=1e-3)
