@@ -121,7 +121,16 @@ def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_p
 
 
 @pytest.mark.parametrize("option", [("--variants", "fastmmoe@2"), ("--variants", "nope"),
-                                    ("--workloads", "imagenet")])
+                                    ("--variants", "modes@skip1.5"), ("--workloads", "imagenet")])
 def test_reducers_bench_rejects_bad_names_before_training(python_env, option):
     proc = bench("reducers", "--quick", *option, env=python_env, timeout=120)
     assert proc.returncode == 2 and option[1] in proc.stderr
+
+
+def test_a_modes_skip_ratio_is_a_variant_built_on_the_fly():
+    from profiling.benchmarks import reducers
+
+    v = reducers.variant("modes@skip0.88")
+    assert v.method == "modes" and v.model == "base"
+    assert reducers.CALIBRATIONS["modes@skip0.88"] == ["--target-skip", "0.88"]
+    assert reducers.variant("fastmmoe@0.0625").method == "fastmmoe"

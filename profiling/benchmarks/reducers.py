@@ -171,20 +171,28 @@ DEFAULT_VARIANTS = ["full", "reduced", *(f"{m}@{r:g}" for m in ("fastmmoe", "fas
                     "modes@kl0.01", "modes@skip0.5", "modes@skip0.8"]
 
 
+def _fraction(text: str) -> float:
+    """`text` as a number, or -1 where it is none (every caller wants one in [0, 1])."""
+    try:
+        return float(text)
+    except ValueError:
+        return -1.0
+
+
 def variant(name: str) -> Variant:
-    """A registered variant, or `<fastmmoe|fastv|text2vision|random>@<retention>` built on the
-    fly (e.g. fastmmoe@0.0625)."""
+    """A registered variant, or one built on the fly: `<fastmmoe|fastv|text2vision|random>@
+    <retention>` (e.g. fastmmoe@0.0625), or `modes@skip<ratio>` (MoDES calibrated to the lowest
+    KL at that skip ratio, e.g. modes@skip0.88, the paper's operating point)."""
     if name in VARIANTS:
         return VARIANTS[name]
-    policy, _, retention = name.partition("@")
-    try:
-        r = float(retention)
-    except ValueError:
-        r = -1.0
-    if policy in ("fastmmoe", "fastv", "text2vision", "random") and 0 <= r <= 1:
-        return _pruning(policy, r, policy == "fastmmoe")
+    policy, _, arg = name.partition("@")
+    if policy in ("fastmmoe", "fastv", "text2vision", "random") and 0 <= _fraction(arg) <= 1:
+        return _pruning(policy, _fraction(arg), policy == "fastmmoe")
+    if policy == "modes" and arg.startswith("skip") and 0 < _fraction(arg[4:]) < 1:
+        return _modes(name, ["--target-skip", arg[4:]])
     raise BenchUsageError(f"unknown variant {name!r}: known {', '.join(VARIANTS)}, or "
-                          "<fastmmoe|fastv|text2vision|random>@<retention in [0, 1]>")
+                          "<fastmmoe|fastv|text2vision|random>@<retention in [0, 1]>, or "
+                          "modes@skip<ratio in (0, 1)>")
 
 
 # ---- workloads ----------------------------------------------------------------------------------
