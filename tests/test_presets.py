@@ -5,7 +5,8 @@ The EP=2 runs are the ones every suite run pays for (20 steps, a small global ba
 easy-vqa): both dispatchers, compared with each other. The EP=4 run (4 CPU ranks on the same
 cores) trains and infers the node-limited preset with dedup alone, which is what EP=4 adds
 (node-limited routing over four ranks); four ranks' rows and the dispatchers' agreement at EP=4
-are test_ep_equivalence's and test_dedup_dispatch's. They are marked `slow`: deselect them with `-m "not slow"`.
+are test_ep_equivalence's and test_dedup_dispatch's (the other presets at EP=4 repeated them). It
+is marked `slow`: deselect it with `-m "not slow"`.
 """
 
 from __future__ import annotations
@@ -86,9 +87,7 @@ def test_preset_trains_and_infers_at_ep2(preset, tmp_path):
     _check_preset(preset, 2, tmp_path)
 
 
-# EP=4 runs only where it routes differently from EP=2: node-limited routing, whose groups then map
-# one per rank. Four ranks' rows under every dispatcher are test_ep_equivalence's and
-# test_dedup_dispatch's; the other presets at EP=4 (about 64 s each here) repeated them.
+# the presets whose routing EP=4 changes: node-limited, the groups then one per rank
 NODE_LIMITED = sorted(name for name in ROUTING
                       if load_config(PRESETS / f"{name}.yaml").model.moe_router_group_topk)
 

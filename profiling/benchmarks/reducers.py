@@ -186,10 +186,11 @@ def variant(name: str) -> Variant:
     if name in VARIANTS:
         return VARIANTS[name]
     policy, _, arg = name.partition("@")
-    if policy in ("fastmmoe", "fastv", "text2vision", "random") and 0 <= _fraction(arg) <= 1:
-        return _pruning(policy, _fraction(arg), policy == "fastmmoe")
-    if policy == "modes" and arg.startswith("skip") and 0 < _fraction(arg[4:]) < 1:
-        return _modes(name, ["--target-skip", arg[4:]])
+    if policy in ("fastmmoe", "fastv", "text2vision", "random") and 0 <= (r := _fraction(arg)) <= 1:
+        return _pruning(policy, r, policy == "fastmmoe")
+    skip = arg.removeprefix("skip")
+    if policy == "modes" and skip != arg and 0 < _fraction(skip) < 1:
+        return _modes(name, ["--target-skip", skip])
     raise BenchUsageError(f"unknown variant {name!r}: known {', '.join(VARIANTS)}, or "
                           "<fastmmoe|fastv|text2vision|random>@<retention in [0, 1]>, or "
                           "modes@skip<ratio in (0, 1)>")
