@@ -4,6 +4,11 @@ Gaussian modality scores; `smoes-gaussian-expert-bal` uses the earlier per-exper
 form), each run as the real entry point (`torchrun -m epruntime.train`, EP over 2 CPU ranks),
 once per seed of `--seeds` (every variant sees the same seeds: same initial weights and data).
 
+With `--workdir DIR` every run trains into `DIR/<config>/<variant>-seed<seed>` and a run already
+finished there (its summary.json) is reused, so a long sweep survives being stopped: run the same
+command again and only the missing runs train (an interrupted one resumes from its last
+checkpoint). Use a fresh DIR when the options change.
+
 Per variant: eval accuracy, modality specialization index over bins (`msi`) and over experts
 (`msi_expert`), bin balancedness, training tokens/s, as the mean over seeds with the sample
 standard deviation (`<metric>_std`) and the per-seed values (`per_seed`). Paper
@@ -13,6 +18,8 @@ standard deviation (`<metric>_std`) and the per-seed values (`per_seed`). Paper
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -31,9 +38,9 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["baseline", "smoes-attention", "smoes-gaussian"]
 FULL = dict(steps=None, eval_items=None, nproc=2, mi_coeff=None, variants=DEFAULT_VARIANTS,
-            seeds=None, config=None)
+            seeds=None, config=None, workdir=None)
 QUICK = dict(steps=30, eval_items=256, nproc=2, mi_coeff=None, variants=DEFAULT_VARIANTS,
-             seeds=None, config=None)
+             seeds=None, config=None, workdir=None)
 METRICS = ("eval_accuracy", "msi", "msi_expert", "bin_balancedness", "tokens_per_s", "final_loss")
 
 
@@ -63,9 +70,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "(default: the config's seed)")
     parser.add_argument("--config", type=Path,
                         help="workload config (default launch/configs/tiny-vqa.yaml)")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep each run under DIR/<config>/<variant>-seed<seed> and reuse the "
+                             "finished ones (default: a temporary directory, nothing kept)")
 
 
 def _train(variant: str, p: dict[str, Any], seed: int | None, out: Path) -> dict[str, Any]:
+    """summary.json of one training run into `out`, or of the run already finished there."""
+    if (out / "summary.json").is_file():
+        print(f"smoes: reusing {out}/summary.json", file=sys.stderr, flush=True)
+        return json.loads((out / "summary.json").read_text())
     overrides = [*VARIANTS[variant], f"train.output_dir={out}", "train.progress=false",
                  f"parallel.ep_size={p['nproc']}"]
     if seed is not None:
@@ -105,13 +119,18 @@ def run(args: argparse.Namespace) -> BenchResult:
         raise BenchUsageError(f"--config {p['config']}: no such file")
     seeds = p["seeds"] or [None]  # None: the config's own train.seed
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_smoes_") as tmp:
+    config = Path(p["config"] or TINY).resolve()
+    with contextlib.ExitStack() as stack:
+        if p["workdir"] is not None:
+            work = Path(p["workdir"]).resolve() / config.stem
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_smoes_")))
         for variant in p["variants"]:
             runs = []
             for seed in seeds:
-                print(f"smoes: training {variant} (seed {seed if seed is not None else 'config'})...", file=sys.stderr,
-                      flush=True)
-                runs.append((seed, _train(variant, p, seed, Path(tmp, f"{variant}-{seed}"))))
+                label = "config" if seed is None else seed
+                print(f"smoes: training {variant} (seed {label})...", file=sys.stderr, flush=True)
+                runs.append((seed, _train(variant, p, seed, work / f"{variant}-seed{label}")))
             rows.append(_aggregate(variant, runs))
     base = next((r for r in rows if r["variant"] == "baseline"), None)
     ratios = {}
@@ -121,11 +140,11 @@ def run(args: argparse.Namespace) -> BenchResult:
                 ratios[f"{r['variant']}/baseline_msi"] = r["msi"] / max(base["msi"], 1e-12)
                 ratios[f"{r['variant']}/baseline_accuracy"] = r["eval_accuracy"] / base["eval_accuracy"]
                 ratios[f"{r['variant']}/baseline_tokens_per_s"] = r["tokens_per_s"] / base["tokens_per_s"]
-    config = Path(p["config"] or TINY).resolve()
     params = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
               "seeds": p["seeds"] or "config", "steps": p["steps"] or "config",
               "eval_items": p["eval_items"] or "all", "ep_size": p["nproc"],
               "mi_coeff": p["mi_coeff"] if p["mi_coeff"] is not None else "config",
+              "workdir": str(work) if p["workdir"] is not None else None,
               "quick": bool(args.quick)}
     notes = ["one training run per variant and seed (a seed gives every variant the same data "
              "order and initial weights); metrics are means over seeds, *_std the sample "
