@@ -250,6 +250,18 @@ class Subset:
         return self.dataset.batch(idx)
 
 
+class Spread(Subset):
+    """`n` items spread evenly over a dataset (items 0, s, 2s, ... with s = len // n): a sample
+    of a whole split where its first items would be a few images' questions."""
+
+    def __init__(self, dataset, n: int):
+        super().__init__(dataset, n)
+        self.stride = max(1, len(dataset) // max(self.n, 1))
+
+    def batch(self, idx):
+        return self.dataset.batch(idx * self.stride)
+
+
 def trained_checkpoint(config: Path, run_dir: Path, p: dict[str, Any], quick: bool, label: str,
                        extra: list[str] = ()) -> tuple[str, dict[str, Any]]:
     """(run_dir, its summary.json): `config` trained once at EP=`p["ep"]` with the real entry

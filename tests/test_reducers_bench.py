@@ -16,6 +16,13 @@ from tests.conftest import ROOT
 from tests.launch import check, run, sets, summary, torchrun_cmd
 from tests.test_bench import bench
 
+
+@pytest.fixture(scope="module")
+def quick_work(tmp_path_factory):
+    """One --workdir for the quick benchmark runs of this module: the tiny base model trains
+    once (2 steps) and the later runs reuse it, as the benchmark's own cache does."""
+    return tmp_path_factory.mktemp("reducers-work")
+
 DEEP = ROOT / "launch/configs/deep-vqa.yaml"
 
 
@@ -46,9 +53,9 @@ COLUMNS = ("workload", "variant", "method", "eval_accuracy", "accuracy_retention
            "selection_fraction")
 
 
-def test_reducers_bench_smoke_has_every_column(python_env, tmp_path):
+def test_reducers_bench_smoke_has_every_column(python_env, tmp_path, quick_work):
     out = tmp_path / "reducers.json"
-    proc = bench("reducers", "--quick", "--workdir", str(tmp_path / "work"), "--variants",
+    proc = bench("reducers", "--quick", "--workdir", str(quick_work), "--variants",
                  "reduced,fastmmoe@0.5,fastmmoe@0.125,fastv@0.25,text2vision@0.25",
                  "--json", str(out), env=python_env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,12 +91,13 @@ def test_reducers_bench_smoke_has_every_column(python_env, tmp_path):
     assert 0 < floor["majority"]["accuracy"] < floor["question_only"]["accuracy"] < 1
 
 
-def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_path):
+def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_path,
+                                                               quick_work):
     """LearnPruner and QMoP each on the base model fine-tuned with the module (full+ft: as many
     steps without one); MoDES at a skip ratio calibrated on the base model's training items
     (quick: two training and two fine-tuning steps, 32 test items)."""
     out = tmp_path / "reducers.json"
-    proc = bench("reducers", "--quick", "--workdir", str(tmp_path / "work"), "--variants",
+    proc = bench("reducers", "--quick", "--workdir", str(quick_work), "--variants",
                  "full+ft,learnpruner@0.25,learnpruner-s1@0.25,qmop@0.25,modes@skip0.5",
                  "--json", str(out), env=python_env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -109,7 +117,7 @@ def test_reducers_bench_runs_the_learned_compressors_and_modes(python_env, tmp_p
     ft = rows["full+ft"]  # no module: every token, every pair, the full model's FLOPs
     assert ft["flops_ratio"] == 1 and ft["vision_tokens_kept"] == full["vision_tokens_kept"]
     assert ft["dispatched_pairs_per_item"] == full["dispatched_pairs_per_item"]
-    work = tmp_path / "work" / "easy-vqa"
+    work = quick_work / "easy-vqa"
     for model in ("full+ft", "learnpruner@0.25", "qmop@0.25"):  # fine-tuned from base, cached
         summary = json.loads((work / f"{model}-ft2" / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["base_steps"] == 2
@@ -134,3 +142,58 @@ def test_a_modes_skip_ratio_is_a_variant_built_on_the_fly():
     assert v.method == "modes" and v.model == "base"
     assert reducers.CALIBRATIONS["modes@skip0.88"] == ["--target-skip", "0.88"]
     assert reducers.variant("fastmmoe@0.0625").method == "fastmmoe"
+
+
+def test_choose_topk_takes_the_cheapest_k_that_keeps_the_goal_retention():
+    from profiling.benchmarks.reducers import GOAL, choose_topk
+
+    full = 0.9
+    good, bad = 0.9 * (GOAL["retention"] + 0.001), 0.9 * (GOAL["retention"] - 0.001)
+    cands = {1: {"eval_accuracy": bad, "flops_ratio": 0.28},
+             2: {"eval_accuracy": good, "flops_ratio": 0.31},
+             3: {"eval_accuracy": 0.9, "flops_ratio": 0.34}}
+    assert choose_topk(full, cands) == 2
+    cands[2]["eval_accuracy"] = bad - 0.01  # none reaches it: the most accurate
+    cands[3]["eval_accuracy"] = bad
+    assert choose_topk(full, cands) in (1, 3)
+    assert choose_topk(full, {1: cands[1], 2: cands[2]}) == 1
+
+
+def test_spread_samples_the_whole_split():
+    import torch
+
+    from profiling.benchlib import Spread
+
+    class Items:
+        def __len__(self):
+            return 100
+
+        def batch(self, idx):
+            return idx
+
+    s = Spread(Items(), 10)
+    assert len(s) == 10 and s.batch(torch.arange(10)).tolist() == list(range(0, 100, 10))
+    assert len(Spread(Items(), 500)) == 100  # never more than the split
+
+
+def test_reducers_bench_chooses_k_on_training_items(python_env, tmp_path, quick_work):
+    """--choose-topk scores fastmmoe@0.25 at each k' on training items and runs the table at
+    the chosen one: the reduced row then skips exactly (k - k') pairs per visual token."""
+    out = tmp_path / "reducers.json"
+    proc = bench("reducers", "--quick", "--workdir", str(quick_work), "--variants",
+                 "reduced", "--choose-topk", "2,4", "--json", str(out), env=python_env,
+                 timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    choice = result["params"]["topk_choice"]["easy-vqa"]
+    assert choice["items"] == 64 and set(choice["candidates"]) == {"2", "4"}
+    chosen = choice["chosen"]
+    assert chosen in (2, 4)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert {r["vision_topk"] for r in rows.values()} == {chosen}
+    full = rows["full"]["dispatched_pairs_per_item"]
+    skipped = full - rows["reduced"]["dispatched_pairs_per_item"]
+    # of each layer's 26 tokens x 4 experts, the 16 visual tokens skip 4 - k' each (a fraction:
+    # pairs/item also counts the evaluation batch's padding repeats)
+    assert skipped / full == pytest.approx((4 - chosen) * 16 / (26 * 4))
+    assert any(f"k' = {chosen} chosen on 64 training items" in n for n in result["notes"])

@@ -45,19 +45,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Subset,
+from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError, Spread, Subset,
                                 add_checkpoint_options, collect_env, open_checkpoint, register,
                                 resolve, spawn_ranks, trained_checkpoint)
 
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
-            eval_items=2048, timing_items=256, repeats=5, warmup=1, transport="pg",
+            choose_topk=None, choose_items=4096, eval_items=2048, timing_items=256, repeats=5,
+            warmup=1, transport="pg",
             scenes_train=8000, scenes_test=1000, finetune_steps=100, finetune_lr=3e-4)
 QUICK = dict(ep=2, workloads="easy-vqa", steps=2, workdir=None, vision_topk=1, layer=0,
-             eval_items=32, timing_items=16, repeats=1, warmup=0, transport="pg",
+             choose_topk=None, choose_items=64, eval_items=32, timing_items=16, repeats=1,
+             warmup=0, transport="pg",
              scenes_train=64, scenes_test=16, finetune_steps=2, finetune_lr=1e-3)
 BUDGETS = (0.5, 0.25, 0.125)  # visual-token retention of every pruning method
 GOAL = dict(retention=0.955, flops_ratio=0.45, speedup=2.0)  # FastMMoE's, on the deep preset
+CHOOSE_VARIANT = "fastmmoe@0.25"  # the goal's row: --choose-topk fits its k' on training items
 
 
 # ---- registries ---------------------------------------------------------------------------------
@@ -361,6 +364,41 @@ def _worker(rank: int, checkpoints: dict[str, str], p: dict, names: list[str], o
     torch.distributed.barrier()
 
 
+def _choose_worker(rank: int, base: str, p: dict, candidates: list[int], out: str) -> None:
+    """CHOOSE_VARIANT at each candidate k' and `full` on `choose_items` training items spread
+    over the split (never the test items the table scores): their accuracies and FLOPs."""
+    import torch
+
+    rs = open_checkpoint(base, p)
+    engine = rs.engine()
+    items = Spread(rs.train_ds, p["choose_items"])
+    _fastmmoe_off(engine)
+    _modes_off(engine)
+    full = engine.evaluate(items, rs.batch)
+    scores = {}
+    for k in candidates:
+        variant(CHOOSE_VARIANT).apply(engine, {**p, "vision_topk": k})
+        m = engine.evaluate(items, rs.batch)
+        scores[k] = {"eval_accuracy": m["eval_accuracy"], "flops_ratio": m["flops_ratio"]}
+    if rank == 0:
+        Path(out).write_text(json.dumps({"items": full["eval_items"],
+                                         "full_accuracy": full["eval_accuracy"],
+                                         "candidates": scores}))
+    torch.distributed.barrier()
+
+
+def choose_topk(full_accuracy: float, candidates: dict[int, dict]) -> int:
+    """The k' with the fewest FLOPs among those whose retention (accuracy over full's, on the
+    same training items) reaches GOAL's; the most accurate k' when none does."""
+    def retention(k: int) -> float:
+        return candidates[k]["eval_accuracy"] / full_accuracy if full_accuracy else 0.0
+
+    good = [k for k in candidates if retention(k) >= GOAL["retention"]]
+    if good:
+        return min(good, key=lambda k: (candidates[k]["flops_ratio"], k))
+    return max(candidates, key=lambda k: (retention(k), -k))
+
+
 # ---- rows, tables, plot -------------------------------------------------------------------------
 def build_rows(workload: str, results: dict[str, dict], names: list[str]) -> list[dict]:
     """Per-variant results of one workload (as the ranks report them) -> table rows; `full`
@@ -473,6 +511,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", help="comma-separated: easy-vqa, scenes (default both)")
     parser.add_argument("--vision-topk", dest="vision_topk", type=int,
                         help="k' of visual tokens in reduced and fastmmoe variants (default 1)")
+    parser.add_argument("--choose-topk", dest="choose_topk",
+                        type=lambda t: sorted({int(v) for v in t.split(",") if v.strip()}),
+                        help=f"comma-separated k' candidates (e.g. 1,2,3,4): per workload, score "
+                        f"{CHOOSE_VARIANT} at each on --choose-items training items and run the "
+                        "table at the cheapest k' whose retention there reaches the goal's "
+                        f"{GOAL['retention']} (instead of --vision-topk)")
+    parser.add_argument("--choose-items", dest="choose_items", type=int,
+                        help="training items spread over the split for --choose-topk (default "
+                        f"{FULL['choose_items']})")
     parser.add_argument("--layer", type=int, help="pruning layer (default 0)")
     parser.add_argument("--finetune-steps", dest="finetune_steps", type=int,
                         help="steps LearnPruner's and QMoP's models (and full+ft) are fine-tuned "
@@ -506,6 +553,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         work = Path(p["workdir"] or ROOT / "runs" / "bench-reducers")
     config = TINY_CONFIG if args.quick else DEEP_CONFIG
     rows, notes = [], []
+    topk_choices: dict[str, dict] = {}  # workload -> --choose-topk's scores and choice
     for workload in workloads:
         data = WORKLOADS[workload](work, p)
         models = list(dict.fromkeys(["base", *(variant(n).model for n in names)]))
@@ -515,9 +563,24 @@ def run(args: argparse.Namespace) -> BenchResult:
                                                         args.quick)
         calibrations = {n: _calibrate(checkpoints["base"], n, p) for n in names
                         if n in CALIBRATIONS}
+        topk = p["vision_topk"]
+        if p["choose_topk"]:
+            chosen = work / workload / "topk_choice.json"
+            spawn_ranks(_choose_worker, p["ep"], checkpoints["base"], p, p["choose_topk"],
+                        str(chosen))
+            choice = json.loads(chosen.read_text())
+            cands = {int(k): v for k, v in choice["candidates"].items()}
+            topk = choose_topk(choice["full_accuracy"], cands)
+            topk_choices[workload] = {**choice, "chosen": topk}
+            notes.append(f"{workload}: k' = {topk} chosen on {choice['items']} training items "
+                         f"(full {choice['full_accuracy']:.4f}; {CHOOSE_VARIANT} at k' = "
+                         + ", ".join(f"{k}: {v['eval_accuracy']:.4f} "
+                                     f"({v['eval_accuracy'] / choice['full_accuracy']:.3f}, "
+                                     f"FLOPs {v['flops_ratio']:.3f})" for k, v in cands.items())
+                         + f"): the cheapest with retention >= {GOAL['retention']}")
         out = work / workload / "results.json"
-        spawn_ranks(_worker, p["ep"], checkpoints, {**p, "calibrations": calibrations}, names,
-                    str(out))
+        spawn_ranks(_worker, p["ep"], checkpoints,
+                    {**p, "vision_topk": topk, "calibrations": calibrations}, names, str(out))
         got = json.loads(out.read_text())
         results = got["results"]
         for model in models:
@@ -535,7 +598,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         notes.append(f"{workload}: without the image, the commonest training answer per question "
                      f"text gets {floor['question_only_accuracy']:.4f} on the same test items "
                      f"(majority answer {floor['majority_accuracy']:.4f})")
-        rows += [{**r, **floor} for r in build_rows(workload, results, names)]
+        rows += [{**r, **floor, "vision_topk": topk} for r in build_rows(workload, results, names)]
     print_tables(rows)
     png = Path(args.json).with_suffix(".png") if args.json else work / "reducers.png"
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -553,6 +616,7 @@ def run(args: argparse.Namespace) -> BenchResult:
     ratios = {f"{r['workload']}/{r['variant']}/full_prefill_tokens_per_s": r["prefill_speedup"]
               for r in rows if r["variant"] != "full"}
     params = {**{k: v for k, v in p.items() if k != "workdir"}, "variants": names,
+              "topk_choice": topk_choices,
               "config": str(config.relative_to(ROOT)), "quick": bool(args.quick)}
     return BenchResult(name="reducers", params=params, rows=rows, ratios=ratios,
                        env=collect_env(), notes=notes)
