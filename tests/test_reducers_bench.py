@@ -191,6 +191,7 @@ def test_reducers_bench_chooses_k_on_training_items(python_env, tmp_path, quick_
     assert chosen in (2, 4)
     rows = {r["variant"]: r for r in result["rows"]}
     assert {r["vision_topk"] for r in rows.values()} == {chosen}
+    assert result["params"]["vision_topk"] == {"easy-vqa": chosen}
     full = rows["full"]["dispatched_pairs_per_item"]
     skipped = full - rows["reduced"]["dispatched_pairs_per_item"]
     # of each layer's 26 tokens x 4 experts, the 16 visual tokens skip 4 - k' each (a fraction:

@@ -617,6 +617,9 @@ def run(args: argparse.Namespace) -> BenchResult:
               for r in rows if r["variant"] != "full"}
     params = {**{k: v for k, v in p.items() if k != "workdir"}, "variants": names,
               "topk_choice": topk_choices,
+              # k' as run: with --choose-topk, each workload's choice
+              "vision_topk": ({w: c["chosen"] for w, c in topk_choices.items()} if topk_choices
+                              else p["vision_topk"]),
               "config": str(config.relative_to(ROOT)), "quick": bool(args.quick)}
     return BenchResult(name="reducers", params=params, rows=rows, ratios=ratios,
                        env=collect_env(), notes=notes)
