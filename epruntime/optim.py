@@ -61,7 +61,23 @@ def build_optimizer(ddp: DistributedDataParallel, cfg: TrainConfig):
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=1e-8,
         clip_grad=cfg.grad_clip, bf16=False, fp16=False, use_distributed_optimizer=False)
-    return get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False)
+    for inner in inner_optimizers(optimizer):
+        fuse_on_cpu(inner)
+    return optimizer
+
+
+def fuse_on_cpu(optimizer: torch.optim.Optimizer) -> None:
+    """torch's AdamW, given CPU tensors and no choice, steps them one by one in Python (its
+    foreach and fused defaults are for CUDA); its fused CPU kernel makes the same update in one
+    call per group (a step of the tiny config's optimizer 10 ms -> 3 ms here). Set where torch
+    reads it, in each param group, and only for an AdamW whose every parameter is on the CPU
+    (megatron-core's fused Adams on GPU are left alone)."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        if all(p.device.type == "cpu" for p in group["params"]) and not group.get("foreach"):
+            group["fused"] = True
 
 
 class MegatronGradients:

@@ -42,6 +42,10 @@ def _worker(rank: int, world: int, ep: int, extra: tuple[str, ...], out: str) ->
                  for n, p in engine.model.global_named_parameters(env.ep_rank)}
         report[variant] = {"steps": steps, "params": params, "state": state}
     report["megatron_is_megatron"] = type(engine.optimizer).__module__.startswith("megatron.core")
+    from epruntime.optim import inner_optimizers
+
+    report["fused"] = [g["fused"] for o in inner_optimizers(engine.optimizer)
+                       for g in o.param_groups]
     torch.save(report, f"{out}/rank{rank}.pt")
 
 
@@ -54,6 +58,7 @@ def test_megatron_ddp_and_optimizer_match_the_hand_written_path(tmp_path, world,
     for rank in range(world):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["megatron_is_megatron"]
+        assert r["fused"] and all(r["fused"])  # torch's fused CPU AdamW (optim.fuse_on_cpu)
         flat, mcore = r["epruntime"], r["megatron"]
         for (loss_a, norm_a), (loss_b, norm_b) in zip(flat["steps"], mcore["steps"]):
             assert loss_b == pytest.approx(loss_a, rel=1e-5)
@@ -226,3 +231,36 @@ def test_ddp_options_that_cannot_apply_are_named_config_errors(overrides, named)
     with pytest.raises((ConfigError, ValueError), match=named.replace(".", r"\.")):
         configs.small_config(*overrides)
     configs.small_config("train.overlap_grad_reduce=true", "train.ddp_bucket_size=1000")
+
+
+def test_fused_cpu_adamw_makes_the_same_update():
+    """optim.fuse_on_cpu switches a CPU AdamW to torch's fused kernel: the same parameters and
+    moments as the per-tensor loop after a few steps (to fp32 rounding), other optimizers
+    untouched."""
+    from epruntime.optim import fuse_on_cpu
+
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5), torch.randn(5), torch.randn(3, 3, 2)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    runs = {}
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = torch.optim.AdamW([{"params": ps[:2], "weight_decay": 0.1},
+                                 {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2)
+        if fused:
+            fuse_on_cpu(opt)
+            assert [g["fused"] for g in opt.param_groups] == [True, True]
+        for step in grads:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            opt.step()
+        runs[fused] = (ps, [opt.state[p] for p in ps])
+    for a, b in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    for sa, sb in zip(runs[False][1], runs[True][1]):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-9)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    fuse_on_cpu(sgd)
+    assert "fused" not in sgd.param_groups[0] or not sgd.param_groups[0]["fused"]
