@@ -18,6 +18,11 @@ every variant on the same test items (the models never trained on them):
   of them alike): median of `--repeats` passes over `--timing-items` items after `--warmup`
   untimed ones.
 
+FastMMoE's k' (visual tokens' experts) is `--vision-topk`, or with `--choose-topk 1,2,3,4` fitted
+per workload on training items (`_choose_worker`, `choose_topk`): the cheapest k' whose
+`fastmmoe@0.25` keeps the goal's retention there, so the goal's row is scored on test items that
+did not choose it.
+
 LearnPruner's and QMoP's modules are trained with the model: each of their models is the base
 checkpoint fine-tuned `--finetune-steps` steps with its module on (epruntime.compress.finetune;
 cached beside the base), and `full+ft` is the base fine-tuned as many steps without a module, the
