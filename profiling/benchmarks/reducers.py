@@ -314,7 +314,14 @@ def _calibrate(checkpoint: str, name: str, p: dict) -> str:
     return str(out)
 
 
-# ---- the ranks ----------------------------------------------------------------------------------
+# ---- the ranks ---------------------------------------------------------------------------------
+def configure(engine, name: str, p: dict) -> None:
+    """Every method off (RESETS), then variant `name` on, for the loaded `engine`."""
+    for reset in RESETS:
+        reset(engine)
+    variant(name).apply(engine, p)
+
+
 def _worker(rank: int, checkpoints: dict[str, str], p: dict, names: list[str], out: str) -> None:
     """One set of ranks for every variant of a workload: an engine per model (`checkpoints`:
     model -> checkpoint, "base" first), so that the round-robin timing covers all of them."""
@@ -330,9 +337,7 @@ def _worker(rank: int, checkpoints: dict[str, str], p: dict, names: list[str], o
 
     def setup(name: str):
         engine = engines[variant(name).model]
-        for reset in RESETS:
-            reset(engine)
-        variant(name).apply(engine, p)
+        configure(engine, name, p)
         return engine
 
     def slowest(seconds: float) -> float:
@@ -377,12 +382,11 @@ def _choose_worker(rank: int, base: str, p: dict, candidates: list[int], out: st
     rs = open_checkpoint(base, p)
     engine = rs.engine()
     items = Spread(rs.train_ds, p["choose_items"])
-    _fastmmoe_off(engine)
-    _modes_off(engine)
+    configure(engine, "full", p)
     full = engine.evaluate(items, rs.batch)
     scores = {}
     for k in candidates:
-        variant(CHOOSE_VARIANT).apply(engine, {**p, "vision_topk": k})
+        configure(engine, CHOOSE_VARIANT, {**p, "vision_topk": k})
         m = engine.evaluate(items, rs.batch)
         scores[k] = {"eval_accuracy": m["eval_accuracy"], "flops_ratio": m["flops_ratio"]}
     if rank == 0:
