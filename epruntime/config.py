@@ -139,6 +139,11 @@ class ModelConfig(Section):
         False, description="run the shared experts on a CUDA side stream during the all-to-all "
         "(megatron-core's alltoall dispatcher, CUDA only), or during the dedup dispatchers' "
         "asynchronous all-to-all (any backend)")
+    expert_compute: Literal["grouped", "loop"] = Field(
+        "grouped", description="how a rank runs its local experts: grouped = all of them in two "
+        "grouped GEMMs on CPU tensors (epruntime.model.experts: megatron-core's SequentialMLP "
+        "parameters, one call instead of one per expert; the loop where that path does not "
+        "apply, e.g. on CUDA); loop = megatron-core's SequentialMLP, one MLP call per expert")
     moe_layer_freq: int | list[int] = Field(
         1, description="which decoder layers are MoE: N = every N-th from layer 0, or a 0/1 "
         "list per layer (0 dense, 1 MoE), e.g. [0, 1, 1] for a dense first layer")

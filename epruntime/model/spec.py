@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from epruntime.compat.dispatcher import CpuAlltoAllTokenDispatcher
 from epruntime.compat.router import cpu_safe_router
 from epruntime.config import Config
+from epruntime.model.experts import GroupedLocalExperts
 from epruntime.model.moe_layer import SpecMoELayer
 from epruntime.model.options import check_transformer_config
 
@@ -117,8 +118,9 @@ def moe_layer_spec(
     """Layer spec with megatron-core's MoE layer; `router` replaces its TopKRouter class and
     `dispatcher` its MoEAlltoAllTokenDispatcher (None keeps megatron-core's own, CPU-safe).
 
-    Experts are megatron-core's SequentialMLP (one MLP per local expert): its grouped-GEMM
-    variants need Transformer Engine or the grouped_gemm CUDA extension.
+    Experts are megatron-core's SequentialMLP (one MLP per local expert; its grouped-GEMM
+    variants need Transformer Engine or the grouped_gemm CUDA extension), run as two grouped
+    GEMMs on CPU with `model.expert_compute=grouped` (epruntime.model.experts).
     """
     spec = get_gpt_layer_local_spec(num_experts=cfg.model.num_experts, moe_grouped_gemm=False)
     moe = spec.submodules.mlp
@@ -129,6 +131,9 @@ def moe_layer_spec(
     # SpecMoELayer falls back to the default groups, which is what EP x DP uses. Without a
     # dispatcher: megatron-core's alltoall one, through its CPU-safe subclass.
     moe.module = SpecMoELayer
+    if cfg.model.expert_compute == "grouped":
+        moe.submodules.experts = dataclasses.replace(moe.submodules.experts,
+                                                     module=GroupedLocalExperts)
     moe.params = {**(moe.params or {}),
                   "dispatcher_cls": dispatcher or CpuAlltoAllTokenDispatcher}
     return spec
