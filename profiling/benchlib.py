@@ -160,6 +160,40 @@ def resolve_pairs(args: argparse.Namespace, full: dict[str, Any], quick: dict[st
     return p
 
 
+def resolve_blocks(args: argparse.Namespace, full: dict[str, Any],
+                   quick: dict[str, Any]) -> dict[str, Any]:
+    """`resolve` for the benchmarks whose engines alternate blocks of training steps in one world
+    (keys layers, batch, steps, blocks, warmup, world, ep): the common --repeats / --warmup
+    options override blocks / warmup; sizes that cannot run are a usage error."""
+    p = resolve(args, full, quick)
+    if getattr(args, "repeats", None):
+        p["blocks"] = args.repeats
+    if getattr(args, "warmup", None) is not None:
+        p["warmup"] = args.warmup
+    if min(p["steps"], p["blocks"], p["world"], p["ep"], p["layers"]) < 1 or p["warmup"] < 0:
+        raise BenchUsageError("need --steps, --blocks, --world, --ep, --layers >= 1 and "
+                              "--warmup >= 0")
+    if p["world"] % p["ep"] or p["batch"] % p["world"]:
+        raise BenchUsageError(f"--ep {p['ep']} and --batch {p['batch']} must divide "
+                              f"--world {p['world']} / be divisible by it")
+    return p
+
+
+def slowest_rank(ranks: list[dict[str, Any]], key: str, variant: str) -> list[float]:
+    """Per recorded step, the largest of the ranks' `ranks[r][key][variant][step]` (a step is
+    as slow as its slowest rank)."""
+    steps = len(ranks[0][key][variant])
+    return [max(r[key][variant][i] for r in ranks) for i in range(steps)]
+
+
+def paired_blocks(times_a: list[float], times_b: list[float], steps: int) -> float:
+    """Median over adjacent blocks of `steps` steps of mean(a) / mean(b): the ratio of two
+    variants that alternated blocks, so load drifting over the run falls on both alike."""
+    return statistics.median(statistics.mean(times_a[i:i + steps])
+                             / statistics.mean(times_b[i:i + steps])
+                             for i in range(0, len(times_a), steps))
+
+
 def int_list(text: str) -> list[int]:
     """argparse type for "1,2,4"."""
     try:

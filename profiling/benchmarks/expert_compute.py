@@ -24,10 +24,11 @@ from typing import Any
 from profiling.benchlib import (
     TINY_CONFIG,
     BenchResult,
-    BenchUsageError,
     collect_env,
+    paired_blocks,
     register,
-    resolve,
+    resolve_blocks,
+    slowest_rank,
     spawn_ranks,
 )
 
@@ -112,37 +113,22 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
 @register("expert_compute", add_arguments=add_options)
 def run(args: argparse.Namespace) -> BenchResult:
     """Train-step time with megatron-core's per-expert loop vs the grouped local experts."""
-    p = resolve(args, FULL, QUICK)
-    if getattr(args, "repeats", None):
-        p["blocks"] = args.repeats
-    if getattr(args, "warmup", None) is not None:
-        p["warmup"] = args.warmup
-    if min(p["steps"], p["blocks"], p["world"], p["ep"], p["layers"]) < 1 or p["warmup"] < 0:
-        raise BenchUsageError("need --steps, --blocks, --world, --ep, --layers >= 1 and "
-                              "--warmup >= 0")
-    if p["world"] % p["ep"] or p["batch"] % p["world"]:
-        raise BenchUsageError(f"--ep {p['ep']} and --batch {p['batch']} must divide "
-                              f"--world {p['world']} / be divisible by it")
+    p = resolve_blocks(args, FULL, QUICK)
     with tempfile.TemporaryDirectory(prefix="bench_experts_") as tmp:
         print(f"expert_compute: {p['blocks']} x ({p['steps']} steps per variant) on "
               f"{p['world']} ranks, EP={p['ep']}...", file=sys.stderr, flush=True)
         spawn_ranks(_worker, p["world"], p, tmp)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(p["world"])]
 
-    def slowest(key: str, v: str) -> list[float]:
-        return [max(r[key][v][i] for r in ranks) for i in range(len(ranks[0][key][v]))]
-
     rows, step_s, fwd_s = [], {}, {}
     for v in VARIANTS:
-        t, f = slowest("times", v), slowest("expert_forward", v)
+        t, f = slowest_rank(ranks, "times", v), slowest_rank(ranks, "expert_forward", v)
         step_s[v], fwd_s[v] = statistics.median(t), statistics.median(f)
         rows.append({"variant": v, "step_time_s": step_s[v], "expert_forward_s": fwd_s[v],
                      "expert_forward_fraction": fwd_s[v] / step_s[v],
                      "final_loss": ranks[0]["losses"][v][-1], "steps": len(t), "samples": t})
-    n = p["steps"]
-    tl, tg = slowest("times", "loop"), slowest("times", "grouped")
-    paired = statistics.median(statistics.mean(tg[i:i + n]) / statistics.mean(tl[i:i + n])
-                               for i in range(0, len(tl), n))
+    paired = paired_blocks(slowest_rank(ranks, "times", "grouped"),
+                           slowest_rank(ranks, "times", "loop"), p["steps"])
     ratios = {"grouped/loop_paired_blocks": paired,
               "grouped/loop_step_time": step_s["grouped"] / step_s["loop"],
               "grouped/loop_expert_forward": fwd_s["grouped"] / fwd_s["loop"],

@@ -30,10 +30,11 @@ from typing import Any
 from profiling.benchlib import (
     TINY_CONFIG,
     BenchResult,
-    BenchUsageError,
     collect_env,
+    paired_blocks,
     register,
-    resolve,
+    resolve_blocks,
+    slowest_rank,
     spawn_ranks,
 )
 
@@ -133,17 +134,7 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
 @register("optimizer_step", add_arguments=add_options)
 def run(args: argparse.Namespace) -> BenchResult:
     """Train-step time with the hand-written gradient path vs megatron-core's DDP + optimizer."""
-    p = resolve(args, FULL, QUICK)
-    if getattr(args, "repeats", None):
-        p["blocks"] = args.repeats
-    if getattr(args, "warmup", None) is not None:
-        p["warmup"] = args.warmup
-    if min(p["steps"], p["blocks"], p["world"], p["ep"], p["layers"]) < 1 or p["warmup"] < 0:
-        raise BenchUsageError("need --steps, --blocks, --world, --ep, --layers >= 1 and "
-                              "--warmup >= 0")
-    if p["world"] % p["ep"] or p["batch"] % p["world"]:
-        raise BenchUsageError(f"--ep {p['ep']} and --batch {p['batch']} must divide "
-                              f"--world {p['world']} / be divisible by it")
+    p = resolve_blocks(args, FULL, QUICK)
     with tempfile.TemporaryDirectory(prefix="bench_optimizer_") as tmp:
         print(f"optimizer_step: {p['blocks']} x ({p['steps']} steps per variant) on "
               f"{p['world']} ranks, EP={p['ep']}...", file=sys.stderr, flush=True)
@@ -151,7 +142,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(p["world"])]
 
     def slowest(key: str, v: str) -> list[float]:
-        return [max(r[key][v][i] for r in ranks) for i in range(len(ranks[0][key][v]))]
+        return slowest_rank(ranks, key, v)
 
     rows, step_s, grad_s = [], {}, {}
     for v in VARIANTS:
@@ -165,9 +156,7 @@ def run(args: argparse.Namespace) -> BenchResult:
 
     def paired(a: str, b: str) -> float:
         """Median over adjacent blocks of mean step time of `a` / of `b`."""
-        ta, tb = slowest("times", a), slowest("times", b)
-        return statistics.median(statistics.mean(ta[i:i + n]) / statistics.mean(tb[i:i + n])
-                                 for i in range(0, len(ta), n))
+        return paired_blocks(slowest("times", a), slowest("times", b), n)
 
     ratios = {"after/before_paired_blocks": paired("megatron", "epruntime"),
               "after/before_step_time": step_s["megatron"] / step_s["epruntime"],
