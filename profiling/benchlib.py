@@ -179,6 +179,19 @@ def resolve_blocks(args: argparse.Namespace, full: dict[str, Any],
     return p
 
 
+def alternate_blocks(one_step: Callable[[str, bool], None], variants: tuple[str, ...],
+                     p: dict[str, Any]) -> None:
+    """`p["warmup"]` unrecorded steps per variant, then `p["blocks"]` rounds in which every
+    variant runs `p["steps"]` recorded steps in turn: `one_step(variant, record)`."""
+    for v in variants:
+        for _ in range(p["warmup"]):
+            one_step(v, False)
+    for _ in range(p["blocks"]):
+        for v in variants:
+            for _ in range(p["steps"]):
+                one_step(v, True)
+
+
 def slowest_rank(ranks: list[dict[str, Any]], key: str, variant: str) -> list[float]:
     """Per recorded step, the largest of the ranks' `ranks[r][key][variant][step]` (a step is
     as slow as its slowest rank)."""

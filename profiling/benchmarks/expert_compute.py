@@ -24,6 +24,7 @@ from typing import Any
 from profiling.benchlib import (
     TINY_CONFIG,
     BenchResult,
+    alternate_blocks,
     collect_env,
     paired_blocks,
     register,
@@ -98,13 +99,7 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
             fwd_times[v].append(expert_s[v][0] - before)
             losses[v].append(result.loss)
 
-    for v in VARIANTS:
-        for _ in range(p["warmup"]):
-            one_step(v, record=False)
-    for _ in range(p["blocks"]):
-        for v in VARIANTS:
-            for _ in range(p["steps"]):
-                one_step(v, record=True)
+    alternate_blocks(one_step, VARIANTS, p)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"times": times, "expert_forward": fwd_times, "losses": losses}))
     distributed.shutdown()

@@ -30,6 +30,7 @@ from typing import Any
 from profiling.benchlib import (
     TINY_CONFIG,
     BenchResult,
+    alternate_blocks,
     collect_env,
     paired_blocks,
     register,
@@ -120,13 +121,7 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
             grad_times[v].append(timers[v].seconds - before)
             losses[v].append(result.loss)
 
-    for v in VARIANTS:
-        for _ in range(p["warmup"]):
-            one_step(v, record=False)
-    for _ in range(p["blocks"]):
-        for v in VARIANTS:
-            for _ in range(p["steps"]):
-                one_step(v, record=True)
+    alternate_blocks(one_step, VARIANTS, p)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"times": times, "grad_times": grad_times, "losses": losses}))
 
