@@ -51,13 +51,20 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help=f"training data (default {FULL['dataset']})")
 
 
-def _time_forwards(modules: list[Any], totals: list[float]) -> None:
-    """Add each module's forward wall time to totals[0] (forward hooks: before and after)."""
-    starts: list[float] = []
-    for m in modules:
-        m.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-        m.register_forward_hook(
-            lambda *_: totals.__setitem__(0, totals[0] + time.perf_counter() - starts.pop()))
+class ForwardClock:
+    """Sums the wall time of `modules`' forwards (a pre-hook starts, a hook stops)."""
+
+    def __init__(self, modules: list[Any]):
+        self.seconds, self._start = 0.0, 0.0
+        for m in modules:
+            m.register_forward_pre_hook(self._begin)
+            m.register_forward_hook(self._end)
+
+    def _begin(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self._start
 
 
 def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
@@ -74,14 +81,13 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
             for v in VARIANTS}
     env = distributed.init_distributed(cfgs["loop"])
     train_ds, _ = build_datasets(cfgs["loop"])
-    engines, batches, expert_s = {}, {}, {}
+    engines, batches, clocks = {}, {}, {}
     for v in VARIANTS:
         engines[v] = Engine(cfgs[v], env, len(train_ds.vocab), train_ds.num_answers,
                             train_ds.max_question_len)
         batches[v] = ShardedBatchIterator(train_ds, p["batch"], env.dp_rank, env.dp_size, seed=1)
-        expert_s[v] = [0.0]
-        _time_forwards([m for m in engines[v].model.modules() if hasattr(m, "local_experts")],
-                       expert_s[v])
+        clocks[v] = ForwardClock([m for m in engines[v].model.modules()
+                                  if hasattr(m, "local_experts")])
     step = {v: 0 for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     fwd_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -89,14 +95,14 @@ def _worker(rank: int, p: dict[str, Any], out_dir: str) -> None:
 
     def one_step(v: str, record: bool) -> None:
         batch = next(batches[v]).to(env.device)
-        before = expert_s[v][0]
+        before = clocks[v].seconds
         t = time.perf_counter()
         result = engines[v].train_step(batch, step[v])
         dt = time.perf_counter() - t
         step[v] += 1
         if record:
             times[v].append(dt)
-            fwd_times[v].append(expert_s[v][0] - before)
+            fwd_times[v].append(clocks[v].seconds - before)
             losses[v].append(result.loss)
 
     alternate_blocks(one_step, VARIANTS, p)
