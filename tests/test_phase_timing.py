@@ -175,8 +175,10 @@ def test_phase_times_sum_to_the_measured_communication_time(timed, name):
         # Each part is an interval between two marks inside the phase methods: never more than
         # the time measured around them.
         assert all(g >= -1e-9 for g in r["gaps"]), r["gaps"]
-        # The rest is the call overhead of six methods (median call: robust to a preemption).
-        assert statistics.median(r["gaps"]) <= len(PHASE_METHODS) * CALL_OVERHEAD_S, r
+        # The rest is the call overhead of six methods. Work the timer misses would be in every
+        # call; a preemption of a rank (2 ranks on 2 cores, shared memory polling) hits some
+        # calls and not others, so the quietest call is the one that tells.
+        assert min(r["gaps"]) <= len(PHASE_METHODS) * CALL_OVERHEAD_S, r
         assert statistics.median(r["totals"]) > 0
 
 
