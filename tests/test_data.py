@@ -104,6 +104,42 @@ def test_easy_vqa_matches_package_text(train):
         assert int(train.image_index[i]) == image_ids[i]  # ids are 0..N-1, so rows coincide
 
 
+def test_every_question_is_encoded_as_vocab_encode_does(test_split):
+    import easy_vqa
+
+    texts = easy_vqa.get_test_questions()[0]
+    for i, text in enumerate(texts):
+        n = int(test_split.question_lens[i])
+        assert test_split.question_ids[i, :n].tolist() == test_split.vocab.encode(text), i
+
+
+def test_image_cache_holds_the_decoded_pixels_and_survives_bad_files(tmp_path, monkeypatch):
+    import easy_vqa
+
+    from epruntime.data import vqa
+
+    paths = easy_vqa.get_test_image_paths()
+    fresh = vqa._decode_pngs([paths[i] for i in sorted(paths)])
+    decode = vqa._decode_images.__wrapped__  # past the per-process lru_cache
+    monkeypatch.setenv("EPRUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    first, rows = decode("test")  # decodes and writes the cache
+    cache = next((tmp_path / "cache").glob("easy-vqa-*-test.pt"))
+    second, _ = decode("test")  # reads it
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    assert rows == {image_id: r for r, image_id in enumerate(sorted(paths))}
+    # a truncated file, and a file of other images under another key: decoded again, replaced
+    cache.write_bytes(cache.read_bytes()[:1000])
+    assert torch.equal(decode("test")[0], fresh)
+    torch.save({"key": "another key", "images": torch.zeros_like(fresh)}, cache)
+    assert torch.equal(decode("test")[0], fresh)
+    assert torch.equal(torch.load(cache, weights_only=True)["images"], fresh)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    # a cache directory that can't be made only costs the decoding
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("EPRUNTIME_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert torch.equal(decode("test")[0], fresh)
+
+
 def test_majority_baseline_of_test_split(test_split):
     import easy_vqa
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -72,7 +75,10 @@ class Vocab:
         return cls(w for t in texts for w in tokenize(t))
 
     def encode(self, text: str) -> list[int]:
-        return [self._ids.get(w, UNK_ID) for w in tokenize(text)]
+        return self.encode_tokens(tokenize(text))
+
+    def encode_tokens(self, tokens: Iterable[str]) -> list[int]:
+        return [self._ids.get(w, UNK_ID) for w in tokens]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Inverse of encode up to spacing; PAD ids are skipped."""
@@ -161,44 +167,111 @@ def easy_vqa_records(split: Split) -> list[dict[str, str]]:
 
 
 @functools.lru_cache(maxsize=None)
+def _distinct_questions(split: Split) -> tuple[list[list[str]], torch.Tensor]:
+    """A split's questions are templated (some hundreds of distinct texts for tens of thousands of
+    questions), so each distinct text is tokenised once: (tokens of each distinct text, [N_q]
+    int64 index of each question's text)."""
+    position: dict[str, int] = {}
+    index = [position.setdefault(t, len(position)) for t in _questions(split)[0]]
+    return [tokenize(t) for t in position], torch.tensor(index, dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=None)
 def easy_vqa_vocab() -> Vocab:
     """Vocabulary of the TRAIN questions (used for both splits so that ids agree)."""
-    return Vocab.from_texts(_questions("train")[0])
+    return Vocab(w for tokens in _distinct_questions("train")[0] for w in tokens)
 
 
 @functools.lru_cache(maxsize=None)
 def easy_vqa_max_question_len() -> int:
     """Longest tokenised question over both splits, so train and test batches share L."""
-    return max(len(tokenize(t)) for s in ("train", "test") for t in _questions(s)[0])
+    return max(len(tokens) for s in ("train", "test") for tokens in _distinct_questions(s)[0])
+
+
+def image_cache_dir() -> Path:
+    """Where decoded easy-vqa images are kept between processes: $EPRUNTIME_CACHE_DIR, else
+    $XDG_CACHE_HOME/epruntime, else ~/.cache/epruntime."""
+    if os.environ.get("EPRUNTIME_CACHE_DIR"):
+        return Path(os.environ["EPRUNTIME_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "epruntime"
 
 
 @functools.lru_cache(maxsize=None)
 def _decode_images(split: Split) -> tuple[torch.Tensor, dict[int, int]]:
-    """Decode every PNG of a split once: ([N_images, 3, H, W] uint8, image_id -> row)."""
-    from PIL import Image
+    """Every PNG of a split: ([N_images, 3, H, W] uint8, image_id -> row).
+
+    Decoding 5,000 PNGs costs every rank of every launch seconds, so the pixels are kept in
+    `image_cache_dir()`, keyed by the package's version and its image files (names, sizes and
+    modification times); a cache that does not match is decoded again and replaced."""
+    from importlib.metadata import version
 
     e = _easy_vqa()
     paths = e.get_train_image_paths() if split == "train" else e.get_test_image_paths()
     ids = sorted(paths)
-    arrays = []
-    for image_id in ids:
-        with Image.open(paths[image_id]) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    stats = [os.stat(paths[i]) for i in ids]
+    key = (version("easy-vqa"), split, ids, [(st.st_size, st.st_mtime_ns) for st in stats])
+    cache = image_cache_dir() / f"easy-vqa-{key[0]}-{split}.pt"
+    images = _load_cached_images(cache, key)
+    if images is None:
+        images = _decode_pngs([paths[i] for i in ids])
+        _store_cached_images(cache, key, images)
     return images, {image_id: row for row, image_id in enumerate(ids)}
+
+
+def _decode_pngs(paths: list[str]) -> torch.Tensor:
+    """PNG files -> [N, 3, H, W] uint8."""
+    from PIL import Image
+
+    arrays = []
+    for path in paths:
+        with Image.open(path) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _load_cached_images(cache: Path, key: tuple) -> torch.Tensor | None:
+    """The cached pixels if `cache` holds them for exactly `key`, else None (missing, stale,
+    unreadable: the caller decodes)."""
+    try:
+        stored = torch.load(cache, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != repr(key):
+        return None
+    images = stored.get("images")
+    return images if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 else None
+
+
+def _store_cached_images(cache: Path, key: tuple, images: torch.Tensor) -> None:
+    """Write the cache atomically (ranks of one launch may race: the last rename wins, every
+    reader sees a whole file). A cache that can't be written is skipped: it only saves time."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"key": repr(key), "images": images}, f)
+        os.replace(tmp, cache)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=None)
 def _encoded_split(split: Split) -> tuple[torch.Tensor, ...]:
     """All questions of a split as tensors: (ids [N_q, L], lens, answers, image_index)."""
-    texts, answer_words, image_ids = _questions(split)
+    _, answer_words, image_ids = _questions(split)
     vocab = easy_vqa_vocab()
     answer_to_id = {a: i for i, a in enumerate(_easy_vqa().get_answers())}
     _, row_of_image = _decode_images(split)
     L = easy_vqa_max_question_len()
-    encoded = [vocab.encode(t) for t in texts]
-    lens = torch.tensor([len(tok) for tok in encoded], dtype=torch.long)
-    ids = torch.tensor([tok + [PAD_ID] * (L - len(tok)) for tok in encoded], dtype=torch.long)
+    distinct, question_text = _distinct_questions(split)
+    encoded = [vocab.encode_tokens(tokens) for tokens in distinct]
+    lens = torch.tensor([len(tok) for tok in encoded], dtype=torch.long)[question_text]
+    ids = torch.tensor([tok + [PAD_ID] * (L - len(tok)) for tok in encoded],
+                       dtype=torch.long)[question_text]
     if int(lens.min()) < 1:
         raise ValueError(f"easy-vqa {split}: found an empty question")
     answers = torch.tensor([answer_to_id[a] for a in answer_words], dtype=torch.long)
