@@ -304,21 +304,45 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _local_rank_entry(rank: int, fn, world_size: int, port: int, threads: int, args: tuple) -> None:
+# What a local rank imports before it runs anything: torch and megatron-core (which pulls in
+# torch._inductor through its jit_fuser) cost a fresh process about 5 s on this CPU. A forkserver
+# that has imported them once forks ranks that start with them loaded.
+RANK_PRELOAD = ("torch", "torch.distributed", "megatron.core",
+                "megatron.core.transformer.moe.moe_layer", "epruntime.engine")
+
+
+def _local_rank_entry(rank: int, fn, world_size: int, port: int, threads: int,
+                      environ: dict[str, str], args: tuple) -> None:
+    # A forkserver's children inherit the server's environment, not the caller's: take the
+    # caller's, as a spawned process would have it.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    # OpenMP read OMP_NUM_THREADS when the forkserver loaded torch: set the pool's size here
+    torch.set_num_threads(threads)
     try:
         fn(rank, *args)
     finally:
         shutdown()
 
 
-def spawn_local(fn, world_size: int, *args, threads: int = 1) -> None:
+def spawn_local(fn, world_size: int, *args, threads: int = 1,
+                start_method: str = "forkserver") -> None:
     """Run `fn(rank, *args)` on `world_size` fresh local processes with torchrun's environment
     variables set, as tests and benchmarks do without a launcher. `fn` must be a module-level
-    function (spawn pickles it by name); raises if any rank fails."""
+    function (it is pickled by name); raises if any rank fails.
+
+    start_method "forkserver" (default) forks the ranks from a server process that has imported
+    RANK_PRELOAD once (started on the first call, kept for the caller's lifetime); "spawn" starts
+    each rank from a bare interpreter. Either way a rank sees the caller's environment of now."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_local_rank_entry, args=(fn, world_size, free_port(), threads, args),
-             nprocs=world_size, join=True)
+    if start_method == "forkserver":
+        multiprocessing.set_forkserver_preload(list(RANK_PRELOAD))  # no-op once it runs
+    mp.start_processes(_local_rank_entry, args=(fn, world_size, free_port(), threads,
+                                                dict(os.environ), args),
+                       nprocs=world_size, join=True, start_method=start_method)
