@@ -2,7 +2,7 @@
 
 Rows go through the dispatcher's transport when it has one (dispatch.transport=shm: shared
 memory between the ranks of a node, see epruntime.transport) or, by default, the process
-group's all_to_all_single. The tiny counts exchange always uses the process group.
+group's all_to_all_single; so does the split-count exchange before them.
 
 Timing (`epruntime.dispatch.timing`): the dispatcher times the forward call; the backward times
 itself when given `timing` = (PhaseTimer, layer, phase).
@@ -83,14 +83,12 @@ def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], 
     return _AllToAll.apply(x, send_splits, recv_splits, group, transport, timing)
 
 
-def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:
-    """[R] int64 rows this rank sends to each rank -> [R] rows it receives from each."""
-    recv = torch.empty_like(send_counts_R)
-    if dist.get_world_size(group) == 1:
-        recv.copy_(send_counts_R)
-    else:
-        dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
-    return recv
+def exchange_counts(send_counts_R: torch.Tensor, group, transport=None) -> torch.Tensor:
+    """[R] int64 rows this rank sends to each rank -> [R] rows it receives from each, through
+    the rows' `transport` when given (shared memory moves R counts in microseconds; a gloo
+    all-to-all costs a loopback round trip per call)."""
+    ones = [1] * send_counts_R.shape[0]
+    return exchange(send_counts_R.contiguous(), ones, ones, group, transport)
 
 
 class InFlight:

@@ -242,7 +242,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         `laps` times its parts: wait (the counts), permute, collective."""
         ledger, layer = self.runtime.recording_ledger(), self.runtime.layer_index
         laps.barrier(self.ep_group)
-        recv_R = exchange_counts(hop.splits_R, self.ep_group)
+        recv_R = exchange_counts(hop.splits_R, self.ep_group, self.runtime.transport)
         if ledger is not None:
             ledger.record_control(layer, hop.control_bytes_RR)
         # host sync: the all-to-all needs the split sizes on the host
