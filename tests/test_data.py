@@ -121,7 +121,7 @@ def test_image_cache_holds_the_decoded_pixels_and_survives_bad_files(tmp_path, m
     paths = easy_vqa.get_test_image_paths()
     fresh = vqa._decode_pngs([paths[i] for i in sorted(paths)])
     decode = vqa._decode_images.__wrapped__  # past the per-process lru_cache
-    monkeypatch.setenv("EPRUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EPRUNTIME_CACHE", str(tmp_path / "cache"))
     first, rows = decode("test")  # decodes and writes the cache
     cache = next((tmp_path / "cache").glob("easy-vqa-*-test.pt"))
     second, _ = decode("test")  # reads it
@@ -136,7 +136,7 @@ def test_image_cache_holds_the_decoded_pixels_and_survives_bad_files(tmp_path, m
     assert not list((tmp_path / "cache").glob("*.tmp"))
     # a cache directory that can't be made only costs the decoding
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("EPRUNTIME_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setenv("EPRUNTIME_CACHE", str(tmp_path / "a-file" / "cache"))
     assert torch.equal(decode("test")[0], fresh)
 
 

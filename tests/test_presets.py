@@ -41,7 +41,8 @@ def test_every_preset_loads_and_is_a_moe_vlm():
         assert (m.num_experts, m.moe_topk) == (experts, topk)
 
 
-def _train_and_infer(preset: str, kind: str, ep: int, out, infer: bool) -> tuple[dict, dict]:
+def _train_and_infer(preset: str, kind: str, ep: int, out,
+                     infer: bool) -> tuple[dict, dict | None]:
     config = str(PRESETS / f"{preset}.yaml")
     train_dir, infer_dir = out / f"{kind}", out / f"{kind}-infer"
     common = sets(parallel__ep_size=ep, dispatch__kind=kind)

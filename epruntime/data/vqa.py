@@ -188,30 +188,24 @@ def easy_vqa_max_question_len() -> int:
     return max(len(tokens) for s in ("train", "test") for tokens in _distinct_questions(s)[0])
 
 
-def image_cache_dir() -> Path:
-    """Where decoded easy-vqa images are kept between processes: $EPRUNTIME_CACHE_DIR, else
-    $XDG_CACHE_HOME/epruntime, else ~/.cache/epruntime."""
-    if os.environ.get("EPRUNTIME_CACHE_DIR"):
-        return Path(os.environ["EPRUNTIME_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "epruntime"
-
-
 @functools.lru_cache(maxsize=None)
 def _decode_images(split: Split) -> tuple[torch.Tensor, dict[int, int]]:
     """Every PNG of a split: ([N_images, 3, H, W] uint8, image_id -> row).
 
     Decoding 5,000 PNGs costs every rank of every launch seconds, so the pixels are kept in
-    `image_cache_dir()`, keyed by the package's version and its image files (names, sizes and
+    the project's cache directory (`epruntime.kernels.cpu.cache_dir()`, where the CPU kernels'
+    library is built too), keyed by the package's version and its image files (names, sizes and
     modification times); a cache that does not match is decoded again and replaced."""
     from importlib.metadata import version
+
+    from epruntime.kernels.cpu import cache_dir
 
     e = _easy_vqa()
     paths = e.get_train_image_paths() if split == "train" else e.get_test_image_paths()
     ids = sorted(paths)
     stats = [os.stat(paths[i]) for i in ids]
     key = (version("easy-vqa"), split, ids, [(st.st_size, st.st_mtime_ns) for st in stats])
-    cache = image_cache_dir() / f"easy-vqa-{key[0]}-{split}.pt"
+    cache = cache_dir() / f"easy-vqa-{key[0]}-{split}.pt"
     images = _load_cached_images(cache, key)
     if images is None:
         images = _decode_pngs([paths[i] for i in ids])
