@@ -100,7 +100,7 @@ inline uint16_t store_f16(float f) { return f32_to_f16(f); }
 
 extern "C" {
 
-int ep_cpu_abi_version() { return 2; }
+int ep_cpu_abi_version() { return 3; }
 
 // routing_TE [T, E] bool bytes, rank_of_expert_E [E] -> token_in_rank_TR [T, R] bool bytes,
 // position_TR [T, R] (-1 = not sent), tokens_per_rank_R [R], tokens_per_expert_E [E].

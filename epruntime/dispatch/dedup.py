@@ -254,7 +254,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
                                         hop.used_TGQ.sum(0).reshape(-1), num_rows, token_N)
         rows_NH = kernels.permute_differentiable(x_TH, layout, self.runtime.kernels)
         self.runtime.time_backward("dispatch", "permute", x_TH, rows_NH)
-        slot_NM, prob_NM = hop.entries(token_N, dest_N)
+        slot_NM, prob_NM = hop.entries(token_N, dest_N, self.runtime.kernels)
         columns = [prob_NM.float(), slot_NM.float()]
         if hop.modality_column:  # node dedup: the gateway counts its rows by modality
             known = modality_T if modality_T is not None else token_N.new_zeros(x_TH.shape[0])
@@ -310,7 +310,7 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         laps = self.runtime.laps("dispatch")
         m = self._handle.sent[-1].hop.max_entries
         prob_XM, slot_XM = meta_XC[:, :m], meta_XC[:, m:2 * m].detach().long()
-        fan = fan_out(slot_XM, self.num_local_experts)
+        fan = fan_out(slot_XM, self.num_local_experts, self.runtime.kernels)
         self._handle = dataclasses.replace(self._handle, fan=fan)
         x_KH = rows_XH.index_select(0, fan.row_K)
         probs_K = prob_XM.reshape(-1).index_select(0, fan.entry_K)

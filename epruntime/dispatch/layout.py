@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from epruntime import kernels
 from epruntime.dispatch.plan import row_plan, to_physical
 from epruntime.placement import Placement
 
@@ -52,21 +53,15 @@ class FanOut:
     tokens_per_slot: torch.Tensor  # [n_local] int64
 
 
-def fan_out(slot_RM: torch.Tensor, num_local: int) -> FanOut:
+def fan_out(slot_RM: torch.Tensor, num_local: int, backend: str | None = None) -> FanOut:
     """Received rows -> expert inputs grouped by local slot (rows in arrival order per slot).
 
-    slot_RM [rows, M] int64, -1 = unused.
+    slot_RM [rows, M] int64, -1 = unused; `backend`: the kernels backend of the counting sort
+    (`epruntime.kernels.fan_out_order`; None: the device's default).
     """
-    valid = slot_RM >= 0
-    flat_slot = slot_RM[valid]
-    entry = valid.reshape(-1).nonzero(as_tuple=True)[0]
-    order = torch.argsort(flat_slot, stable=True)
-    entry_K = entry[order]
-    return FanOut(
-        row_K=torch.div(entry_K, slot_RM.shape[1], rounding_mode="floor"),
-        entry_K=entry_K,
-        tokens_per_slot=torch.bincount(flat_slot, minlength=num_local),
-    )
+    entry_K, tokens_per_slot = kernels.fan_out_order(slot_RM, num_local, backend)
+    return FanOut(row_K=torch.div(entry_K, slot_RM.shape[1], rounding_mode="floor"),
+                  entry_K=entry_K, tokens_per_slot=tokens_per_slot)
 
 
 def entries_to_dense(slot_XM: torch.Tensor, prob_XM: torch.Tensor, num_slots: int

@@ -127,21 +127,25 @@ class Hop:
         nz = torch.nonzero_static(mask_RT, size=num_rows)
         return nz[:, 1], nz[:, 0]
 
-    def entries(self, token_N: Tensor, dest_N: Tensor) -> tuple[Tensor, Tensor]:
+    def entries(self, token_N: Tensor, dest_N: Tensor, backend: str | None = None
+                ) -> tuple[Tensor, Tensor]:
         """The (slot, weight) entries of rows (token_N, dest_N) [N]: slot_NM int64 [N, M],
         destination-group-local slots in ascending order (-1 = unused), prob_NM [N, M] their
-        weights (0 where unused; differentiable)."""
+        weights (0 where unused; differentiable). `backend`: the kernels backend that picks the
+        slots (`epruntime.kernels.row_slots`; None: the device's default)."""
+        from epruntime import kernels
+
         if self.probs_TGQ is None:
             raise ValueError(f"hop {self.name!r} was planned without probs")
         g_N = dest_N if self.group_size == 1 else torch.div(dest_N, self.group_size,
                                                               rounding_mode="floor")
-        used_NQ = self.used_TGQ[token_N, g_N]
-        # Used slots first (stable: ascending slot order), keep the first M.
-        order_NQ = torch.sort(used_NQ.to(torch.uint8), dim=1, descending=True, stable=True).indices
-        slot_NM = order_NQ[:, :self.max_entries]
-        valid_NM = used_NQ.gather(1, slot_NM)
-        prob_NM = self.probs_TGQ[token_N, g_N].gather(1, slot_NM) * valid_NM
-        return torch.where(valid_NM, slot_NM, -1), prob_NM
+        _, groups, slots = self.used_TGQ.shape
+        slot_NM = kernels.row_slots(self.used_TGQ, token_N, g_N, self.max_entries, backend)
+        valid_NM = slot_NM >= 0
+        # The weights by flat index into [T, G, Q]: [N, M] gathered, not [N, Q].
+        flat_NM = (token_N * groups + g_N)[:, None] * slots + slot_NM.clamp(min=0)
+        prob_NM = self.probs_TGQ.reshape(-1)[flat_NM] * valid_NM
+        return slot_NM, prob_NM
 
     def modality_rows(self, modality_T: Tensor) -> Tensor:
         """[2, R, R] int64 rows per (modality, src, dst) by the modality of their token
@@ -218,8 +222,12 @@ def to_physical(x_TE: Tensor, placement: Placement) -> Tensor:
 
     x_TE [T, E] -> [T, E], column p holds the logical expert placed at p.
     """
-    logical_of_physical = torch.argsort(placement.physical_E).to(x_TE.device)
-    return x_TE.index_select(1, logical_of_physical)
+    if placement.is_contiguous:  # the identity: no copy
+        return x_TE
+    # One copy per expert here (a replicated routing is resolved to physical columns first,
+    # epruntime.dispatch.copies), so phy2log is the inverse of physical_E.
+    placement._single("to_physical")
+    return x_TE.index_select(1, placement.phy2log_P.to(x_TE.device))
 
 
 def row_plan(routing_map_TE: Tensor, probs_TE: Tensor | None, placement: Placement, kind: str,
@@ -265,7 +273,7 @@ def physical_row_plan(used_TRL: Tensor, probs_TRL: Tensor | None, kind: str, *,
                                                      device=dev)
     src_TR = src_T[:, None].expand(t, r)
     expert_TR = used_TRL.sum(2)
-    floor_TR = used_TRL.any(2).to(torch.int64)
+    floor_TR = (expert_TR > 0).to(torch.int64)  # from the sum: any(2) on bool is slower on CPU
     row = hidden_size * hidden_bytes
     packed = hidden_bytes == META_BYTES
 

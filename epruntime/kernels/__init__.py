@@ -5,6 +5,8 @@
     out_TH = unpermute_combine(rows_NH, layout, weight_TR, num_tokens)
     x_KH, index_K = compact(x_TH, keep_T)
     keep_BK = greedy_keep(sim_BPP, keep)                 # FastMMoE's token selection (optional op)
+    slot_NM = row_slots(used_TGQ, token_N, group_N, m)   # a dedup row's expert slots (optional op)
+    entry_K, per_slot = fan_out_order(slot_XM, L)        # received entries by slot (optional op)
 
 Backends: "torch" (reference.py, the definition), "cpu" (C++ row copies loaded with ctypes),
 "triton" (Triton kernels; on CPU only under TRITON_INTERPRET=1) and "cuda" (registered by
@@ -18,8 +20,9 @@ dtypes and devices before calling it, so backends may assume valid input. Regist
 `register_backend(name, obj, reason_fn)`, where `reason_fn()` returns None when it can run, else
 why not.
 
-`greedy_keep` is optional for a backend: one without it (or a dtype it does not take) runs the
-torch reference; the "cpu" backend has it for float32.
+`greedy_keep`, `row_slots` and `fan_out_order` are optional for a backend: one without them (or
+a dtype it does not take) runs the torch reference; the "cpu" backend has all three
+(greedy_keep for float32).
 
 `permute_differentiable` / `unpermute_combine_differentiable` are the autograd wrappers.
 """
@@ -295,6 +298,47 @@ def greedy_keep(sim_BPP: torch.Tensor, keep: int, backend: str | None = None) ->
     return impl.greedy_keep(sim_BPP.contiguous(), keep)
 
 
+def row_slots(used_TGQ: torch.Tensor, token_N: torch.Tensor, group_N: torch.Tensor,
+              max_entries: int, backend: str | None = None) -> torch.Tensor:
+    """used_TGQ bool [T, G, Q] (slot q of destination group g serves token t), rows (token_N,
+    group_N) int64 [N] -> slot_NM int64 [N, M]: each row's first `max_entries` used slots in
+    ascending order, -1 padded (the dedup dispatchers' row entries, epruntime.dispatch.plan)."""
+    _check(isinstance(used_TGQ, torch.Tensor) and used_TGQ.dtype == torch.bool
+           and used_TGQ.dim() == 3, "used_TGQ must be a bool [T, G, Q] tensor, got "
+           + (_describe(used_TGQ) if isinstance(used_TGQ, torch.Tensor)
+              else type(used_TGQ).__name__))
+    for name, x in (("token_N", token_N), ("group_N", group_N)):
+        _check(isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.dim() == 1
+               and x.shape == token_N.shape and x.device == used_TGQ.device,
+               f"{name} must be an int64 [N] tensor on {used_TGQ.device} like token_N, got "
+               + (_describe(x) if isinstance(x, torch.Tensor) else type(x).__name__))
+    q = used_TGQ.shape[2]
+    _check(isinstance(max_entries, int) and 0 <= max_entries <= q,
+           f"max_entries must be an int in [0, {q}] (the slots per group), got {max_entries!r}")
+    impl = _impl(backend, used_TGQ.device)
+    if not hasattr(impl, "row_slots"):
+        impl = _reference
+    return impl.row_slots(used_TGQ.contiguous(), token_N.contiguous(), group_N.contiguous(),
+                          max_entries)
+
+
+def fan_out_order(slot_XM: torch.Tensor, num_local: int, backend: str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """slot_XM int64 [X, M] (local slots of received rows, -1 = unused) -> (entry_K int64 [K],
+    the flat indices of the used entries grouped by slot, rows in arrival order within a slot;
+    tokens_per_slot int64 [num_local]). An expert rank's fan-out (epruntime.dispatch.layout)."""
+    _check(isinstance(slot_XM, torch.Tensor) and slot_XM.dtype == torch.int64
+           and slot_XM.dim() == 2, "slot_XM must be an int64 [X, M] tensor, got "
+           + (_describe(slot_XM) if isinstance(slot_XM, torch.Tensor)
+              else type(slot_XM).__name__))
+    _check(isinstance(num_local, int) and num_local >= 1,
+           f"num_local must be a positive int, got {num_local!r}")
+    impl = _impl(backend, slot_XM.device)
+    if not hasattr(impl, "fan_out_order"):
+        impl = _reference
+    return impl.fan_out_order(slot_XM.contiguous(), num_local)
+
+
 from epruntime.kernels import reference as _reference  # noqa: E402
 
 register_backend("torch", _reference, lambda: None)
@@ -304,6 +348,7 @@ from epruntime.kernels.autograd import (  # noqa: E402
     unpermute_combine_differentiable,
 )
 
-__all__ = ["Layout", "available_backends", "compact", "dispatch_layout", "greedy_keep",
-           "permute", "permute_differentiable", "register_backend", "resolve_backend",
-           "unpermute_combine", "unpermute_combine_differentiable"]
+__all__ = ["Layout", "available_backends", "compact", "dispatch_layout", "fan_out_order",
+           "greedy_keep", "permute", "permute_differentiable", "register_backend",
+           "resolve_backend", "row_slots", "unpermute_combine",
+           "unpermute_combine_differentiable"]

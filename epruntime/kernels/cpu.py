@@ -28,7 +28,7 @@ SOURCE_DIR = Path(os.environ.get("EPRUNTIME_CSRC")
 # -ffp-contract=off: no fused multiply-add, so products round like torch's (bit-exact combine).
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
          "-Wall", "-Wextra"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 # Outputs larger than this are written with non-temporal stores (they would not stay in cache).
 STREAM_BYTES = 4 << 20
 
@@ -42,6 +42,8 @@ _SIGNATURES = {
     "ep_cpu_combine_f16": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr], None),
     "ep_cpu_compact": ([_ptr, _i64, _i64, _ptr, _ptr, _ptr], _i64),
     "ep_cpu_greedy_keep": ([_ptr, _i64, _i64, _i64, _ptr], None),
+    "ep_cpu_row_slots": ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr], _i64),
+    "ep_cpu_fan_out": ([_ptr, _i64, _i64, _ptr, _ptr], _i64),
 }
 _COMBINE = {torch.float32: "ep_cpu_combine_f32", torch.bfloat16: "ep_cpu_combine_bf16",
             torch.float16: "ep_cpu_combine_f16"}
@@ -192,3 +194,27 @@ def _register() -> None:
 
 
 _register()
+
+
+def row_slots(used_TGQ, token_N, group_N, max_entries):
+    """The rows' first used slots (csrc/cpu/row_entries.cpp)."""
+    t, g, q = used_TGQ.shape
+    n = token_N.shape[0]
+    slot_NM = torch.empty(n, max_entries, dtype=torch.int64)
+    bad = _library().ep_cpu_row_slots(_p(used_TGQ), t, g, q, _p(token_N), _p(group_N), n,
+                                      max_entries, _p(slot_NM))
+    if bad:
+        raise IndexError(f"row {bad - 1}: (token {int(token_N[bad - 1])}, group "
+                         f"{int(group_N[bad - 1])}) is outside used_TGQ's [{t}, {g}]")
+    return slot_NM
+
+
+def fan_out_order(slot_XM, num_local):
+    """Received entries by slot: a counting sort (csrc/cpu/row_entries.cpp)."""
+    entry_K = torch.empty(slot_XM.numel(), dtype=torch.int64)
+    counts = torch.empty(num_local, dtype=torch.int64)
+    k = _library().ep_cpu_fan_out(_p(slot_XM), slot_XM.numel(), num_local, _p(entry_K),
+                                  _p(counts))
+    if k < 0:
+        raise ValueError(f"slot_XM has a slot >= num_local={num_local}")
+    return entry_K[:k], counts

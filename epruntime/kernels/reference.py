@@ -75,3 +75,27 @@ def greedy_keep(sim_BPP: torch.Tensor, keep: int) -> torch.Tensor:
         work_BPP[rows_B, :, drop_B] = float("-inf")  # no longer anyone's neighbour
     index_BP = torch.arange(p, device=device).expand(b, p)
     return torch.where(alive_BP, index_BP, p).sort(dim=1).values[:, :keep]
+
+
+def row_slots(used_TGQ: torch.Tensor, token_N: torch.Tensor, group_N: torch.Tensor,
+              max_entries: int) -> torch.Tensor:
+    """used_TGQ bool [T, G, Q], rows (token_N, group_N) int64 [N] -> slot_NM int64 [N, M]: the
+    first M used slots of each row in ascending order, -1 padded."""
+    used_NQ = used_TGQ[token_N, group_N]
+    # Used slots first; stable, so ascending slot order among them.
+    order_NQ = torch.sort(used_NQ.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    slot_NM = order_NQ[:, :max_entries]
+    return torch.where(used_NQ.gather(1, slot_NM), slot_NM, -1)
+
+
+def fan_out_order(slot_XM: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slot_XM int64 [X, M] (-1 = unused) -> (entry_K int64 [K]: flat indices of the used
+    entries by slot, arrival order within a slot; tokens_per_slot int64 [L])."""
+    flat = slot_XM.reshape(-1)
+    entry = (flat >= 0).nonzero(as_tuple=True)[0]
+    slot_K = flat[entry]
+    counts = torch.bincount(slot_K, minlength=num_local)
+    if counts.numel() > num_local:
+        raise ValueError(f"slot_XM has slots up to {counts.numel() - 1}, expected < "
+                         f"num_local={num_local}")
+    return entry[torch.argsort(slot_K, stable=True)], counts

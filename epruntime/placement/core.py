@@ -166,7 +166,7 @@ class Placement:
     def expert_at(self, rank: int, slot: int) -> int:
         return self.phy2log[rank * self.num_local + slot]
 
-    @property
+    @cached_property
     def is_contiguous(self) -> bool:
         return self.phy2log == tuple(range(self.num_experts)) and not self.is_replicated
 
