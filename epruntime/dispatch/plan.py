@@ -227,7 +227,10 @@ def to_physical(x_TE: Tensor, placement: Placement) -> Tensor:
     # One copy per expert here (a replicated routing is resolved to physical columns first,
     # epruntime.dispatch.copies), so phy2log is the inverse of physical_E.
     placement._single("to_physical")
-    return x_TE.index_select(1, placement.phy2log_P.to(x_TE.device))
+    index_P = placement.phy2log_P.to(x_TE.device)
+    if x_TE.dtype == torch.bool:  # a column gather of bool is ~6x slower than of float on CPU
+        return x_TE.to(torch.float32).index_select(1, index_P).bool()
+    return x_TE.index_select(1, index_P)
 
 
 def row_plan(routing_map_TE: Tensor, probs_TE: Tensor | None, placement: Placement, kind: str,
