@@ -250,8 +250,8 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         laps.lap_first_collective()
         num_rows = sum(send_splits)
         token_N, dest_N = hop.rows(num_rows=num_rows)
-        layout = kernels.Layout.of_rows(hop.sends_TR, hop.splits_R,
-                                        hop.used_TGQ.sum(0).reshape(-1), num_rows, token_N)
+        # (per-expert counts left out: the rows carry their slots, nothing reads them)
+        layout = kernels.Layout.of_rows(hop.sends_TR, hop.splits_R, None, num_rows, token_N)
         rows_NH = kernels.permute_differentiable(x_TH, layout, self.runtime.kernels)
         self.runtime.time_backward("dispatch", "permute", x_TH, rows_NH)
         slot_NM, prob_NM = hop.entries(token_N, dest_N, self.runtime.kernels)
@@ -259,7 +259,6 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         if hop.modality_column:  # node dedup: the gateway counts its rows by modality
             known = modality_T if modality_T is not None else token_N.new_zeros(x_TH.shape[0])
             columns.append(known[token_N].float()[:, None])
-        meta_NC = torch.cat(columns, dim=1)
         modality_rows = None
         if ledger is not None:
             if modality_T is not None:
@@ -267,23 +266,25 @@ class DedupTokenDispatcher(MoETokenDispatcher):
             ledger.record_rows(layer, "dispatch", hop.rows_RR, hop.payload_row_bytes,
                                hop.meta_row_bytes, modality_rows)
         sent = SentHop(hop, tuple(send_splits), tuple(recv_splits), recv_R, layout, modality_rows)
+        if hop.packed and not asynchronous:  # rows and metadata in one buffer, one copy
+            payload = torch.cat([rows_NH, *columns], dim=1)
+            laps.lap("permute")
+            packed, wait_s = self._exchange(payload, sent, "dispatch")
+            rows_XH, meta_XC = packed.split([rows_NH.shape[1], payload.shape[1] - rows_NH.shape[1]],
+                                            dim=1)
+            laps.lap("collective", wait_s)
+            return rows_XH, meta_XC, sent
+        meta_NC = torch.cat(columns, dim=1)
         if asynchronous:
             laps.lap("permute")
             flight = start_hop(rows_NH, meta_NC, sent, self.ep_rank,
                                lambda x: self._start_exchange(x, sent), self.runtime.transport)
             laps.lap("collective")
             return flight
-        if hop.packed:
-            payload = torch.cat([rows_NH, meta_NC], dim=1)
-            laps.lap("permute")
-            packed, wait_s = self._exchange(payload, sent, "dispatch")
-            rows_XH, meta_XC = packed.split([rows_NH.shape[1], meta_NC.shape[1]], dim=1)
-        else:  # rows and metadata differ in dtype: two collectives
-            laps.lap("permute")
-            rows_XH, wait_s = self._exchange(rows_NH, sent, "dispatch")
-            meta_XC, wait2_s = self._exchange(meta_NC, sent, "dispatch")
-            wait_s += wait2_s
-        laps.lap("collective", wait_s)
+        laps.lap("permute")  # rows and metadata differ in dtype: two collectives
+        rows_XH, wait_s = self._exchange(rows_NH, sent, "dispatch")
+        meta_XC, wait2_s = self._exchange(meta_NC, sent, "dispatch")
+        laps.lap("collective", wait_s + wait2_s)
         return rows_XH, meta_XC, sent
 
     def _exchange(self, x_NC, sent: SentHop, phase: str, back: bool = False):
@@ -323,8 +324,8 @@ class DedupTokenDispatcher(MoETokenDispatcher):
         """Weighted expert outputs [K, H] -> one row per received row [X, H] (sum over slots)."""
         laps = self.runtime.laps("combine", first=True)
         h = self._handle
-        rows_XH = out_KH.new_zeros(h.num_received, out_KH.shape[-1]).index_add(0, h.fan.row_K,
-                                                                                out_KH)
+        rows_XH = out_KH.new_zeros(h.num_received, out_KH.shape[-1]).index_add_(0, h.fan.row_K,
+                                                                                 out_KH)
         self.runtime.time_backward("combine", "combine", out_KH, rows_XH)
         laps.lap("combine")
         return rows_XH

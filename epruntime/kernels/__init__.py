@@ -47,7 +47,9 @@ class Layout:
     token_in_rank_TR: torch.Tensor  # [T, R] bool: token t has at least one expert on rank r
     position_TR: torch.Tensor  # [T, R] int64: row of t within rank r's block, -1 = not sent
     tokens_per_rank_R: torch.Tensor  # [R] int64: rows sent to each rank
-    tokens_per_expert_E: torch.Tensor  # [E] int64: tokens routed to each expert
+    # [E] int64: tokens routed to each expert; None where the caller did not count them (a row
+    # plan's layout: its rows carry their expert slots, permute and combine never read this)
+    tokens_per_expert_E: torch.Tensor | None
 
     @property
     def num_tokens(self) -> int:
@@ -74,11 +76,11 @@ class Layout:
 
     @classmethod
     def of_rows(cls, token_in_rank_TR: torch.Tensor, tokens_per_rank_R: torch.Tensor,
-                tokens_per_expert_E: torch.Tensor, num_rows: int | None = None,
+                tokens_per_expert_E: torch.Tensor | None, num_rows: int | None = None,
                 token_N: torch.Tensor | None = None) -> "Layout":
         """The layout of given rows (a row plan's hop, `epruntime.dispatch.plan`) with the
         reference's positions; `tokens_per_expert_E` as the caller counts them (a row plan: per
-        physical expert). `num_rows` and `token_N`, when the caller knows them already (from
+        physical expert), or None (the dedup dispatchers: not needed). `num_rows` and `token_N`, when the caller knows them already (from
         the host split counts), are kept so that reading them costs no host sync."""
         position_TR = torch.where(token_in_rank_TR, token_in_rank_TR.cumsum(0) - 1, -1)
         layout = cls(token_in_rank_TR, position_TR, tokens_per_rank_R, tokens_per_expert_E)
@@ -302,19 +304,24 @@ def row_slots(used_TGQ: torch.Tensor, token_N: torch.Tensor, group_N: torch.Tens
               max_entries: int, backend: str | None = None) -> torch.Tensor:
     """used_TGQ bool [T, G, Q] (slot q of destination group g serves token t), rows (token_N,
     group_N) int64 [N] -> slot_NM int64 [N, M]: each row's first `max_entries` used slots in
-    ascending order, -1 padded (the dedup dispatchers' row entries, epruntime.dispatch.plan)."""
-    _check(isinstance(used_TGQ, torch.Tensor) and used_TGQ.dtype == torch.bool
-           and used_TGQ.dim() == 3, "used_TGQ must be a bool [T, G, Q] tensor, got "
-           + (_describe(used_TGQ) if isinstance(used_TGQ, torch.Tensor)
-              else type(used_TGQ).__name__))
+    ascending order, -1 padded (the dedup dispatchers' row entries, epruntime.dispatch.plan).
+    Called per MoE layer: the checks build their messages only when they fail."""
+    if not (isinstance(used_TGQ, torch.Tensor) and used_TGQ.dtype == torch.bool
+            and used_TGQ.dim() == 3):
+        raise ValueError("used_TGQ must be a bool [T, G, Q] tensor, got "
+                         + (_describe(used_TGQ) if isinstance(used_TGQ, torch.Tensor)
+                            else type(used_TGQ).__name__))
     for name, x in (("token_N", token_N), ("group_N", group_N)):
-        _check(isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.dim() == 1
-               and x.shape == token_N.shape and x.device == used_TGQ.device,
-               f"{name} must be an int64 [N] tensor on {used_TGQ.device} like token_N, got "
-               + (_describe(x) if isinstance(x, torch.Tensor) else type(x).__name__))
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.dim() == 1
+                and x.shape == token_N.shape and x.device == used_TGQ.device):
+            raise ValueError(f"{name} must be an int64 [N] tensor on {used_TGQ.device} like "
+                             "token_N, got "
+                             + (_describe(x) if isinstance(x, torch.Tensor)
+                                else type(x).__name__))
     q = used_TGQ.shape[2]
-    _check(isinstance(max_entries, int) and 0 <= max_entries <= q,
-           f"max_entries must be an int in [0, {q}] (the slots per group), got {max_entries!r}")
+    if not (isinstance(max_entries, int) and 0 <= max_entries <= q):
+        raise ValueError(f"max_entries must be an int in [0, {q}] (the slots per group), got "
+                         f"{max_entries!r}")
     impl = _impl(backend, used_TGQ.device)
     if not hasattr(impl, "row_slots"):
         impl = _reference
@@ -327,12 +334,13 @@ def fan_out_order(slot_XM: torch.Tensor, num_local: int, backend: str | None = N
     """slot_XM int64 [X, M] (local slots of received rows, -1 = unused) -> (entry_K int64 [K],
     the flat indices of the used entries grouped by slot, rows in arrival order within a slot;
     tokens_per_slot int64 [num_local]). An expert rank's fan-out (epruntime.dispatch.layout)."""
-    _check(isinstance(slot_XM, torch.Tensor) and slot_XM.dtype == torch.int64
-           and slot_XM.dim() == 2, "slot_XM must be an int64 [X, M] tensor, got "
-           + (_describe(slot_XM) if isinstance(slot_XM, torch.Tensor)
-              else type(slot_XM).__name__))
-    _check(isinstance(num_local, int) and num_local >= 1,
-           f"num_local must be a positive int, got {num_local!r}")
+    if not (isinstance(slot_XM, torch.Tensor) and slot_XM.dtype == torch.int64
+            and slot_XM.dim() == 2):
+        raise ValueError("slot_XM must be an int64 [X, M] tensor, got "
+                         + (_describe(slot_XM) if isinstance(slot_XM, torch.Tensor)
+                            else type(slot_XM).__name__))
+    if not (isinstance(num_local, int) and num_local >= 1):
+        raise ValueError(f"num_local must be a positive int, got {num_local!r}")
     impl = _impl(backend, slot_XM.device)
     if not hasattr(impl, "fan_out_order"):
         impl = _reference
