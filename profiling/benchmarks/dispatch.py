@@ -61,9 +61,9 @@ PRESET_VARIANTS = {"megatron-alltoall": ("preset", "alltoall", "contiguous"),
                    "dedup": ("preset", "dedup", "contiguous"),
                    "dedup+traffic": ("preset", "dedup", "traffic")}
 FULL = dict(ep=4, shape="fine", steps=600, samples=32, repeats=7, warmup=2, calib_batches=8,
-            workdir=None, mi_coeff=None, preset=None)
+            workdir=None, mi_coeff=None, preset=None, max_imbalance=1.1)
 QUICK = dict(ep=2, shape="tiny", steps=4, samples=4, repeats=2, warmup=1, calib_batches=1,
-             workdir=None, mi_coeff=None, preset=None)
+             workdir=None, mi_coeff=None, preset=None, max_imbalance=1.1)
 # With --preset: a fixed architecture, fewer training steps (the table is about its routing).
 PRESET_FULL = dict(FULL, steps=100, samples=16, repeats=5)
 ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows", "balancedness")
@@ -82,6 +82,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="keep trained checkpoints here and reuse them")
     parser.add_argument("--mi-coeff", dest="mi_coeff", type=float,
                         help="smoes.mi_coeff of the SMoES model (default: the paper's 1e-4)")
+    parser.add_argument("--max-imbalance", dest="max_imbalance", type=float,
+                        help="load cap of the traffic-aware placement, a factor over the mean "
+                        "rank load on the calibration batches (default 1.1)")
     parser.add_argument("--preset", help="an architecture preset, launch/configs/presets/"
                         "NAME.yaml: its model, megatron-alltoall vs dedup vs dedup+traffic")
 
@@ -183,6 +186,7 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
                 recorder.close()
                 target = traffic_placements(recorder.counts(dist.group.WORLD), env.ep_size,
                                             engine.ranks_per_node,
+                                            max_imbalance=p["max_imbalance"],
                                             num_groups=cfg.model.moe_router_num_groups)
             report = place(engine, target)
             detail["migration_bytes_sent"] = report["bytes_sent"] if report else 0
