@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 extern "C" {
 
@@ -51,17 +52,15 @@ int64_t ep_cpu_fan_out(const int64_t* slot, int64_t entries, int64_t num_local,
     if (s >= num_local) return -1;
     if (s >= 0) ++tokens_per_slot[s];
   }
-  // Exclusive prefix sum into a scratch copy: the next free position of each slot.
+  // Exclusive prefix sum: the next free position of each slot.
+  std::vector<int64_t> next(num_local);
   int64_t total = 0;
-  int64_t small[64];
-  int64_t* next = num_local <= 64 ? small : new int64_t[num_local];
   for (int64_t s = 0; s < num_local; ++s) {
     next[s] = total;
     total += tokens_per_slot[s];
   }
   for (int64_t i = 0; i < entries; ++i)
     if (slot[i] >= 0) entry_K[next[slot[i]]++] = i;
-  if (next != small) delete[] next;
   return total;
 }
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from epruntime import kernels
 from epruntime.placement.core import Placement
 
 KINDS = ("expert", "rank", "node")
@@ -133,8 +134,6 @@ class Hop:
         destination-group-local slots in ascending order (-1 = unused), prob_NM [N, M] their
         weights (0 where unused; differentiable). `backend`: the kernels backend that picks the
         slots (`epruntime.kernels.row_slots`; None: the device's default)."""
-        from epruntime import kernels
-
         if self.probs_TGQ is None:
             raise ValueError(f"hop {self.name!r} was planned without probs")
         g_N = dest_N if self.group_size == 1 else torch.div(dest_N, self.group_size,
@@ -226,7 +225,7 @@ def to_physical(x_TE: Tensor, placement: Placement) -> Tensor:
         return x_TE
     # One copy per expert here (a replicated routing is resolved to physical columns first,
     # epruntime.dispatch.copies), so phy2log is the inverse of physical_E.
-    placement._single("to_physical")
+    placement.require_one_copy("to_physical")
     index_P = placement.phy2log_P.to(x_TE.device)
     if x_TE.dtype == torch.bool:  # a column gather of bool is ~6x slower than of float on CPU
         return x_TE.to(torch.float32).index_select(1, index_P).bool()

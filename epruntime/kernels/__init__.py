@@ -176,14 +176,24 @@ def _impl(backend: str | None, device: torch.device):
     return _BACKENDS[resolve_backend(backend, device)][0]
 
 
+def _optional(op: str, backend: str | None, device: torch.device):
+    """The backend that runs optional op `op`: the resolved one if it has it, else the torch
+    reference."""
+    impl = _impl(backend, device)
+    return impl if hasattr(impl, op) else _reference
+
+
 # ---- checks -----------------------------------------------------------------------------------
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
 
 
-def _describe(x: torch.Tensor) -> str:
-    return f"{x.dtype} {list(x.shape)} on {x.device}"
+def _describe(x: Any) -> str:
+    """What an error message says was given: a tensor's dtype, shape and device, else the type."""
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {list(x.shape)} on {x.device}"
+    return type(x).__name__
 
 
 def _check_layout(layout: Any, device: torch.device) -> None:
@@ -196,7 +206,7 @@ def _check_layout(layout: Any, device: torch.device) -> None:
 def _check_rows(name: str, x: torch.Tensor, rows: int | None, dtypes=None) -> None:
     _check(isinstance(x, torch.Tensor) and x.dim() == 2,
            f"{name} must be a 2-D tensor, got "
-           + (_describe(x) if isinstance(x, torch.Tensor) else type(x).__name__))
+           + _describe(x))
     if rows is not None:
         _check(x.shape[0] == rows, f"{name} must have {rows} rows, got {_describe(x)}")
     if dtypes is not None:
@@ -210,14 +220,12 @@ def dispatch_layout(routing_map_TE: torch.Tensor, rank_of_expert_E: torch.Tensor
     """routing_map_TE bool [T, E], rank_of_expert_E int64 [E] in [0, num_ranks) -> Layout."""
     _check(isinstance(routing_map_TE, torch.Tensor) and routing_map_TE.dtype == torch.bool
            and routing_map_TE.dim() == 2, "routing_map_TE must be a bool [T, E] tensor, got "
-           + (_describe(routing_map_TE) if isinstance(routing_map_TE, torch.Tensor)
-              else type(routing_map_TE).__name__))
+           + _describe(routing_map_TE))
     e = routing_map_TE.shape[1]
     _check(isinstance(rank_of_expert_E, torch.Tensor) and rank_of_expert_E.dtype == torch.int64
            and rank_of_expert_E.shape == (e,), f"rank_of_expert_E must be an int64 [{e}] tensor "
            "(one rank per expert column of routing_map_TE), got "
-           + (_describe(rank_of_expert_E) if isinstance(rank_of_expert_E, torch.Tensor)
-              else type(rank_of_expert_E).__name__))
+           + _describe(rank_of_expert_E))
     _check(rank_of_expert_E.device == routing_map_TE.device,
            f"rank_of_expert_E is on {rank_of_expert_E.device}, routing_map_TE on "
            f"{routing_map_TE.device}")
@@ -257,8 +265,7 @@ def unpermute_combine(rows_NH: torch.Tensor, layout: Layout, weight_TR: torch.Te
         _check(isinstance(weight_TR, torch.Tensor) and weight_TR.is_floating_point()
                and weight_TR.shape == (num_tokens, layout.num_ranks),
                f"weight_TR must be a float [{num_tokens}, {layout.num_ranks}] tensor, got "
-               + (_describe(weight_TR) if isinstance(weight_TR, torch.Tensor)
-                  else type(weight_TR).__name__))
+               + _describe(weight_TR))
         _check(weight_TR.device == rows_NH.device,
                f"weight_TR is on {weight_TR.device}, rows_NH on {rows_NH.device}")
         weight_TR = weight_TR.contiguous()
@@ -273,7 +280,7 @@ def compact(x_TH: torch.Tensor, keep_T: torch.Tensor, backend: str | None = None
     _check(isinstance(keep_T, torch.Tensor) and keep_T.dtype == torch.bool
            and keep_T.shape == (x_TH.shape[0],),
            f"keep_T must be a bool [{x_TH.shape[0]}] tensor (one per row of x_TH), got "
-           + (_describe(keep_T) if isinstance(keep_T, torch.Tensor) else type(keep_T).__name__))
+           + _describe(keep_T))
     _check(keep_T.device == x_TH.device, f"keep_T is on {keep_T.device}, x_TH on {x_TH.device}")
     return _impl(backend, x_TH.device).compact(x_TH.contiguous(), keep_T.contiguous())
 
@@ -286,16 +293,15 @@ def greedy_keep(sim_BPP: torch.Tensor, keep: int, backend: str | None = None) ->
     _check(isinstance(sim_BPP, torch.Tensor) and sim_BPP.is_floating_point()
            and sim_BPP.dim() == 3 and sim_BPP.shape[1] == sim_BPP.shape[2],
            "sim_BPP must be a float [B, P, P] tensor, got "
-           + (_describe(sim_BPP) if isinstance(sim_BPP, torch.Tensor) else type(sim_BPP).__name__))
+           + _describe(sim_BPP))
     b, p, _ = sim_BPP.shape
     _check(isinstance(keep, int) and 0 <= keep, f"keep must be an int >= 0, got {keep!r}")
     if keep >= p:
         return torch.arange(p, device=sim_BPP.device).expand(b, p).clone()
     if keep == 0:
         return torch.empty(b, 0, dtype=torch.long, device=sim_BPP.device)
-    impl = _impl(backend, sim_BPP.device)
-    if not hasattr(impl, "greedy_keep") or (impl is not _reference
-                                            and sim_BPP.dtype != torch.float32):
+    impl = _optional("greedy_keep", backend, sim_BPP.device)
+    if sim_BPP.dtype != torch.float32:  # the compiled backends take float32 only
         impl = _reference
     return impl.greedy_keep(sim_BPP.contiguous(), keep)
 
@@ -309,23 +315,18 @@ def row_slots(used_TGQ: torch.Tensor, token_N: torch.Tensor, group_N: torch.Tens
     if not (isinstance(used_TGQ, torch.Tensor) and used_TGQ.dtype == torch.bool
             and used_TGQ.dim() == 3):
         raise ValueError("used_TGQ must be a bool [T, G, Q] tensor, got "
-                         + (_describe(used_TGQ) if isinstance(used_TGQ, torch.Tensor)
-                            else type(used_TGQ).__name__))
+                         + _describe(used_TGQ))
     for name, x in (("token_N", token_N), ("group_N", group_N)):
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.dim() == 1
                 and x.shape == token_N.shape and x.device == used_TGQ.device):
             raise ValueError(f"{name} must be an int64 [N] tensor on {used_TGQ.device} like "
                              "token_N, got "
-                             + (_describe(x) if isinstance(x, torch.Tensor)
-                                else type(x).__name__))
+                             + _describe(x))
     q = used_TGQ.shape[2]
     if not (isinstance(max_entries, int) and 0 <= max_entries <= q):
         raise ValueError(f"max_entries must be an int in [0, {q}] (the slots per group), got "
                          f"{max_entries!r}")
-    impl = _impl(backend, used_TGQ.device)
-    if not hasattr(impl, "row_slots"):
-        impl = _reference
-    return impl.row_slots(used_TGQ.contiguous(), token_N.contiguous(), group_N.contiguous(),
+    return _optional("row_slots", backend, used_TGQ.device).row_slots(used_TGQ.contiguous(), token_N.contiguous(), group_N.contiguous(),
                           max_entries)
 
 
@@ -337,14 +338,10 @@ def fan_out_order(slot_XM: torch.Tensor, num_local: int, backend: str | None = N
     if not (isinstance(slot_XM, torch.Tensor) and slot_XM.dtype == torch.int64
             and slot_XM.dim() == 2):
         raise ValueError("slot_XM must be an int64 [X, M] tensor, got "
-                         + (_describe(slot_XM) if isinstance(slot_XM, torch.Tensor)
-                            else type(slot_XM).__name__))
+                         + _describe(slot_XM))
     if not (isinstance(num_local, int) and num_local >= 1):
         raise ValueError(f"num_local must be a positive int, got {num_local!r}")
-    impl = _impl(backend, slot_XM.device)
-    if not hasattr(impl, "fan_out_order"):
-        impl = _reference
-    return impl.fan_out_order(slot_XM.contiguous(), num_local)
+    return _optional("fan_out_order", backend, slot_XM.device).fan_out_order(slot_XM.contiguous(), num_local)
 
 
 from epruntime.kernels import reference as _reference  # noqa: E402

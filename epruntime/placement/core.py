@@ -192,13 +192,14 @@ class Placement:
         return out
 
     # ---- one copy per logical expert (copy-free accessors) ----------------------
-    def _single(self, what: str) -> None:
+    def require_one_copy(self, what: str) -> None:
+        """ReplicatedPlacementError naming `what` unless every expert has one copy."""
         if self.is_replicated:
             raise ReplicatedPlacementError(one_copy_only(f"this placement ({what} asked)"))
 
     def _physical_of_expert(self, what: str) -> list[int]:
         """[E]: the one physical slot of each logical expert (non-replicated placements only)."""
-        self._single(what)
+        self.require_one_copy(what)
         physical = [0] * self.num_experts
         for p, e in enumerate(self.phy2log):
             physical[e] = p
