@@ -112,6 +112,30 @@ def test_cpu_presets_equal_their_fit_on_the_committed_measurement():
     assert PRESETS["cpu-shm"].intra_bandwidth == pytest.approx(shm["bandwidth"], rel=0.01)
 
 
+def test_cpu_ranks_pay_both_sides_gpu_ranks_the_larger():
+    """A rank that sends 3 MB and receives 1 MB: on a CPU host both are copies on its own core
+    (the mean of the sides at the per-direction bandwidth), on GPU links the sides overlap."""
+    t = torch.tensor([[0.0, 3e6], [1e6, 0.0]])
+    cpu = PRESETS["cpu-shm"]
+    intra, _ = rank_tier_seconds(t, 2, cpu)  # 2 ranks on 2 cores: no time-sharing
+    assert float(intra[0]) == pytest.approx(cpu.message_latency + 2e6 / cpu.intra_bandwidth)
+    duplex = cpu.model_copy(update={"full_duplex": True})
+    intra_d, _ = rank_tier_seconds(t, 2, duplex)
+    assert float(intra_d[0]) == pytest.approx(cpu.message_latency + 3e6 / cpu.intra_bandwidth)
+    assert float(intra[0]) < float(intra_d[0])
+
+
+def test_refitted_cpu_preset_reproduces_its_fit_rows():
+    rows = [{"transport": "shm", "ep": 2, "bytes": b, "seconds": s}
+            for b, s in ((65536, 50e-6), (1048576, 130e-6), (4194304, 800e-6))]
+    preset = calibrate.fitted_cpu_preset(rows, "shm", (65536, 1048576), "cpu-shm@test")
+    assert preset.name == "cpu-shm@test" and not preset.full_duplex
+    for b, s in ((65536, 50e-6), (1048576, 130e-6)):
+        assert phase_seconds([calibrate._uniform_alltoall(2, b)], 2, preset) == pytest.approx(s)
+    with pytest.raises(ValueError, match="need gloo rows"):
+        calibrate.fitted_cpu_preset(rows, "gloo", (65536, 1048576))
+
+
 def test_h800_preset_equals_its_fit_on_the_fit_rows():
     lat = calibrate.fit_ll_latencies()
     assert GPU.latency == pytest.approx(lat["dispatch"], abs=1.5e-6)
@@ -201,6 +225,26 @@ def test_calibration_json_schema_and_sources(python_env, tmp_path):
     assert [(r["ep"], r["phase"], r["published"]) for r in normal] == [
         (8, "dispatch", 153), (8, "combine", 158), (16, "dispatch", 43), (16, "combine", 43),
         (32, "dispatch", 58), (32, "combine", 57), (64, "dispatch", 51), (64, "combine", 50)]
+
+
+def test_calibration_measure_fits_on_uniform_rows_and_scores_the_rest(python_env, tmp_path):
+    out = tmp_path / "cal.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "profiling/bench.py"), "calibration",
+                           "--quick", "--normal-tokens", "8", "--measure", "--ep", "2",
+                           "--json", str(out)],
+                          env=python_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kind"].startswith("cpu-valid")]
+    assert {r["kind"] for r in rows} == {"cpu-validate-gloo", "cpu-validate-shm"}
+    fit = [r for r in rows if r["split"] == "fit"]
+    assert sorted(r["case"] for r in fit) == sorted(["uniform-64KiB", "uniform-1024KiB"] * 2)
+    for r in fit:  # two points, two parameters: the fit rows are reproduced
+        assert r["relative_error"] == pytest.approx(0.0, abs=1e-6)
+    scored = [r for r in rows if r["split"] == "score"]
+    assert len(scored) == 6 and all(r["case"].startswith("skewed") for r in scored)
+    for r in rows:
+        assert r["preset"].endswith("@this-run") and r["committed_preset"] in PRESETS
+        assert r["published"] > 0 and r["simulated"] > 0
 
 
 def test_calibration_bad_alltoall_json_exits_2(python_env, tmp_path):

@@ -191,17 +191,33 @@ def _uniform_alltoall(ep: int, nbytes: float) -> torch.Tensor:
     return mat.fill_diagonal_(0.0)
 
 
-def fit_cpu_preset(alltoall_rows: list[dict], transport: str) -> dict[str, float]:
+def fit_cpu_preset(alltoall_rows: list[dict], transport: str,
+                   sizes: tuple[int, int] = CPU_FIT_SIZES) -> dict[str, float]:
     """Two-point fit of (fixed seconds, bandwidth) on the EP=2 rows of `transport` whose
-    `bytes` are CPU_FIT_SIZES: at EP=2 a rank sends one message, t = fixed + bytes / bw (the
+    `bytes` are `sizes`: at EP=2 a rank sends one message, t = fixed + bytes / bw (the
     preset puts `fixed` per collective for gloo, per message for shm)."""
     pts = sorted((r["bytes"], r["seconds"]) for r in alltoall_rows
-                 if r["transport"] == transport and r["ep"] == 2 and r["bytes"] in CPU_FIT_SIZES)
+                 if r["transport"] == transport and r["ep"] == 2 and r["bytes"] in sizes)
     if len(pts) != 2:
-        raise ValueError(f"alltoall results: need {transport} rows at EP=2 of {CPU_FIT_SIZES} bytes")
+        raise ValueError(f"alltoall results: need {transport} rows at EP=2 of {sizes} bytes")
     (b0, t0), (b1, t1) = pts
     inv_bw = (t1 - t0) / (b1 - b0)
     return {"fixed_seconds": t0 - b0 * inv_bw, "bandwidth": 1.0 / inv_bw}
+
+
+def fitted_cpu_preset(alltoall_rows: list[dict], transport: str,
+                      sizes: tuple[int, int] = CPU_FIT_SIZES, name: str | None = None
+                      ) -> LinkPreset:
+    """The cpu-gloo / cpu-shm preset refitted on `alltoall_rows` (`fit_cpu_preset`): same
+    structure (where the fixed cost sits, cores), this machine's numbers of the moment."""
+    fit = fit_cpu_preset(alltoall_rows, transport, sizes)
+    base = get_preset(f"cpu-{transport}")
+    fixed = "latency" if base.latency > 0 else "message_latency"
+    return base.model_copy(update={
+        "name": name or f"{base.name}@refit", "intra_bandwidth": fit["bandwidth"],
+        "inter_bandwidth": fit["bandwidth"], fixed: max(fit["fixed_seconds"], 0.0),
+        "fitted": f"{fixed}, bandwidth: two-point fit on {transport} EP=2 all-to-alls of "
+                  f"{sizes[0]} and {sizes[1]} bytes per rank"})
 
 
 def replay_cpu(alltoall_rows: list[dict], source: str) -> list[dict]:

@@ -46,6 +46,10 @@ class LinkPreset(BaseModel):
                                    "(per-peer handshakes of gloo / the shm transport)")
     concurrent_tiers: bool = Field(True, description="NVLink and the NIC run at once (GPU); "
                                    "False: one shared path (CPU loopback, shared memory)")
+    full_duplex: bool = Field(True, description="a rank sends and receives at once and takes "
+                              "the larger side (GPU links); False: both sides are copies on the "
+                              "rank's own core and add up (CPU), at `intra_bandwidth` per "
+                              "direction as fitted on uniform rows: (send + receive) / 2")
     cores: int | None = Field(None, gt=0, description="CPU presets: cores the ranks of one host "
                               "share; more ranks than cores slow bandwidth and per-message cost")
     sources: list[str] = []
@@ -82,12 +86,12 @@ PRESETS: dict[str, LinkPreset] = {p.name: p for p in [
     # 64 KiB and 4 MiB per rank; scored on the other sizes and on EP=4.
     LinkPreset(
         name="cpu-gloo", intra_bandwidth=1.234e9, inter_bandwidth=1.234e9, latency=4.78e-4,
-        concurrent_tiers=False, cores=2, sources=[SOURCES["this-machine"]],
+        concurrent_tiers=False, full_duplex=False, cores=2, sources=[SOURCES["this-machine"]],
         fitted="latency, bandwidth: two-point fit on gloo@64KiB/ep2 and gloo@4MiB/ep2 (gloo posts "
                "every peer's send and receive at once: its fixed cost is per collective)"),
     LinkPreset(
         name="cpu-shm", intra_bandwidth=1.517e9, inter_bandwidth=1.517e9, latency=0.0,
-        message_latency=1.40e-4, concurrent_tiers=False, cores=2,
+        message_latency=1.40e-4, concurrent_tiers=False, full_duplex=False, cores=2,
         sources=[SOURCES["this-machine"]],
         fitted="message_latency, bandwidth: two-point fit on shm@64KiB/ep2 and shm@4MiB/ep2 (the "
                "shm transport signals and waits on each peer's region: its fixed cost is per "

@@ -2,8 +2,11 @@
 
 Model (alpha-beta per tier, the slowest rank sets the time):
 - Rank r's time on a tier is its bytes on that tier / the tier's bandwidth, plus the per-message
-  cost for every non-empty message. A rank's send and receive sides run at once (full-duplex
-  links): it takes the larger. Intra-node pairs use the NVLink tier (`intra_bandwidth`), pairs
+  cost for every non-empty message. On GPUs a rank's send and receive sides run at once
+  (full-duplex links): it takes the larger. On a CPU host (`full_duplex=False`) both are copies
+  its own core makes (shm: memcpy in and out; gloo: the socket copies), so they add up; the
+  bandwidth, fitted on uniform rows where both sides are equal, is per direction: the time is
+  the mean of the two sides. Intra-node pairs use the NVLink tier (`intra_bandwidth`), pairs
   across nodes the rank's NIC (`inter_bandwidth`); the diagonal (a rank's own rows) is free.
 - Tiers: on GPUs NVLink and the NIC are separate engines, so a rank takes max(intra, inter);
   on a CPU host they share one path (loopback TCP, memcpy), so they add up.
@@ -66,7 +69,7 @@ def rank_tier_seconds(bytes_RR: Tensor, ranks_per_node: int, preset: LinkPreset
             msgs = ((side > 0) & mask).sum(1).double()
             sides.append((side * mask).sum(1) * share / bandwidth
                          + msgs * preset.message_latency * share)
-        out.append(torch.maximum(*sides))
+        out.append(torch.maximum(*sides) if preset.full_duplex else (sides[0] + sides[1]) / 2)
     return out[0], out[1]
 
 
