@@ -88,7 +88,8 @@ def test_dispatch_quick_compares_dispatchers_and_placements(python_env, tmp_path
     rows = {row["variant"]: row for row in result["rows"]}
     assert rows.keys() == {"megatron-alltoall", "dedup", "dedup+bins", "dedup+traffic",
                            "dedup+traffic+shm", "baseline:megatron-alltoall",
-                           "baseline:dedup+traffic"}
+                           "baseline:dedup+traffic", "baseline:dedup+traffic+shm"}
+    assert all("time_model" not in row for row in rows.values())  # only with --timing barrier
     # The transport moves the same rows: bytes and rows equal, only the time differs.
     for key in ("cross_rank_bytes", "rows_sent", "floor_rows"):
         assert rows["dedup+traffic+shm"][key] == rows["dedup+traffic"][key], key
@@ -125,6 +126,42 @@ def test_dispatch_quick_compares_dispatchers_and_placements(python_env, tmp_path
                                                            if k != "total"))
     assert result["ratios"]["dedup+traffic+shm/megatron-alltoall_comm_seconds"] == pytest.approx(
         rows["dedup+traffic+shm"]["comm_seconds"] / ref["comm_seconds"])
+
+
+def test_dispatch_timing_barrier_scores_the_time_model_on_the_other_model(python_env, tmp_path):
+    out = tmp_path / "dispatch.json"
+    proc = bench("dispatch", "--quick", "--timing", "barrier", "--json", str(out),
+                 env=python_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for row in result["rows"]:
+        tm = row["time_model"]
+        # fitted on the SMoES model's variants, scored on the baseline model's
+        assert tm["in_situ_split"] == ("score" if row["variant"].startswith("baseline:")
+                                       else "fit"), row["variant"]
+        transport = "shm" if row["detail"]["transport"] == "shm" else "gloo"
+        parts = row["detail"]["comm_time"]["parts"]
+        for way in ("microbench", "in_situ"):
+            model = tm[way]
+            assert model["preset"].startswith(f"cpu-{transport}@")
+            assert model["predicted_s"] > 0 and model["bandwidth_GBps"] > 0
+            # measured: the slowest rank's collectives, every direction and phase
+            assert model["measured_s"] == pytest.approx(sum(
+                parts[d][p]["collective"] for d in ("forward", "backward")
+                for p in ("dispatch", "combine")))
+            assert model["relative_error"] == pytest.approx(
+                model["predicted_s"] / model["measured_s"] - 1)
+        # the same bandwidth; in situ only the fixed cost per collective is refitted
+        assert tm["in_situ"]["bandwidth_GBps"] == tm["microbench"]["bandwidth_GBps"]
+        calls = {k: v["collectives"] for k, v in tm["in_situ"]["phases"].items()}
+        layers = len(row["detail"]["traffic_LPRR"]["payload"])
+        if row["detail"]["dispatcher"] == "alltoall":  # rows and probs apart
+            assert calls["forward/dispatch"] == calls["backward/dispatch"] == 2 * layers
+        else:  # split counts, then rows and metadata packed
+            assert calls["forward/dispatch"] == 2 * layers
+            assert calls["backward/dispatch"] == layers
+        key = f"{row['variant']}/time_model_in_situ_relative_error_{tm['in_situ_split']}"
+        assert result["ratios"][key] == tm["in_situ"]["relative_error"]
 
 
 def test_phase_timing_quick_pairs_timer_off_and_on(python_env, tmp_path):

@@ -115,6 +115,46 @@ def _worker(rank: int, ep: int, p: dict[str, Any], out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(samples))
 
 
+def uniform_fit_rows(rank: int, ep: int, repeats: int, warmup: int = 2) -> list[dict[str, Any]]:
+    """On already initialised ranks (the default group): time the uniform all-to-alls the
+    CPU presets are refitted on (MEASURE_FIT_KIB per rank, gloo and a fresh shm transport) ->
+    `fitted_cpu_preset` rows, each the median over repeats of the slowest rank (every rank
+    gets them)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from epruntime.transport.shm import ShmTransport
+
+    biggest = max(MEASURE_FIT_KIB) * 1024 + ROW_BYTES * ep
+    shm = ShmTransport(dist.group.WORLD, ep, max(64, -(-4 * biggest // 2**20)), timeout_s=120)
+    rows = []
+    try:
+        for kib in MEASURE_FIT_KIB:
+            split = uniform_rows(ep, kib)[rank]
+            x = torch.randn(sum(split), ROW_BYTES // 4)
+            out = torch.empty_like(x)
+            calls = calls_per_repeat(kib)
+            for transport, call in (("gloo", lambda: dist.all_to_all_single(out, x, split, split)),
+                                    ("shm", lambda: shm.all_to_all_single(out, x, split, split))):
+                samples = []
+                for i in range(warmup + repeats):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        call()
+                    took = torch.tensor([(time.perf_counter() - start) / calls])
+                    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+                    if i >= warmup:
+                        samples.append(took.item())
+                rows.append({"transport": transport, "ep": ep, "bytes": x.numel() * 4,
+                             "seconds": statistics.median(samples), "samples": samples})
+    finally:
+        shm.close()
+    return rows
+
+
 def measured_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     """Time `measure_cases` on real ranks; fit cpu-gloo / cpu-shm on this run's EP=2 uniform
     rows and score every other row with them (and with the committed presets, for

@@ -54,6 +54,7 @@ VARIANTS = {  # name: (model, dispatch.kind, placement[, dispatch.transport])
     "dedup+traffic+shm": ("smoes", "dedup", "traffic", "shm"),
     "baseline:megatron-alltoall": ("baseline", "alltoall", "contiguous"),
     "baseline:dedup+traffic": ("baseline", "dedup", "traffic"),
+    "baseline:dedup+traffic+shm": ("baseline", "dedup", "traffic", "shm"),
 }
 PRESET_DIR = ROOT / "launch" / "configs" / "presets"
 PRESET_MODELS = {"preset": []}  # the preset's own model and router
@@ -61,9 +62,9 @@ PRESET_VARIANTS = {"megatron-alltoall": ("preset", "alltoall", "contiguous"),
                    "dedup": ("preset", "dedup", "contiguous"),
                    "dedup+traffic": ("preset", "dedup", "traffic")}
 FULL = dict(ep=4, shape="fine", steps=600, samples=32, repeats=7, warmup=2, calib_batches=8,
-            workdir=None, mi_coeff=None, preset=None, max_imbalance=1.1)
+            workdir=None, mi_coeff=None, preset=None, max_imbalance=1.1, timing="on")
 QUICK = dict(ep=2, shape="tiny", steps=4, samples=4, repeats=2, warmup=1, calib_batches=1,
-             workdir=None, mi_coeff=None, preset=None, max_imbalance=1.1)
+             workdir=None, mi_coeff=None, preset=None, max_imbalance=1.1, timing="on")
 # With --preset: a fixed architecture, fewer training steps (the table is about its routing).
 PRESET_FULL = dict(FULL, steps=100, samples=16, repeats=5)
 ROW_KEYS = ("cross_rank_bytes", "rows_sent", "floor_rows", "balancedness")
@@ -85,6 +86,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-imbalance", dest="max_imbalance", type=float,
                         help="load cap of the traffic-aware placement, a factor over the mean "
                         "rank load on the calibration batches (default 1.1)")
+    parser.add_argument("--timing", choices=["on", "barrier"],
+                        help="dispatch.timing while timed (default on). barrier: a timed barrier "
+                        "before every collective, so `collective` is pure transfer; at EP=2 the "
+                        "rows then also get `time_model`, the cpu-gloo / cpu-shm presets refitted "
+                        "on this run's uniform all-to-alls against the measured collectives")
     parser.add_argument("--preset", help="an architecture preset, launch/configs/presets/"
                         "NAME.yaml: its model, megatron-alltoall vs dedup vs dedup+traffic")
 
@@ -152,7 +158,7 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
     def config(model: str, kind: str, transport: str = "pg"):
         return load_config(_config_path(p), [*_common(p), *_model_overrides(p, model),
                                          f"dispatch.kind={kind}", f"dispatch.transport={transport}",
-                                         "dispatch.timing=on"])
+                                         f"dispatch.timing={p['timing']}"])
 
     first = next(iter(_models(p)))
     env = distributed.init_distributed(config(first, "alltoall"))
@@ -197,6 +203,10 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
         comm = engine.comm_summary()
         row.update({k: comm[k] for k in ROW_KEYS})
         row["detail"] = {**detail, **{k: comm[k] for k in DETAIL_KEYS}}
+        if p["timing"] == "barrier":  # [layer, phase, src, dst] bytes for the time model
+            t = engine.ledger.totals(dist.group.WORLD)
+            row["detail"]["traffic_LPRR"] = {"payload": t.payload_bytes.tolist(),
+                                             "meta": t.meta_bytes.tolist()}
         engines[name], rows[name] = engine, row
 
     # Round-robin so that drift of a noisy host spreads over every variant alike. The ledger is
@@ -232,8 +242,13 @@ def _measure(rank: int, p: dict[str, Any], dirs: dict[str, str], result_path: st
         timer = engines[name].timer
         timer.seconds = parts[name] / p["repeats"]  # mean per step, every rank's own
         row["detail"]["comm_time"] = timer.summary(dist.group.WORLD)
+    fit_rows = []
+    if p["timing"] == "barrier" and world == 2:  # after the timed repeats: they stay undisturbed
+        from profiling.benchmarks.calibration import uniform_fit_rows
+        fit_rows = uniform_fit_rows(rank, world, p["repeats"])
     if rank == 0:
-        Path(result_path).write_text(json.dumps(list(rows.values())))
+        Path(result_path).write_text(json.dumps({"rows": list(rows.values()),
+                                                 "fit_rows": fit_rows}))
 
 
 def _inputs(batch):
@@ -257,7 +272,8 @@ def run(args: argparse.Namespace) -> BenchResult:
         result_file = Path(tmp) / "rows.json"
         spawn_ranks(_measure, p["ep"], p, {m: t["dir"] for m, t in trained.items()},
                     str(result_file))
-        rows = json.loads(result_file.read_text())
+        measured = json.loads(result_file.read_text())
+    rows = measured["rows"]
     for row in rows:
         s = trained[row["detail"]["model"]]
         row.update(eval_accuracy=s.get("eval_accuracy"), msi=s.get("msi"))
@@ -271,6 +287,13 @@ def run(args: argparse.Namespace) -> BenchResult:
                 ratios[f"{r['variant']}/megatron-alltoall_{key}"] = r[key] / ref[key]
     ratios["dedup+traffic/floor_rows_of_megatron-placement"] = (
         by["dedup+traffic"]["rows_sent"] / ref["floor_rows"])
+    if measured["fit_rows"]:
+        for variant, split in time_models(rows, measured["fit_rows"]).items():
+            tm = by[variant]["time_model"]
+            ratios[f"{variant}/time_model_microbench_relative_error"] = (
+                tm["microbench"]["relative_error"])
+            ratios[f"{variant}/time_model_in_situ_relative_error_{split}"] = (
+                tm["in_situ"]["relative_error"])
     if p["preset"]:
         return _result(args, p, rows, ratios)
     base = by["baseline:megatron-alltoall"]
@@ -285,13 +308,124 @@ def run(args: argparse.Namespace) -> BenchResult:
     return _result(args, p, rows, ratios)
 
 
+def phase_collectives(kind: str, payload_PRR, meta_PRR) -> dict[tuple[str, str], list]:
+    """The all-to-alls one layer's phases make, as [R, R] (src, dst) byte matrices, from the
+    ledger's [phase, R, R] payload and metadata bytes: megatron-core sends the probs apart from
+    the rows; the dedup dispatcher exchanges its [R] split counts first, then rows and metadata
+    packed in one (float32 model, `Hop.packed`). Backward sends the gradients the reverse way."""
+    import torch
+
+    from epruntime.dispatch.plan import COUNT_BYTES
+
+    rows, meta, back = payload_PRR[0], meta_PRR[0], payload_PRR[1] + meta_PRR[1]
+    if kind == "alltoall":
+        forward, backward = [rows, meta], [rows.t(), meta.t()]
+    else:
+        counts = (1 - torch.eye(rows.shape[0], dtype=rows.dtype)) * COUNT_BYTES
+        forward, backward = [counts, rows + meta], [(rows + meta).t()]
+    return {("forward", "dispatch"): forward, ("forward", "combine"): [back],
+            ("backward", "dispatch"): backward, ("backward", "combine"): [back.t()]}
+
+
+def _cells(row: dict) -> list[tuple[str, list, float]]:
+    """(direction/phase, its all-to-alls [R, R], measured collective seconds) of every layer of
+    a --timing barrier row (the slowest rank's per-layer parts)."""
+    import torch
+
+    detail = row["detail"]
+    payload = torch.tensor(detail["traffic_LPRR"]["payload"], dtype=torch.float64)
+    meta = torch.tensor(detail["traffic_LPRR"]["meta"], dtype=torch.float64)
+    per_layer = detail["comm_time"]["per_layer"]
+    return [(f"{direction}/{phase}", mats, per_layer[layer][direction][phase]["collective"])
+            for layer in range(payload.shape[0])
+            for (direction, phase), mats in phase_collectives(
+                detail["dispatcher"], payload[layer], meta[layer]).items()]
+
+
+def _transport(row: dict) -> str:
+    return "shm" if row["detail"]["transport"] == "shm" else "gloo"
+
+
+def fit_in_situ(rows: list[dict], micro, name: str):
+    """`micro` (the preset refitted on uniform back-to-back all-to-alls) with its fixed cost
+    refitted by least squares on the measured collectives of `rows`: each layer's phase of n
+    all-to-alls takes n * fixed + its bytes at micro's bandwidth. One parameter: this run's
+    phases all move 0.1-0.7 MB per rank, too narrow a range to fit a bandwidth on."""
+    from epruntime.scale.timemodel import phase_seconds
+
+    key = "latency" if micro.latency > 0 else "message_latency"
+    no_fixed = micro.model_copy(update={key: 0.0})
+    num = den = 0.0
+    for row in rows:
+        ep = len(row["detail"]["traffic_LPRR"]["payload"][0][0])
+        for phase, mats, measured in _cells(row):
+            n = sum(1 for m in mats if float(m.sum() - m.diagonal().sum()) > 0)
+            num += n * (measured - phase_seconds(mats, ep, no_fixed, phase.split("/")[1]))
+            den += n * n
+    fixed = num / den
+    if fixed < 0:
+        raise BenchUsageError(f"--timing barrier: the in-situ fixed cost of {micro.name} came out "
+                              f"negative ({fixed:.2e} s): the measurement is too noisy, run again")
+    return micro.model_copy(update={
+        "name": name, key: fixed,
+        "fitted": f"bandwidth: {micro.fitted}; {key}: least squares on the per-layer "
+                  "collectives of " + ", ".join(r["variant"] for r in rows)})
+
+
+def predict(row: dict, preset) -> dict:
+    """`preset`'s seconds for this row's collectives against the measured ones, per
+    direction/phase and in all (forward + backward, all layers)."""
+    from epruntime.scale.timemodel import phase_seconds
+
+    ep = len(row["detail"]["traffic_LPRR"]["payload"][0][0])
+    phases: dict[str, dict] = {}
+    for key, mats, measured in _cells(row):
+        cell = phases.setdefault(key, {"predicted_s": 0.0, "measured_s": 0.0, "collectives": 0})
+        cell["predicted_s"] += phase_seconds(mats, ep, preset, key.split("/")[1])
+        cell["measured_s"] += measured
+        cell["collectives"] += len(mats)
+    for cell in phases.values():
+        cell["relative_error"] = cell["predicted_s"] / cell["measured_s"] - 1
+    predicted = sum(c["predicted_s"] for c in phases.values())
+    measured = sum(c["measured_s"] for c in phases.values())
+    return {"preset": preset.name, "fitted": preset.fitted,
+            "bandwidth_GBps": preset.intra_bandwidth / 1e9,
+            "fixed_us": max(preset.latency, preset.message_latency) * 1e6,
+            "predicted_s": predicted, "measured_s": measured,
+            "relative_error": predicted / measured - 1, "phases": phases}
+
+
+def time_models(rows: list[dict], fit_rows: list[dict]) -> dict[str, str]:
+    """Each row's `time_model`, two ways:
+    - `microbench`: the preset refitted on this run's uniform back-to-back all-to-alls (what
+      `bench.py calibration --measure` validates);
+    - `in_situ`: the same bandwidth, the fixed cost per collective fitted on the SMoES model's
+      variants' own collectives of the transport, scored on the other model's (`baseline:*`,
+      other routing and bytes); `in_situ_split` says which.
+    Returns {variant: split}."""
+    from epruntime.scale.calibrate import fitted_cpu_preset
+
+    splits = {}
+    for transport in ("gloo", "shm"):
+        mine = [r for r in rows if _transport(r) == transport]
+        fit = [r for r in mine if not r["variant"].startswith("baseline:")]
+        sizes = tuple(sorted(r["bytes"] for r in fit_rows if r["transport"] == transport))
+        micro = fitted_cpu_preset(fit_rows, transport, sizes, f"cpu-{transport}@this-run")
+        situ = fit_in_situ(fit, micro, f"cpu-{transport}@in-situ")
+        for r in mine:
+            splits[r["variant"]] = "fit" if r in fit else "score"
+            r["time_model"] = {"microbench": predict(r, micro), "in_situ": predict(r, situ),
+                               "in_situ_split": splits[r["variant"]]}
+    return splits
+
+
 def _result(args, p: dict[str, Any], rows: list[dict], ratios: dict) -> BenchResult:
     by = {r["variant"]: r for r in rows}
     params = {"preset": p["preset"], "shape": None if p["preset"] else p["shape"],
               "shape_overrides": _shape(p), "ep_size": p["ep"],
               "train_steps": p["steps"], "samples_per_rank": p["samples"],
               "tokens_per_step": by["megatron-alltoall"]["tokens_per_step"], "repeats": p["repeats"],
-              "warmup": p["warmup"], "calib_batches": p["calib_batches"],
+              "warmup": p["warmup"], "calib_batches": p["calib_batches"], "timing": p["timing"],
               "smoes_mi_coeff": p["mi_coeff"] if p["mi_coeff"] is not None else "config",
               "config": str(_config_path(p).relative_to(ROOT)), "quick": bool(args.quick)}
     notes = ["cross_rank_bytes: forward dispatch + combine payload and metadata between different "
@@ -301,5 +435,11 @@ def _result(args, p: dict[str, Any], rows: list[dict], ratios: dict) -> BenchRes
              "comm_seconds: seconds of one forward+backward in the MoE dispatch/combine phases "
              "(layout, wait, permute, collective, combine; epruntime.dispatch.timing, perf_counter),"
              " all layers, slowest rank, median of repeats; ledger off and timing on while timed"]
+    if any("time_model" in r for r in rows):
+        notes.append("time_model: the cpu-gloo / cpu-shm time model (epruntime.scale.timemodel) "
+                     "against the measured `collective` parts (timing=barrier: transfer only); "
+                     "microbench: preset refitted on this run's uniform back-to-back all-to-alls; "
+                     "in_situ: its fixed cost per collective refitted on the SMoES variants' "
+                     "collectives (split fit), scored on the baseline model's (split score)")
     return BenchResult(name="dispatch", params=params, rows=rows, ratios=ratios, env=collect_env(),
                        notes=notes)
