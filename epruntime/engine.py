@@ -165,9 +165,11 @@ class Engine:
         return StepResult(loss, grad_norm, lr, len(batch) * self.model.seq_len, aux)
 
     @torch.no_grad()
-    def evaluate(self, dataset, batch_size: int | None = None) -> dict[str, float]:
+    def evaluate(self, dataset, batch_size: int | None = None, per_item: bool = False
+                 ) -> dict[str, float]:
         """Accuracy over the whole `dataset`, sharded over DP ranks, `batch_size` per rank
-        (default: data.eval_batch_size split over the ranks).
+        (default: data.eval_batch_size split over the ranks). per_item: also `hits`, a list of
+        len(dataset) 0/1 (the item's answer was right), for paired comparisons of two runs.
 
         Every rank runs the same number of forward passes (the EP all-to-alls need all ranks of
         the group): the last global batch is padded with repeats of item 0 that are not counted.
@@ -178,7 +180,7 @@ class Engine:
         eval_ledger = CommLedger(self.cfg.model.num_moe_layers, env.ep_size, env.ep_rank,
                                  self.ranks_per_node)
         with self.observing(eval_ledger):
-            figures = self._evaluate(dataset, batch_size, recorder)
+            figures = self._evaluate(dataset, batch_size, recorder, per_item)
         self.model.train()
         return figures
 
@@ -195,11 +197,12 @@ class Engine:
         finally:
             self.ledger, self.timer = previous
 
-    def _evaluate(self, dataset, batch_size, recorder) -> dict:
+    def _evaluate(self, dataset, batch_size, recorder, per_item: bool = False) -> dict:
         n, dp, rank = len(dataset), self.env.dp_size, self.env.dp_rank
         batch_size = batch_size or max(1, self.cfg.data.eval_batch_size // dp)
         per_step = dp * batch_size
         counts_dev = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # hit, n, ce
+        hits_N = torch.zeros(n, dtype=torch.float64, device=self.env.device) if per_item else None
         reducer = self.model.reducer
         reducer.reset_stats()
         self.model.skipper.reset_stats()  # MoDES: pairs skipped in this evaluation
@@ -218,8 +221,15 @@ class Engine:
             ce = F.cross_entropy(logits, batch.answers, reduction="none")
             counts_dev = counts_dev + torch.stack([hit.sum().double(), valid.sum().double(),
                                                    ce[valid].double().sum()])
+            if hits_N is not None:  # each item counted by the one rank that holds it
+                hits_N.index_add_(0, idx.to(hits_N.device)[valid], hit[valid].double())
         counts = counts_dev.cpu()  # host sync: once, at the end of the evaluation
         host_all_reduce(counts, group=ps.get_data_parallel_group())
+        hits = {}
+        if hits_N is not None:
+            hits_N = hits_N.cpu()  # host sync: per_item, once at the end
+            host_all_reduce(hits_N, group=ps.get_data_parallel_group())
+            hits = {"hits": [int(h) for h in hits_N.tolist()]}
         prefill = self._prefill_summary(forward_s)
         recorder.close()
         eval_comm = self.comm_summary()
@@ -231,7 +241,7 @@ class Engine:
                 "eval_items": int(counts[1].item()),
                 **recorder.summary(ps.get_data_parallel_group()),
                 **prefill,
-                "comm": eval_comm, "comm_time": eval_time}
+                "comm": eval_comm, "comm_time": eval_time, **hits}
 
     def _prefill_summary(self, forward_s: float) -> dict:
         """FLOPs (as run and for the full model), prompt tokens per second of forward time

@@ -159,6 +159,36 @@ def test_choose_topk_takes_the_cheapest_k_that_keeps_the_goal_retention():
     assert choose_topk(full, {1: cands[1], 2: cands[2]}) == 1
 
 
+def test_choose_topk_margin_asks_paired_standard_errors_and_specs_parse():
+    import argparse
+
+    from profiling.benchmarks.reducers import (GOAL, choose_topk, paired_retention_se,
+                                               parse_topk_specs, topk_of_spec)
+
+    assert parse_topk_specs("3,1,3-above,3") == [3, 1, "3-above"]
+    for bad in ("0", "x", "2-below"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--choose-topk"):
+            parse_topk_specs(bad)
+    assert topk_of_spec(2, 8, 4, 0) == 2
+    assert topk_of_spec("3-above", 4, 4, 1) == [4, 4, 3, 3]
+    # paired: the variant misses 3 of the 20 items full gets right (retention 0.85)
+    full = [1] * 20 + [0] * 5
+    variant = [0] * 3 + [1] * 17 + [0] * 5
+    d = [v - GOAL["retention"] * f for v, f in zip(variant, full)]
+    mean = sum(d) / 25
+    se = (sum((x - mean) ** 2 for x in d) / 24) ** 0.5 / 5 / 0.8
+    assert paired_retention_se(variant, full, GOAL["retention"]) == pytest.approx(se)
+    assert paired_retention_se(full, full, GOAL["retention"]) > 0  # goal * hit still varies
+    cands = {3: {"eval_accuracy": 0.9 * 0.958, "flops_ratio": 0.34, "retention_se": 0.004},
+             "3-above": {"eval_accuracy": 0.9 * 0.961, "flops_ratio": 0.345,
+                         "retention_se": 0.004},
+             4: {"eval_accuracy": 0.9 * 0.962, "flops_ratio": 0.37, "retention_se": 0.004}}
+    assert choose_topk(0.9, cands) == 3  # no margin: the cheapest at the goal
+    assert choose_topk(0.9, cands, margin=1.0) == "3-above"  # 0.958 - 0.004 < 0.955
+    assert choose_topk(0.9, cands, margin=2.0) == 4
+    assert choose_topk(0.9, cands, margin=10.0) == 4  # none: the most accurate
+
+
 def test_spread_samples_the_whole_split():
     import torch
 
@@ -181,20 +211,27 @@ def test_reducers_bench_chooses_k_on_training_items(python_env, tmp_path, quick_
     the chosen one: the reduced row then skips exactly (k - k') pairs per visual token."""
     out = tmp_path / "reducers.json"
     proc = bench("reducers", "--quick", "--workdir", str(quick_work), "--variants",
-                 "reduced", "--choose-topk", "2,4", "--json", str(out), env=python_env,
-                 timeout=900)
+                 "reduced", "--choose-topk", "2,4,2-above", "--choose-margin", "1", "--json",
+                 str(out), env=python_env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     choice = result["params"]["topk_choice"]["easy-vqa"]
-    assert choice["items"] == 64 and set(choice["candidates"]) == {"2", "4"}
+    assert choice["items"] == 64 and set(choice["candidates"]) == {"2", "4", "2-above"}
+    assert choice["margin"] == 1.0
+    cands = choice["candidates"]
+    assert cands["2-above"]["vision_topk"] == [4, 2] and cands["4"]["vision_topk"] == 4
+    for c in cands.values():
+        assert c["retention_se"] > 0
     chosen = choice["chosen"]
-    assert chosen in (2, 4)
+    assert chosen in (2, 4, "2-above")
+    topk = cands[str(chosen)]["vision_topk"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert {r["vision_topk"] for r in rows.values()} == {chosen}
+    assert all(r["vision_topk"] == topk for r in rows.values())
     assert result["params"]["vision_topk"] == {"easy-vqa": chosen}
     full = rows["full"]["dispatched_pairs_per_item"]
     skipped = full - rows["reduced"]["dispatched_pairs_per_item"]
     # of each layer's 26 tokens x 4 experts, the 16 visual tokens skip 4 - k' each (a fraction:
     # pairs/item also counts the evaluation batch's padding repeats)
-    assert skipped / full == pytest.approx((4 - chosen) * 16 / (26 * 4))
+    per_layer = [topk] * 2 if isinstance(topk, int) else topk
+    assert skipped / full == pytest.approx(sum(4 - k for k in per_layer) * 16 / (2 * 26 * 4))
     assert any(f"k' = {chosen} chosen on 64 training items" in n for n in result["notes"])

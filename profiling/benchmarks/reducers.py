@@ -21,7 +21,9 @@ every variant on the same test items (the models never trained on them):
 FastMMoE's k' (visual tokens' experts) is `--vision-topk`, or with `--choose-topk 1,2,3,4` fitted
 per workload on training items (`_choose_worker`, `choose_topk`): the cheapest k' whose
 `fastmmoe@0.25` keeps the goal's retention there, so the goal's row is scored on test items that
-did not choose it.
+did not choose it. Candidates "N-above" keep every expert up to the pruning layer and k' = N
+above it; `--choose-margin m` asks the retention to clear the goal by m paired standard errors
+of the training items (the same items scored with and without the reducer).
 
 LearnPruner's and QMoP's modules are trained with the model: each of their models is the base
 checkpoint fine-tuned `--finetune-steps` steps with its module on (epruntime.compress.finetune;
@@ -56,12 +58,12 @@ from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError,
 
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
-            choose_topk=None, choose_items=4096, eval_items=2048, timing_items=256, repeats=5,
-            warmup=1, transport="pg",
+            choose_topk=None, choose_margin=0.0, choose_items=4096, eval_items=2048,
+            timing_items=256, repeats=5, warmup=1, transport="pg",
             scenes_train=8000, scenes_test=1000, finetune_steps=100, finetune_lr=3e-4)
 QUICK = dict(ep=2, workloads="easy-vqa", steps=2, workdir=None, vision_topk=1, layer=0,
-             choose_topk=None, choose_items=64, eval_items=32, timing_items=16, repeats=1,
-             warmup=0, transport="pg",
+             choose_topk=None, choose_margin=0.0, choose_items=64, eval_items=32,
+             timing_items=16, repeats=1, warmup=0, transport="pg",
              scenes_train=64, scenes_test=16, finetune_steps=2, finetune_lr=1e-3)
 BUDGETS = (0.5, 0.25, 0.125)  # visual-token retention of every pruning method
 GOAL = dict(retention=0.955, flops_ratio=0.45, speedup=2.0)  # FastMMoE's, on the deep preset
@@ -374,21 +376,64 @@ def _worker(rank: int, checkpoints: dict[str, str], p: dict, names: list[str], o
     torch.distributed.barrier()
 
 
-def _choose_worker(rank: int, base: str, p: dict, candidates: list[int], out: str) -> None:
+def parse_topk_specs(text: str) -> list[int | str]:
+    """--choose-topk: "1,2,3,4,3-above" -> [1, 2, 3, 4, "3-above"]. N: k' = N in every layer;
+    "N-above": k' = N above the pruning layer, every expert at and below it."""
+    specs: list[int | str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        n = token.removesuffix("-above")
+        if not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"--choose-topk: {token!r} is neither k' (a positive "
+                                             "integer) nor 'k'-above'")
+        spec = int(n) if n == token else f"{int(n)}-above"
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def topk_of_spec(spec: int | str, num_layers: int, topk: int, layer: int) -> int | list[int]:
+    """fastmmoe.vision_topk for a --choose-topk candidate (parse_topk_specs) on a model of
+    `num_layers` decoder layers with top-`topk` routing, pruning at `layer`."""
+    if isinstance(spec, int):
+        return spec
+    k = int(spec.removesuffix("-above"))
+    return [topk if i <= layer else k for i in range(num_layers)]
+
+
+def paired_retention_se(hits_v: list[int], hits_full: list[int], goal: float) -> float:
+    """Standard error of a variant's retention against `full` on the same items, paired:
+    retention >= goal exactly when mean(d) >= 0 for d_i = hit_v,i - goal * hit_full,i, so the
+    retention's standard error is SE(d) / accuracy(full)."""
+    import torch
+
+    d = torch.tensor(hits_v, dtype=torch.float64) - goal * torch.tensor(hits_full,
+                                                                          dtype=torch.float64)
+    full = sum(hits_full) / len(hits_full)
+    return float(d.std(correction=1) / len(hits_v) ** 0.5 / full) if full else float("inf")
+
+
+def _choose_worker(rank: int, base: str, p: dict, candidates: list[int | str], out: str) -> None:
     """CHOOSE_VARIANT at each candidate k' and `full` on `choose_items` training items spread
-    over the split (never the test items the table scores): their accuracies and FLOPs."""
+    over the split (never the test items the table scores): their accuracies, FLOPs and the
+    paired standard error of their retention."""
     import torch
 
     rs = open_checkpoint(base, p)
     engine = rs.engine()
     items = Spread(rs.train_ds, p["choose_items"])
     configure(engine, "full", p)
-    full = engine.evaluate(items, rs.batch)
+    full = engine.evaluate(items, rs.batch, per_item=True)
+    model_cfg = engine.cfg.model
     scores = {}
-    for k in candidates:
+    for spec in candidates:
+        k = topk_of_spec(spec, model_cfg.num_layers, model_cfg.moe_topk, p["layer"])
         configure(engine, CHOOSE_VARIANT, {**p, "vision_topk": k})
-        m = engine.evaluate(items, rs.batch)
-        scores[k] = {"eval_accuracy": m["eval_accuracy"], "flops_ratio": m["flops_ratio"]}
+        m = engine.evaluate(items, rs.batch, per_item=True)
+        scores[str(spec)] = {"eval_accuracy": m["eval_accuracy"], "flops_ratio": m["flops_ratio"],
+                             "vision_topk": k, "retention_se": paired_retention_se(
+                                 m["hits"], full["hits"], GOAL["retention"])}
     if rank == 0:
         Path(out).write_text(json.dumps({"items": full["eval_items"],
                                          "full_accuracy": full["eval_accuracy"],
@@ -396,16 +441,18 @@ def _choose_worker(rank: int, base: str, p: dict, candidates: list[int], out: st
     torch.distributed.barrier()
 
 
-def choose_topk(full_accuracy: float, candidates: dict[int, dict]) -> int:
-    """The k' with the fewest FLOPs among those whose retention (accuracy over full's, on the
-    same training items) reaches GOAL's; the most accurate k' when none does."""
-    def retention(k: int) -> float:
+def choose_topk(full_accuracy: float, candidates: dict, margin: float = 0.0):
+    """The candidate with the fewest FLOPs among those whose retention (accuracy over full's,
+    on the same training items) reaches GOAL's by `margin` paired standard errors
+    (`retention_se`); the most accurate one when none does."""
+    def retention(k) -> float:
         return candidates[k]["eval_accuracy"] / full_accuracy if full_accuracy else 0.0
 
-    good = [k for k in candidates if retention(k) >= GOAL["retention"]]
+    good = [k for k in candidates if retention(k) - margin * candidates[k].get(
+        "retention_se", 0.0) >= GOAL["retention"]]
     if good:
         return min(good, key=lambda k: (candidates[k]["flops_ratio"], k))
-    return max(candidates, key=lambda k: (retention(k), -k))
+    return max(candidates, key=lambda k: (retention(k), -candidates[k]["flops_ratio"]))
 
 
 # ---- rows, tables, plot -------------------------------------------------------------------------
@@ -520,12 +567,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", help="comma-separated: easy-vqa, scenes (default both)")
     parser.add_argument("--vision-topk", dest="vision_topk", type=int,
                         help="k' of visual tokens in reduced and fastmmoe variants (default 1)")
-    parser.add_argument("--choose-topk", dest="choose_topk",
-                        type=lambda t: sorted({int(v) for v in t.split(",") if v.strip()}),
-                        help=f"comma-separated k' candidates (e.g. 1,2,3,4): per workload, score "
+    parser.add_argument("--choose-topk", dest="choose_topk", type=parse_topk_specs,
+                        help=f"comma-separated k' candidates (e.g. 1,2,3,4; 'N-above': k' = N "
+                        "above the pruning layer only): per workload, score "
                         f"{CHOOSE_VARIANT} at each on --choose-items training items and run the "
                         "table at the cheapest k' whose retention there reaches the goal's "
                         f"{GOAL['retention']} (instead of --vision-topk)")
+    parser.add_argument("--choose-margin", dest="choose_margin", type=float,
+                        help="--choose-topk asks retention minus this many paired standard "
+                        "errors (over the training items) to reach the goal (default 0)")
     parser.add_argument("--choose-items", dest="choose_items", type=int,
                         help="training items spread over the split for --choose-topk (default "
                         f"{FULL['choose_items']})")
@@ -578,15 +628,18 @@ def run(args: argparse.Namespace) -> BenchResult:
             spawn_ranks(_choose_worker, p["ep"], checkpoints["base"], p, p["choose_topk"],
                         str(chosen))
             choice = json.loads(chosen.read_text())
-            cands = {int(k): v for k, v in choice["candidates"].items()}
-            topk = choose_topk(choice["full_accuracy"], cands)
-            topk_choices[workload] = {**choice, "chosen": topk}
-            notes.append(f"{workload}: k' = {topk} chosen on {choice['items']} training items "
-                         f"(full {choice['full_accuracy']:.4f}; {CHOOSE_VARIANT} at k' = "
+            cands = {(int(k) if k.isdigit() else k): v for k, v in choice["candidates"].items()}
+            chosen_spec = choose_topk(choice["full_accuracy"], cands, p["choose_margin"])
+            topk = cands[chosen_spec]["vision_topk"]
+            topk_choices[workload] = {**choice, "chosen": chosen_spec, "margin": p["choose_margin"]}
+            notes.append(f"{workload}: k' = {chosen_spec} chosen on {choice['items']} training "
+                         f"items (full {choice['full_accuracy']:.4f}; {CHOOSE_VARIANT} at k' = "
                          + ", ".join(f"{k}: {v['eval_accuracy']:.4f} "
-                                     f"({v['eval_accuracy'] / choice['full_accuracy']:.3f}, "
-                                     f"FLOPs {v['flops_ratio']:.3f})" for k, v in cands.items())
-                         + f"): the cheapest with retention >= {GOAL['retention']}")
+                                     f"({v['eval_accuracy'] / choice['full_accuracy']:.4f} "
+                                     f"+- {v['retention_se']:.4f}, FLOPs {v['flops_ratio']:.3f})"
+                                     for k, v in cands.items())
+                         + f"): the cheapest with retention - {p['choose_margin']:g} x its paired "
+                         f"standard error >= {GOAL['retention']}")
         out = work / workload / "results.json"
         spawn_ranks(_worker, p["ep"], checkpoints,
                     {**p, "vision_topk": topk, "calibrations": calibrations}, names, str(out))
