@@ -60,7 +60,11 @@ def _build(cfg, env):
 def _probe(engine, batches, eval_ds, step: int) -> dict:
     """Eval accuracy, then the next two training steps' losses (the second after an update that
     uses the restored AdamW state)."""
-    acc = engine.evaluate(eval_ds)["eval_accuracy"]
+    figures = engine.evaluate(eval_ds, per_item=True)
+    acc, hits = figures["eval_accuracy"], figures["hits"]
+    # per item: every item once, over all DP ranks (the padding repeats not counted)
+    assert len(hits) == len(eval_ds) and set(hits) <= {0, 1}
+    assert sum(hits) == round(acc * len(eval_ds))
     losses = []
     for s in (step, step + 1):
         losses.append(engine.train_step(next(batches), s).loss)
