@@ -482,6 +482,12 @@ def test_checkpoints_written_before_the_router_options_load_with_their_defaults(
     model = json.loads(cfg.canonical_json())["model"]
     older = {k: v for k, v in model.items() if not k.startswith(("moe_router", "moe_z_loss"))}
     check_compatible({"config": {"model": older}}, cfg, "older")  # ran with today's defaults
+    # a field added inside a section (model.vision.grid_positions) too
+    older["vision"] = {k: v for k, v in model["vision"].items() if k != "grid_positions"}
+    check_compatible({"config": {"model": older}}, cfg, "older")
+    with pytest.raises(CheckpointError, match="model.vision: checkpoint"):
+        check_compatible({"config": {"model": older}},
+                         configs.small_config("model.vision.grid_positions=true"), "older")
     with pytest.raises(CheckpointError, match="model.moe_router_score_function: checkpoint "
                                               "'softmax' vs config 'sigmoid'"):
         check_compatible({"config": {"model": older}},

@@ -39,10 +39,9 @@ TRAINING_ONLY_VISION_FIELDS = ("pretrained", "freeze")
 def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     """The checkpoint's model section must equal this run's (EP size may differ)."""
     mine = json.loads(cfg.canonical_json())["model"]
-    # A field the checkpoint predates ran with its default (e.g. the router options).
-    defaults = json.loads(ModelConfig().model_dump_json())
-    theirs = {**{k: v for k, v in defaults.items() if k not in meta["config"]["model"]},
-              **meta["config"]["model"]}
+    # A field the checkpoint predates ran with its default (e.g. the router options, or
+    # model.vision.grid_positions inside a section).
+    theirs = with_defaults(json.loads(ModelConfig().model_dump_json()), meta["config"]["model"])
     # How the encoder started and whether it trained are no part of the model the weights are
     # for: a checkpoint of a frozen, pretrained stem loads without the file, or to fine-tune it.
     for section in (mine, theirs):
@@ -52,6 +51,17 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
             for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
     if diff:
         raise CheckpointError(f"{path} was written for another model:\n  " + "\n  ".join(diff))
+
+
+def with_defaults(defaults: dict, saved: dict) -> dict:
+    """`saved` with every field it lacks taken from `defaults`, nested sections included."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(value, out[key])
+    return out
 
 
 def saved_placements(meta: dict, model) -> list[Placement] | None:
