@@ -68,6 +68,11 @@ class VisionConfig(Section):
     width: int = Field(64, gt=0, description="vit: embedding width")
     layers: int = Field(2, gt=0, description="vit: transformer blocks")
     heads: int = Field(4, gt=0, description="vit: attention heads")
+    grid_positions: bool = Field(False, description="add a learned row and a learned column "
+                                 "embedding to each vision token (factored 2-D positions), so "
+                                 "'row r, column c' in a question is a sum the attention can "
+                                 "match; off, the decoder's learned 1-D positions alone place "
+                                 "the tokens")
     pretrained: Path | None = Field(None, description="encoder weights written by "
                                        "`python -m epruntime.model.pretrain_vision` (conv or vit); "
                                        "loaded over the initialisation where the model is built")

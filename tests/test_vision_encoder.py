@@ -18,6 +18,8 @@ KINDS = {
     "conv": ["model.vision.kind=conv", "model.vision.channels=[8,16]"],
     "vit": ["model.vision.kind=vit", "model.vision.width=16", "model.vision.heads=2",
             "model.vision.layers=1"],
+    "conv-grid": ["model.vision.kind=conv", "model.vision.channels=[8,16]",
+                  "model.vision.grid_positions=true"],
 }
 
 
@@ -106,11 +108,14 @@ def _run(tmp_path, kind: str, world: int) -> tuple[float, dict]:
     return losses.pop(), merged
 
 
-@pytest.mark.parametrize("kind", ["conv", "vit"])
+@pytest.mark.parametrize("kind", ["conv", "vit", "conv-grid"])
 def test_encoder_loss_and_grads_equal_at_ep_1_and_2(tmp_path, kind):
     ref = _run(tmp_path, kind, 1)
     encoder = {n: g for n, g in ref[1].items() if n.startswith("vision.encoder.")}
     assert encoder and all(g.abs().sum() > 0 for g in encoder.values())
+    positions = {n: g for n, g in ref[1].items() if n.endswith(("row_pos", "col_pos"))}
+    assert len(positions) == (2 if kind == "conv-grid" else 0)
+    assert all(g.abs().sum() > 0 for g in positions.values())  # trained with the model
     assert_same(ref, _run(tmp_path, kind, 2))
 
 
@@ -141,3 +146,22 @@ def test_max_pool_keeps_a_small_shape_whole():
                                .flatten(2).transpose(1, 2))
     with pytest.raises(ConfigError, match="model.vision.pool"):
         load_config(None, ["model.vision.pool=median"])
+
+
+def test_grid_positions_add_row_plus_column_to_each_token():
+    """model.vision.grid_positions: token r*G + c gets row[r] + col[c] on top of the projector's
+    output; off, the tower has no such parameters."""
+    on = load_config(None, [*KINDS["conv-grid"], "model.image_size=32", "model.patch_size=8"])
+    off = load_config(None, [*KINDS["conv"], "model.image_size=32", "model.patch_size=8"])
+    assert VisionTower(off.model).row_pos is None
+    tower = VisionTower(on.model)
+    assert tower.row_pos.shape == tower.col_pos.shape == (4, on.model.hidden_size)
+    with torch.no_grad():
+        tower.row_pos.normal_()
+        tower.col_pos.normal_()
+    images = torch.rand(2, 3, 32, 32)
+    added = tower(images) - tower.fc2(torch.nn.functional.gelu(tower.fc1(
+        tower.norm(tower.encoder(images)))))
+    for r, c in [(0, 0), (1, 3), (3, 2)]:
+        torch.testing.assert_close(added[:, 4 * r + c],
+                                   (tower.row_pos[r] + tower.col_pos[c]).expand(2, -1))

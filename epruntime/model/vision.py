@@ -179,6 +179,17 @@ class VisionTower(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, m.hidden_size)
         self.fc2 = nn.Linear(m.hidden_size, m.hidden_size)
+        # Factored 2-D positions (ViT's "2-D positional embedding" ablation, Dosovitskiy et al.
+        # 2021, appendix D.4, summed here rather than concatenated): token (r, c) gets
+        # row[r] + col[c], so a query built from a question's row and column words can match
+        # it linearly, where one embedding per raster index needs the decoder to learn the
+        # factoring from data.
+        self.grid = m.image_size // m.patch_size
+        if m.vision.grid_positions:
+            self.row_pos = nn.Parameter(torch.zeros(self.grid, m.hidden_size))
+            self.col_pos = nn.Parameter(torch.zeros(self.grid, m.hidden_size))
+        else:
+            self.row_pos = self.col_pos = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,4 +198,14 @@ class VisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, P, D]."""
         x_BPF = self.norm(self.encoder(images))
-        return self.fc2(F.gelu(self.fc1(x_BPF)))
+        tokens_BPD = self.fc2(F.gelu(self.fc1(x_BPF)))
+        if self.row_pos is None:
+            return tokens_BPD
+        return tokens_BPD + grid_positions(self.row_pos, self.col_pos)
+
+
+def grid_positions(row_GD: torch.Tensor, col_GD: torch.Tensor) -> torch.Tensor:
+    """Row [G, D] and column [G, D] embeddings -> [G*G, D], raster order (the tokens' order):
+    entry r*G + c is row[r] + col[c]."""
+    g, d = row_GD.shape
+    return (row_GD[:, None] + col_GD[None]).reshape(g * g, d)
