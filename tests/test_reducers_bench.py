@@ -14,6 +14,7 @@ from epruntime.data.vqa import easy_vqa_records
 from profiling.text_baselines import baselines
 from tests.conftest import ROOT
 from tests.launch import check, run, sets, summary, torchrun_cmd
+from tests.test_scenes import needs_fashion_mnist
 from tests.test_bench import bench
 
 
@@ -24,6 +25,7 @@ def quick_work(tmp_path_factory):
     return tmp_path_factory.mktemp("reducers-work")
 
 DEEP = ROOT / "launch/configs/deep-vqa.yaml"
+DEEP_SCENES = ROOT / "launch/configs/deep-scenes.yaml"
 
 
 def test_deep_preset_validates_with_most_layers_after_an_early_pruning_layer():
@@ -33,6 +35,36 @@ def test_deep_preset_validates_with_most_layers_after_an_early_pruning_layer():
     assert m.num_vision_tokens == 64  # visual tokens are most of the 74-token prompt
     assert cfg.parallel.ep_size == 2
     cfg.fastmmoe.model_copy(update={"layers": [0]}).check_layers(m.num_layers)
+
+
+def test_deep_scenes_preset_is_the_scenes_recipe_with_eight_layers():
+    """launch/configs/deep-scenes.yaml: scenes.yaml's model (frozen pretrained stem, one token
+    per cell of a 4x4 scene, factored row + column positions) at the deep preset's depth."""
+    deep, scenes = load_config(DEEP_SCENES), load_config(ROOT / "launch/configs/scenes.yaml")
+    m = deep.model
+    assert m.num_layers == load_config(DEEP).model.num_layers
+    assert m.num_vision_tokens == scenes.model.num_vision_tokens == 16
+    assert m.vision.grid_positions and m.vision.freeze and m.vision.pretrained is not None
+    assert m.vision.channels == scenes.model.vision.channels  # the same stem file fits both
+    deep.fastmmoe.model_copy(update={"layers": [0]}).check_layers(m.num_layers)
+
+
+@needs_fashion_mnist
+def test_reducers_bench_runs_the_scenes_workload(python_env, tmp_path):
+    """--workloads scenes: 4x4 scenes generated into the workdir, the table and its no-image
+    floor on them (quick: the tiny model, 256 training scenes, two steps)."""
+    out = tmp_path / "reducers.json"
+    proc = bench("reducers", "--quick", "--workloads", "scenes", "--workdir", str(tmp_path / "w"),
+                 "--variants", "fastmmoe@0.5", "--json", str(out), env=python_env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [(r["workload"], r["variant"]) for r in result["rows"]] == [
+        ("scenes", "full"), ("scenes", "fastmmoe@0.5")]
+    assert result["params"]["config"] == {"scenes": "launch/configs/tiny-vqa.yaml"}
+    data = tmp_path / "w" / "scenes" / "data"
+    first = json.loads((data / "train_scenes.jsonl").read_text().splitlines()[0])
+    assert first["grid"] == 4  # 4x4: one cell per token of the scenes preset
+    assert 0 < result["rows"][0]["question_only_accuracy"] < 1
 
 
 def test_deep_preset_trains_two_steps_at_ep2(tmp_path):

@@ -4,11 +4,12 @@ prefill speed, dispatched pairs, cross-rank bytes and selection cost, one table 
     python profiling/bench.py reducers --json profiling/results/reducers_ep2.json
     python profiling/bench.py reducers --workloads easy-vqa --variants fastmmoe@0.0625
 
-For each workload a model of `launch/configs/deep-vqa.yaml` (8 layers, conv stem, 64 visual
-tokens) is trained once with the real entry point at EP=2 and cached under
+For each workload an 8-layer model of its preset (`PRESETS`: `launch/configs/deep-vqa.yaml`,
+conv stem, 64 visual tokens; `launch/configs/deep-scenes.yaml`, the pretrained frozen stem, 16
+visual tokens) is trained once with the real entry point at EP=2 and cached under
 `--workdir/<workload>/<model>` (default runs/bench-reducers), so reruns only evaluate. Workloads:
-`easy-vqa`, and `scenes` (real Fashion-MNIST photos, epruntime.data.scenes; generated into the
-workdir on first use). One set of EP ranks per workload holds an engine per model and evaluates
+`easy-vqa`, and `scenes` (4x4 scenes of real Fashion-MNIST photos, epruntime.data.scenes;
+generated, and the stem pretrained on training photos, into the workdir on first use). One set of EP ranks per workload holds an engine per model and evaluates
 every variant on the same test items (the models never trained on them):
 - accuracy over `--eval-items` test items, its retention against `full`, analytic FLOPs and their
   ratio to the full model, visual tokens kept, (token, expert) pairs the experts computed and the
@@ -57,14 +58,15 @@ from profiling.benchlib import (ROOT, TINY_CONFIG, BenchResult, BenchUsageError,
                                 resolve, spawn_ranks, trained_checkpoint)
 
 DEEP_CONFIG = ROOT / "launch" / "configs" / "deep-vqa.yaml"
+DEEP_SCENES_CONFIG = ROOT / "launch" / "configs" / "deep-scenes.yaml"
 FULL = dict(ep=2, workloads="easy-vqa,scenes", steps=None, workdir=None, vision_topk=1, layer=0,
             choose_topk=None, choose_margin=0.0, choose_items=4096, eval_items=2048,
             timing_items=256, repeats=5, warmup=1, transport="pg",
-            scenes_train=8000, scenes_test=1000, finetune_steps=100, finetune_lr=3e-4)
+            scenes_train=40000, scenes_test=1000, finetune_steps=100, finetune_lr=3e-4)
 QUICK = dict(ep=2, workloads="easy-vqa", steps=2, workdir=None, vision_topk=1, layer=0,
              choose_topk=None, choose_margin=0.0, choose_items=64, eval_items=32,
              timing_items=16, repeats=1, warmup=0, transport="pg",
-             scenes_train=64, scenes_test=16, finetune_steps=2, finetune_lr=1e-3)
+             scenes_train=256, scenes_test=16, finetune_steps=2, finetune_lr=1e-3)
 BUDGETS = (0.5, 0.25, 0.125)  # visual-token retention of every pruning method
 GOAL = dict(retention=0.955, flops_ratio=0.45, speedup=2.0)  # FastMMoE's, on the deep preset
 CHOOSE_VARIANT = "fastmmoe@0.25"  # the goal's row: --choose-topk fits its k' on training items
@@ -212,22 +214,38 @@ def _data_dir(work: Path, workload: str) -> Path:
     return work / workload / "data"
 
 
-def _scenes_data(work: Path, p: dict) -> list[str]:
-    """Generate the scenes workload into the workdir once; its data overrides."""
+def _run_module(args: list[str], what: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+
+
+def _scenes_data(work: Path, p: dict, quick: bool) -> list[str]:
+    """Generate the scenes workload into the workdir once (4x4 scenes: one cell per vision token
+    of the scenes preset), and pretrain the preset's stem there on training photos (not in
+    --quick, whose tiny model has no pretrained stem); the data and encoder overrides."""
     data = _data_dir(work, "scenes")
     if not (data / "test.jsonl").is_file():
-        cmd = [sys.executable, "-m", "epruntime.data.scenes", "--out", str(data), "--seed", "0",
-               "--train", str(p["scenes_train"]), "--test", str(p["scenes_test"])]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"generating the scenes workload failed:\n{proc.stderr[-3000:]}")
-    return ["data.dataset=jsonl", f"data.train_jsonl={data / 'train.jsonl'}",
-            f"data.eval_jsonl={data / 'test.jsonl'}"]
+        _run_module(["epruntime.data.scenes", "--out", str(data), "--seed", "0", "--grid", "4",
+                     "--train", str(p["scenes_train"]), "--test", str(p["scenes_test"])],
+                    "generating the scenes workload")
+    overrides = ["data.dataset=jsonl", f"data.train_jsonl={data / 'train.jsonl'}",
+                 f"data.eval_jsonl={data / 'test.jsonl'}"]
+    if quick:
+        return overrides
+    stem = work / "scenes" / "fashion_stem.pt"
+    if not stem.is_file():
+        _run_module(["epruntime.model.pretrain_vision", "--config", str(DEEP_SCENES_CONFIG),
+                     "--out", str(stem), "--steps", "2000", "--seed", "0"],
+                    "pretraining the scenes stem")
+    return [*overrides, f"model.vision.pretrained={stem}"]
 
 
-WORKLOADS: dict[str, Callable[[Path, dict], list[str]]] = {
-    "easy-vqa": lambda work, p: [],
-    "scenes": _scenes_data,
+# workload -> (its 8-layer preset, what prepares its data once: (workdir, params, quick) ->
+# overrides of the preset)
+WORKLOADS: dict[str, tuple[Path, Callable[[Path, dict, bool], list[str]]]] = {
+    "easy-vqa": (DEEP_CONFIG, lambda work, p, quick: []),
+    "scenes": (DEEP_SCENES_CONFIG, _scenes_data),
 }
 
 
@@ -587,9 +605,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help=f"peak LR of fine-tuning (default {FULL['finetune_lr']:g}, cosine "
                         "to a tenth)")
     parser.add_argument("--scenes-train", dest="scenes_train", type=int,
-                        help="training scenes generated for the scenes workload (default 8000)")
+                        help="training scenes generated for the scenes workload (default "
+                        f"{FULL['scenes_train']})")
     parser.add_argument("--scenes-test", dest="scenes_test", type=int,
-                        help="test scenes generated for the scenes workload (default 1000)")
+                        help="test scenes generated for the scenes workload (default "
+                        f"{FULL['scenes_test']})")
 
 
 @register("reducers", add_options)
@@ -610,11 +630,14 @@ def run(args: argparse.Namespace) -> BenchResult:
         work = Path(tempfile.mkdtemp(prefix="bench-reducers-"))
     else:
         work = Path(p["workdir"] or ROOT / "runs" / "bench-reducers")
-    config = TINY_CONFIG if args.quick else DEEP_CONFIG
     rows, notes = [], []
     topk_choices: dict[str, dict] = {}  # workload -> --choose-topk's scores and choice
+    configs: dict[str, str] = {}
     for workload in workloads:
-        data = WORKLOADS[workload](work, p)
+        preset, prepare = WORKLOADS[workload]
+        config = TINY_CONFIG if args.quick else preset
+        configs[workload] = str(config.relative_to(ROOT))
+        data = prepare(work, p, args.quick)
         models = list(dict.fromkeys(["base", *(variant(n).model for n in names)]))
         checkpoints, trained = {}, {}
         for model in models:  # trained or fine-tuned once, cached under the workdir
@@ -682,6 +705,6 @@ def run(args: argparse.Namespace) -> BenchResult:
               # k' as run: with --choose-topk, each workload's choice
               "vision_topk": ({w: c["chosen"] for w, c in topk_choices.items()} if topk_choices
                               else p["vision_topk"]),
-              "config": str(config.relative_to(ROOT)), "quick": bool(args.quick)}
+              "config": configs, "quick": bool(args.quick)}
     return BenchResult(name="reducers", params=params, rows=rows, ratios=ratios,
                        env=collect_env(), notes=notes)
