@@ -14,8 +14,8 @@ from epruntime.data.vqa import easy_vqa_records
 from profiling.text_baselines import baselines
 from tests.conftest import ROOT
 from tests.launch import check, run, sets, summary, torchrun_cmd
-from tests.test_scenes import needs_fashion_mnist
 from tests.test_bench import bench
+from tests.test_scenes import needs_fashion_mnist
 
 
 @pytest.fixture(scope="module")

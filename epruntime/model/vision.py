@@ -184,10 +184,10 @@ class VisionTower(nn.Module):
         # row[r] + col[c], so a query built from a question's row and column words can match
         # it linearly, where one embedding per raster index needs the decoder to learn the
         # factoring from data.
-        self.grid = m.image_size // m.patch_size
         if m.vision.grid_positions:
-            self.row_pos = nn.Parameter(torch.zeros(self.grid, m.hidden_size))
-            self.col_pos = nn.Parameter(torch.zeros(self.grid, m.hidden_size))
+            grid = m.image_size // m.patch_size
+            self.row_pos = nn.Parameter(torch.zeros(grid, m.hidden_size))
+            self.col_pos = nn.Parameter(torch.zeros(grid, m.hidden_size))
         else:
             self.row_pos = self.col_pos = None
 

@@ -4,13 +4,14 @@ prefill speed, dispatched pairs, cross-rank bytes and selection cost, one table 
     python profiling/bench.py reducers --json profiling/results/reducers_ep2.json
     python profiling/bench.py reducers --workloads easy-vqa --variants fastmmoe@0.0625
 
-For each workload an 8-layer model of its preset (`PRESETS`: `launch/configs/deep-vqa.yaml`,
+For each workload an 8-layer model of its preset (`WORKLOADS`: `launch/configs/deep-vqa.yaml`,
 conv stem, 64 visual tokens; `launch/configs/deep-scenes.yaml`, the pretrained frozen stem, 16
 visual tokens) is trained once with the real entry point at EP=2 and cached under
 `--workdir/<workload>/<model>` (default runs/bench-reducers), so reruns only evaluate. Workloads:
 `easy-vqa`, and `scenes` (4x4 scenes of real Fashion-MNIST photos, epruntime.data.scenes;
-generated, and the stem pretrained on training photos, into the workdir on first use). One set of EP ranks per workload holds an engine per model and evaluates
-every variant on the same test items (the models never trained on them):
+generated, and the stem pretrained on training photos, into the workdir on first use). One set
+of EP ranks per workload holds an engine per model and evaluates every variant on the same test
+items (the models never trained on them):
 - accuracy over `--eval-items` test items, its retention against `full`, analytic FLOPs and their
   ratio to the full model, visual tokens kept, (token, expert) pairs the experts computed and the
   ledger's cross-rank bytes, both per item;
